@@ -1,0 +1,65 @@
+"""The generator at the layout of diffusers' default ``UNet3DConditionModel``.
+
+That is ModelScope text-to-video (and Zeroscope, whose upscaler has the same
+architecture): block channels 320/640/1280/1280, 2 layers per block,
+1024-d cross-attention (OpenCLIP ViT-H text width), GroupNorm 32, 4 latent
+channels. The base generator built from this config without detail
+cross-attention has exactly 1,411,233,860 parameters, the count of diffusers'
+default model; ``tests/models/test_unet3d.py`` pins it.
+
+Launch (abstractly, no weights needed):
+  python -m launch.model_info --config configs/modelscope.py:detail=0
+
+Expected runtime: seconds (jax.eval_shape only). Expected result: the
+parameter table, 1411.23 M for the base generator.
+
+Variants: ``bf16``, ``detail=0`` (plain ModelScope layout), ``swap_at=...``.
+"""
+
+import ml_collections
+
+from persvid_jax import config_lib
+
+tiny = config_lib.import_config_module("tiny")
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  arg = config_lib.parse_arg(arg, bf16=True, swap_at="input", detail=1,
+                             sr_kernel=3, sr_dilation=2)
+  config = tiny.get_config()
+  config.name = "modelscope"
+  config.dtype = "bfloat16" if arg.bf16 else "float32"
+
+  # 256 px video in the VAE's latent space (factor 8): 32x32x4 latents.
+  config.video = ml_collections.ConfigDict(dict(
+      frames=16, height=32, width=32, channels=4, sr_factor=2))
+  config.concepts = ml_collections.ConfigDict(dict(
+      capacity=64, ref_tokens=4, detail_tokens=16, swap_at=arg.swap_at))
+  # OpenCLIP ViT-H/14 text tower (ModelScope's text encoder): 1024 wide.
+  config.text = ml_collections.ConfigDict(dict(
+      vocab_size=49408 + 64, max_length=77, width=1024, layers=23, heads=16,
+      mlp_dim=4096, act="gelu", layer_norm_eps=1e-5, tokenizer_dir=None))
+  # CLIP ViT-L/14 vision tower.
+  config.image = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=14, width=1024, layers=24, heads=16,
+      mlp_dim=4096, act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768))
+  config.mapper = ml_collections.ConfigDict(dict(width=1024, layers=2, heads=16, mlp_dim=4096))
+  config.extractor = ml_collections.ConfigDict(dict(
+      image_size=224, patch_size=16, width=768, layers=6, heads=12, mlp_dim=3072,
+      detail_dim=768))
+
+  detail = bool(arg.detail)
+  full = dict(
+      in_channels=4, out_channels=4,
+      block_out_channels=(320, 640, 1280, 1280),
+      down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
+      up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3,
+      layers_per_block=2, head_dim=64, transformer_in_heads=8,
+      norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024,
+      detail_cross_attention=detail, detail_dim=768)
+  config.unet = tiny.unet_config(**full)
+  config.sr_unet = tiny.unet_config(**full, sr=True, cond_channels=4,
+                                    spatial_kernel_size=arg.sr_kernel,
+                                    spatial_dilation=arg.sr_dilation)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  return config
