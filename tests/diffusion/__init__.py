@@ -1,0 +1,1 @@
+"""Tests of persvid_jax.diffusion."""
