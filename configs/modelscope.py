@@ -61,5 +61,19 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.sr_unet = tiny.unet_config(**full, sr=True, cond_channels=4,
                                     spatial_kernel_size=arg.sr_kernel,
                                     spatial_dilation=arg.sr_dilation)
+  # ModelScope's scheduler (scaled-linear, eps, 50 DDIM steps, CFG 9) in VAE
+  # latent space, so x0 is not clipped.
+  config.diffusion = ml_collections.ConfigDict(dict(
+      schedule="scaled_linear", num_timesteps=1000, prediction="eps", min_snr_gamma=5.0,
+      sampler="ddim", sample_steps=50, timestep_spacing="trailing", eta=0.0,
+      guidance_text=9.0, guidance_detail=None, sr_noise_aug=100,
+      resize_method="bicubic", clip_x0=False))
+  # Data: 256 px pixels (the VAE's 8x over 32x32 latents), rendered on the
+  # fly (no TF, no build; a 256 px TFDS build would be large). For real
+  # training set source='folder' and data.folder to a corpus.
+  config.data.update(dict(
+      source="renderer", name="persvid_synthetic/demo", frames=config.video.frames,
+      height=256, width=256, reference_size=config.image.image_size,
+      shuffle_buffer=1024, cache=False, workers=8))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return config

@@ -10,6 +10,7 @@ the concept swap, sharding over an 8-device CPU mesh) runs in tests.
 
 Variants (comma-separated, e.g. ``configs/tiny.py:bf16,swap_at=output``):
   bf16           bfloat16 compute, float32 params.
+  stage=S        training stage: 'base' (default), 'sr' or 'personalize'.
   swap_at=S      'input' (textual-inversion style) or 'output' (the
                  patent's literal wording) for the concept swap.
   detail=0       build the generators without detail cross-attention.
@@ -56,8 +57,38 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
+# What each stage trains (regexes over 'network/module/.../leaf' paths).
+TRAINABLE = {
+    "base": ("^text_encoder/", "^unet/"),
+    "sr": ("^sr_unet/",),
+    # Claim 9: mapper + extractor + the generator's detail attention; the
+    # text encoder's placeholder rows would be a further option.
+    "personalize": ("^mapper/", "^extractor/", "^unet/.*_detail/"),
+}
+
+
+def train_config(stage: str = "base") -> ml_collections.ConfigDict:
+  """The ``config.train`` block (optimizer, stage, cadence) at toy size."""
+  if stage not in TRAINABLE:
+    raise config_lib.ConfigError(f"stage={stage!r}; use one of {sorted(TRAINABLE)}")
+  return ml_collections.ConfigDict(dict(
+      stage=stage,                 # 'base' | 'sr' | 'personalize'
+      trainable=TRAINABLE[stage],
+      init_from=None,              # workdir of an earlier stage: start from its EMA params
+      batch_size=8,                # global batch
+      total_steps=200,
+      learning_rate=1e-3, warmup_steps=20, lr_min_ratio=0.1,
+      weight_decay=0.0, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=1.0,
+      ema_decay=0.99,
+      p_drop_text=0.1, p_drop_ref=0.1, p_drop_detail=0.1,   # condition dropout (CFG)
+      log_every_steps=10,
+      checkpoint_every_steps=100, keep_checkpoints=3, async_checkpoints=True,
+      sample_every_steps=100, preview_examples=4,
+  ))
+
+
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", detail=1,
+  arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", detail=1, stage="base",
                              sr_kernel=5, sr_dilation=1)
   config = ml_collections.ConfigDict()
   config.name = "tiny"
@@ -101,6 +132,45 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                sr=True, cond_channels=3,
                                spatial_kernel_size=arg.sr_kernel,
                                spatial_dilation=arg.sr_dilation)
+
+  # Diffusion (persvid_jax/diffusion): pixel space, so x0 is clipped to [-1, 1].
+  config.diffusion = ml_collections.ConfigDict(dict(
+      schedule="linear",          # 'linear' (DDPM) | 'scaled_linear' (SD/ModelScope) | 'cosine'
+      num_timesteps=1000,
+      prediction="eps",           # what the generators output: 'eps' | 'v' | 'x0'
+      min_snr_gamma=5.0,          # Min-SNR-gamma loss weighting; None: uniform
+      sampler="ddim",             # 'ddim' | 'ddpm'
+      sample_steps=10,            # timesteps visited when sampling
+      timestep_spacing="trailing",
+      eta=0.0,                    # DDIM stochasticity (0: deterministic, 1: DDPM-like)
+      guidance_text=5.0,          # CFG scale of the text condition
+      guidance_detail=3.0,        # CFG scale of the detail tokens; None: = guidance_text
+      sr_noise_aug=100,           # timestep the upsampled base video is noised to; None: off
+      resize_method="bicubic",    # base -> SR upsampling (jax.image.resize)
+      clip_x0=True,               # clip the x0 estimate to [-1, 1] (pixels yes, latents no)
+  ))
+
+  # Data (persvid_jax/data): examples at the SR scale's resolution (base
+  # 16 px x sr_factor 2 = 32 px); the base network sees a 2x downsample.
+  config.data = ml_collections.ConfigDict(dict(
+      source="tfds",                  # 'tfds' | 'renderer' (numpy, no TF, no build) | 'folder'
+      name="persvid_synthetic/tiny",  # TFDS name; for 'renderer' its builder config
+      data_dir=None,                  # TFDS data_dir; None: ~/tensorflow_datasets
+      prepare=True,                   # build a missing persvid_synthetic on first use
+      frames=config.video.frames,     # example shape, checked against the dataset
+      height=config.video.height * config.video.sr_factor,
+      width=config.video.width * config.video.sr_factor,
+      reference_size=config.image.image_size,
+      train_split="train", eval_split="test",
+      shuffle_buffer=256, cache=True, prefetch=2,
+      image_fraction=0.0,             # share of examples turned into 1-frame stills
+      folder=None, captions=None,     # 'folder': corpus dir; CSV (default folder/captions.csv)
+      folder_kind="any",              # 'video' | 'image' | 'any' extensions
+      frame_stride=1,                 # 'folder': take every n-th video frame
+      workers=4,                      # numpy sources: renderer/decoder threads
+  ))
+
+  config.train = train_config(arg.stage)
 
   # Mesh: -1 takes all remaining devices. Rules map logical axis names on
   # params/activations to mesh axes (persvid_jax/sharding.py).

@@ -128,8 +128,14 @@ def _dedupe(words: Iterable[str]) -> tuple[str, ...]:
   return tuple(seen)
 
 
+# The oracle captions of persvid_synthetic (persvid_jax/data/synthetic.py)
+# write each continuous attribute quantised to one digit word. Appended last
+# so that the ids of the words above do not move.
+_ORACLE_WORDS = _words("0 1 2 3 4 5 6 7 8 9 size")
+
 #: The word tokenizer's default vocabulary (lowercase; specials excluded).
-DEFAULT_WORDS: tuple[str, ...] = _dedupe(_SYNTHETIC_WORDS + _DREAMBENCH_WORDS + _PUNCTUATION)
+DEFAULT_WORDS: tuple[str, ...] = _dedupe(
+    _SYNTHETIC_WORDS + _DREAMBENCH_WORDS + _PUNCTUATION + _ORACLE_WORDS)
 
 
 def _placeholder_tokens(num_placeholders: int) -> list[transformers.AddedToken]:
