@@ -74,6 +74,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.data.update(dict(
       source="renderer", name="persvid_synthetic/demo", frames=config.video.frames,
       height=256, width=256, reference_size=config.image.image_size,
-      shuffle_buffer=1024, cache=False, workers=8))
+      shuffle_buffer=1024, cache=False, processes=8))
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   return config

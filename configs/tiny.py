@@ -167,7 +167,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       folder=None, captions=None,     # 'folder': corpus dir; CSV (default folder/captions.csv)
       folder_kind="any",              # 'video' | 'image' | 'any' extensions
       frame_stride=1,                 # 'folder': take every n-th video frame
-      workers=4,                      # numpy sources: renderer/decoder threads
+      workers=4,                      # numpy sources: loader threads
+      processes=0,                    # 'renderer': >0 renders in that many spawned processes
   ))
 
   config.train = train_config(arg.stage)
