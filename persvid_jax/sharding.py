@@ -70,8 +70,14 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 
 def make_mesh(data: int = -1, fsdp: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds the ``('data', 'fsdp')`` mesh; ``-1`` takes the remaining devices."""
+  """Builds the ``('data', 'fsdp')`` mesh; ``-1`` takes the remaining devices.
+
+  With both sizes given and fewer than the available devices, the first
+  ``data * fsdp`` devices are used (e.g. ``data=1, fsdp=1``: one device).
+  """
   devices = list(jax.devices() if devices is None else devices)
+  if data > 0 and fsdp > 0 and data * fsdp < len(devices):
+    devices = devices[:data * fsdp]
   n = len(devices)
   if data == -1 and fsdp == -1:
     raise ValueError("at most one of mesh.data / mesh.fsdp may be -1")

@@ -54,4 +54,4 @@ class ReferenceMapper(nn.Module):
         self.num_tokens, self.width, self.layers, self.heads, self.mlp_dim,
         attention_impl=self.attention_impl, name="resampler", **kw)(tokens)
     x = attention.layer_norm(name="norm_out", **kw)(x).astype(self.dtype)
-    return attention.linear(self.out_width, (sh.EMBED, sh.EMBED), name="proj_out", **kw)(x)
+    return attention.linear(self.out_width, (sh.MLP, sh.EMBED), name="proj_out", **kw)(x)

@@ -25,6 +25,15 @@ def test_every_param_has_logical_axis_names(abstract_tiny, name):
     assert isinstance(leaf, nn.LogicallyPartitioned), f"{name}{where} has no logical axes"
     assert len(leaf.names) == leaf.value.ndim, (where, leaf.names, leaf.value.shape)
     assert all(isinstance(n, str) for n in leaf.names), (where, leaf.names)
+    # flax refuses a logical name twice in one array (logical_to_mesh raises).
+    assert len(set(leaf.names)) == len(leaf.names), (where, leaf.names)
+
+
+@pytest.mark.parametrize("name", stack.NETWORKS)
+def test_every_network_shards_on_a_mesh(abstract_tiny, name):
+  from persvid_jax import sharding as sh
+  shards = sh.param_shardings(abstract_tiny[name], sh.make_mesh(4, 2))
+  assert jax.tree.leaves(shards)
 
 
 def test_params_are_float32_under_bf16(tiny_bf16_config):

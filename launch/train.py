@@ -1,0 +1,70 @@
+"""Train one stage of persvid_jax.
+
+  python -m launch.train --config configs/NAME.py[:variant] --workdir DIR \\
+      [--config.train.total_steps=20 --config.data.data_dir=/tmp/tfds ...]
+
+Resumes from DIR's latest checkpoint. Multi-host: when launched as one of
+several processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+``JAX_PROCESS_ID`` set, or a cluster jax detects such as SLURM or a TPU pod),
+``jax.distributed.initialize()`` runs first. ``--config.KEY=VALUE`` overrides
+any config field (``ml_collections`` dotted names; values are Python literals).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parse(argv):
+  parser = argparse.ArgumentParser(
+      description="Train one stage of persvid_jax (resumes from --workdir).",
+      epilog="Any --config.KEY=VALUE overrides that config field.")
+  parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
+  parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard, samples")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognised argument {item!r}")
+    overrides.append(item[len("--config."):])
+  return args, overrides
+
+
+def _maybe_initialize_distributed():
+  import jax
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+    jax.distributed.initialize()
+  elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES"):
+    jax.distributed.initialize()   # cluster auto-detection
+
+
+def main(argv=None) -> int:
+  args, overrides = _parse(sys.argv[1:] if argv is None else argv)
+  from persvid_jax import config_lib
+  try:
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  _maybe_initialize_distributed()
+  from persvid_jax.data import DataError
+  from persvid_jax.train import loop
+  try:
+    result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
+  except (DataError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"done: step {result.step} (from {result.first_step}), "
+        f"loss {result.last_metrics.get('loss', float('nan')):.4f}, "
+        f"{result.steps_per_second:.2f} steps/s, compile {result.compile_seconds:.1f} s, "
+        f"workdir {result.workdir}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

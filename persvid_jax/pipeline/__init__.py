@@ -1,0 +1,1 @@
+"""Inference: generation over the concept bank (the six modes) and media writing."""

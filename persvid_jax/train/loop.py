@@ -1,0 +1,323 @@
+"""``train_and_evaluate(config, workdir)``: the training loop of every stage.
+
+Sections as in big_vision's train.py: Mesh, Model, Input, Shard + Init,
+Checkpoint (resume), Compile, Loop (metrics, checkpoints, samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from persvid_jax import checkpoint as ckpt_lib
+from persvid_jax import sharding as sh
+from persvid_jax.concepts.tokens import PromptTokenizer
+from persvid_jax.diffusion import cascade, samplers, schedules
+from persvid_jax.models.stack import NETWORKS, ModelStack
+from persvid_jax.pipeline import media
+from persvid_jax.train import stages
+from persvid_jax.train import state as state_lib
+from persvid_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished (or resumed-and-finished) run reports."""
+  step: int
+  first_step: int               # the step training started from (> 0 on resume)
+  last_metrics: dict
+  compile_seconds: float
+  steps_per_second: float
+  workdir: str
+
+
+def _init_params(stack: ModelStack, names, rng, batch=1):
+  """``{network: boxed params}`` for ``names``; each network gets its own key."""
+  out = {}
+  for name in names:
+    key = jax.random.fold_in(rng, NETWORKS.index(name))
+    out[name] = stack.init_fn(name, batch)(key)["params"]
+  return out
+
+
+def _device_batch(batch: dict, keys, shardings: dict) -> dict:
+  """Host (per-process) numpy arrays -> global jax Arrays on the mesh."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(batch[k]))
+          for k in keys}
+
+
+def _abstract_batch(batch: dict, keys, global_batch: int) -> dict:
+  return {k: jax.ShapeDtypeStruct((global_batch,) + np.asarray(batch[k]).shape[1:],
+                                  np.asarray(batch[k]).dtype) for k in keys}
+
+
+class _Writer:
+  """TensorBoard event files (tensorboardX: no TensorFlow needed) on process 0."""
+
+  def __init__(self, logdir: pathlib.Path):
+    self._w = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self._w = SummaryWriter(str(logdir))
+
+  def scalars(self, step: int, values: dict):
+    if self._w:
+      for k, v in values.items():
+        self._w.add_scalar(k, float(v), step)
+      self._w.flush()
+
+  def close(self):
+    if self._w:
+      self._w.close()
+
+
+def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
+  """``preview(params, batch, rng) -> (samples, reference)`` videos in [-1, 1].
+
+  Conditional samples (no guidance) from the EMA params for the first
+  examples of a held-out batch: what the stage has learned so far.
+  """
+  stack, c = ctx.stack, ctx.config
+
+  def base_denoise(p, x_t, t, context, detail_tokens=None):
+    return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
+
+  def sr_denoise(p, x_t, t, context, cond_video, noise_level):
+    return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
+                               noise_level=noise_level)
+
+  @jax.jit
+  def preview(params, batch, rng):
+    video = batch["video"]
+    b, t_frames, h, w, ch = video.shape
+    if stage == "personalize":
+      tokens = batch["placeholder_caption_tokens"]
+      yes = jnp.ones((b,), bool)
+      context, detail = stages.personalization_conditions(
+          ctx, params, batch["reference"], batch["reference_mask"],
+          batch["has_reference"] > 0.5, tokens, use_ref=yes, use_detail=yes)
+      cond = dict(context=context, detail_tokens=detail)
+      shape = (b, t_frames, c.video.height, c.video.width, ch)
+      out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
+                            cond=cond)
+      target = stages.resize_video(video, c.video.height, c.video.width)
+      return out, target
+    context, _ = stack.text_encoder.apply({"params": params["text_encoder"]},
+                                          batch["caption_tokens"])
+    if stage == "base":
+      shape = (b, t_frames, c.video.height, c.video.width, ch)
+      out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
+                            cond=dict(context=context))
+      return out, stages.resize_video(video, c.video.height, c.video.width)
+    low = stages.resize_video(video, c.video.height, c.video.width)
+    up = cascade.upsample_video(low, (h, w), method=c.diffusion.resize_method,
+                                clip=c.diffusion.clip_x0)
+    cond_video, level = cascade.noise_augment(ctx.schedule, up, c.diffusion.sr_noise_aug,
+                                              jax.random.fold_in(rng, 1))
+    out = samplers.sample(sr_denoise, params["sr_unet"], rng, video.shape, sampler=sampler,
+                          cond=dict(context=context, cond_video=cond_video,
+                                    noise_level=level))
+    return out, video
+
+  return preview
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything a run builds before touching data or checkpoints (testable alone)."""
+  config: Any
+  mesh: Any
+  tokenizer: PromptTokenizer
+  stack: ModelStack
+  ctx: stages.StageContext
+  loss_fn: Any                  # (params, batch, rng) -> (loss, metrics)
+  tx: Any                       # optax transformation (trainable mask applied)
+  train_step: Any               # pure (state, batch, rng) -> (state, metrics)
+  init_state: Any               # rng -> TrainState (pure; jit with out_shardings)
+  abstract_state: Any           # TrainState of ShapeDtypeStructs
+  state_shards: Any             # TrainState of NamedShardings
+  batch_keys: tuple
+  init_rng: Any
+  train_rng: Any
+  sample_rng: Any
+
+  def create_state(self):
+    """The initial TrainState, sharded on the mesh."""
+    with self.mesh, nn.logical_axis_rules(sh.LOGICAL_RULES):
+      return jax.jit(self.init_state, out_shardings=self.state_shards)(self.init_rng)
+
+
+def setup(config, mesh=None) -> Setup:
+  """Mesh, model, stage loss, optimizer and abstract sharded state of ``config``."""
+  tc = config.train
+  stage = tc.stage
+  if stage not in stages.STAGES:
+    raise ValueError(f"config.train.stage is {stage!r}; use one of {stages.STAGES}")
+  names = stages.STAGE_NETWORKS[stage]
+
+  # ---- Mesh ---------------------------------------------------------------
+  mesh = sh.mesh_from_config(config.mesh) if mesh is None else mesh
+  n_data = mesh.shape[sh.DATA] * mesh.shape[sh.FSDP]
+  if tc.batch_size % n_data or tc.batch_size % jax.process_count():
+    raise ValueError(f"config.train.batch_size={tc.batch_size} must be divisible by the "
+                     f"{n_data} data-parallel devices and {jax.process_count()} processes")
+
+  # ---- Model --------------------------------------------------------------
+  tokenizer = PromptTokenizer.from_config(config)
+  stack = ModelStack.from_config(config, eos_token_id=tokenizer.eos_id)
+  schedule = schedules.from_config(config.diffusion)
+  ctx = stages.StageContext(stack=stack, schedule=schedule,
+                            null_tokens=tokenizer.encode([""])[0],
+                            placeholder_start=tokenizer.placeholder_start, config=config)
+  loss_fn = stages.make_loss_fn(stage, ctx)
+
+  # ---- Shard + Init (abstract first: nothing is allocated until jit) -------
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
+  boxed_params = jax.eval_shape(lambda r: _init_params(stack, names, r), init_rng)
+  tx = state_lib.make_optimizer(tc, nn.meta.unbox(boxed_params))
+
+  def init_state(r):
+    return state_lib.create_state(nn.meta.unbox(_init_params(stack, names, r)), tx)
+
+  abstract_state = jax.eval_shape(init_state, init_rng)
+  state_shards = step_lib.state_shardings(abstract_state, boxed_params, mesh)
+  return Setup(config=config, mesh=mesh, tokenizer=tokenizer, stack=stack, ctx=ctx,
+               loss_fn=loss_fn, tx=tx,
+               train_step=step_lib.make_train_step(loss_fn, tx, tc.ema_decay),
+               init_state=init_state, abstract_state=abstract_state,
+               state_shards=state_shards, batch_keys=stages.STAGE_BATCH_KEYS[stage],
+               init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng)
+
+
+def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = True
+                       ) -> TrainResult:
+  """Trains ``config.train.stage`` for ``config.train.total_steps`` steps in ``workdir``.
+
+  Resumes from the latest checkpoint in ``workdir/checkpoints`` if there is
+  one (params, optimizer, EMA, step; the data stream continues where it
+  stopped). Writes TensorBoard events to ``workdir/tb`` and preview GIFs to
+  ``workdir/samples``.
+  """
+  workdir = pathlib.Path(workdir)
+  tc = config.train
+  s = setup(config)
+  stage, mesh, keys = tc.stage, s.mesh, s.batch_keys
+  abstract_state, state_shards = s.abstract_state, s.state_shards
+  tokenizer, ctx, schedule = s.tokenizer, s.ctx, s.ctx.schedule
+  train_rng, sample_rng = s.train_rng, s.sample_rng
+  local_batch = tc.batch_size // jax.process_count()
+
+  # ---- Checkpoint: resume or init -------------------------------------------
+  manager = ckpt_lib.make_manager(workdir / "checkpoints", max_to_keep=tc.keep_checkpoints,
+                                  async_save=tc.async_checkpoints)
+  if manager.latest_step() is not None:
+    first_step, state = ckpt_lib.restore(
+        manager, ckpt_lib.abstract_with_shardings(abstract_state, state_shards))
+    log.info("resumed from step %d", first_step)
+  else:
+    state = s.create_state()
+    if tc.get("init_from"):
+      state = _init_from(state, tc.init_from, state_shards)
+    first_step = 0
+
+  # ---- Input ----------------------------------------------------------------
+  from persvid_jax.data import pipeline  # TF (if used) only after JAX owns the devices
+  train_iter = pipeline.make_dataset(config, config.data.train_split, batch_size=local_batch,
+                                     start_batch=first_step, tokenize=tokenizer.encode)
+  eval_batch = next(pipeline.make_dataset(config, config.data.eval_split,
+                                          batch_size=local_batch, tokenize=tokenizer.encode))
+  first = next(train_iter)
+  batch_shards = step_lib.batch_shardings(_abstract_batch(first, keys, tc.batch_size), mesh)
+
+  # ---- Compile ----------------------------------------------------------------
+  compiled, compile_s = step_lib.compile_train_step(
+      s.train_step, ckpt_lib.abstract_with_shardings(abstract_state, state_shards),
+      state_shards, _abstract_batch(first, keys, tc.batch_size), mesh)
+  preview = _make_preview(stage, ctx, samplers.from_config(config.diffusion, schedule))
+
+  # ---- Loop -------------------------------------------------------------------
+  writer = _Writer(workdir / "tb")
+  (workdir / "config.json").write_text(config.to_json(indent=2))
+  metrics_host: dict = {}
+  bar = tqdm.tqdm(total=tc.total_steps, initial=first_step, desc=f"train[{stage}]",
+                  disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+  step = first_step
+  batch = first
+  t0, steps_timed = time.perf_counter(), 0
+  try:
+    while step < tc.total_steps:
+      device_batch = _device_batch(batch, keys, batch_shards)
+      with mesh:
+        state, metrics = compiled(state, device_batch, train_rng)
+      step += 1
+      steps_timed += 1
+      if step % tc.log_every_steps == 0 or step == tc.total_steps:
+        metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not np.isfinite(metrics_host["loss"]):
+          raise FloatingPointError(f"loss is {metrics_host['loss']} at step {step}; the last "
+                                   f"good checkpoint is step {manager.latest_step()}")
+        rate = steps_timed / (time.perf_counter() - t0)
+        writer.scalars(step, dict(metrics_host, steps_per_second=rate,
+                                  learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
+        bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", steps_s=f"{rate:.2f}")
+      bar.update(1)
+      if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
+        ckpt_lib.save(manager, step, state, config)
+      if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
+        _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
+                       tc.preview_examples)
+      if step < tc.total_steps:
+        batch = next(train_iter)
+  finally:
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  rate = steps_timed / max(time.perf_counter() - t0, 1e-9)
+  result = TrainResult(step=step, first_step=first_step, last_metrics=metrics_host,
+                       compile_seconds=compile_s, steps_per_second=rate, workdir=str(workdir))
+  if jax.process_index() == 0:
+    (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+  return result
+
+
+def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, workdir, n):
+  batch = _device_batch(eval_batch, keys, batch_shards)
+  samples, target = jax.device_get(preview(state.ema_params, batch, rng))
+  if jax.process_index() != 0:
+    return
+  n = min(n, samples.shape[0])
+  grid = media.video_grid(np.concatenate([target[:n], samples[:n]]), columns=n)
+  media.save_gif(workdir / "samples" / f"step_{step:07d}.gif", grid, scale=4)
+
+
+def _init_from(state: state_lib.TrainState, init_from: str, state_shards):
+  """Copies the EMA params of networks present in another run's latest checkpoint."""
+  manager = ckpt_lib.make_manager(pathlib.Path(init_from) / "checkpoints", async_save=False)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"config.train.init_from={init_from!r} holds no checkpoint")
+  restored = manager.restore(step)["state"]
+  manager.close()
+  source = restored["ema_params"]
+  params, ema = dict(state.params), dict(state.ema_params)
+  for name in params:
+    if name in source:
+      put = lambda old, new, s: jax.device_put(np.asarray(new, old.dtype), s)
+      params[name] = jax.tree.map(put, params[name], source[name], state_shards.params[name])
+      ema[name] = jax.tree.map(put, ema[name], source[name], state_shards.params[name])
+      log.info("init_from %s: %s", init_from, name)
+  return state.replace(params=params, ema_params=ema)

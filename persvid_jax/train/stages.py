@@ -1,0 +1,218 @@
+"""The three training stages as loss functions over the model stack.
+
+(a) ``base``: text-to-video at the base resolution (images are 1-frame
+    videos via ``frame_mask``); text encoder + base generator.
+(b) ``sr``: the higher-resolution generator, conditioned on the base-size
+    video upsampled back and noise-augmented at a random level (so that at
+    inference it tolerates the base network's imperfect samples).
+(c) ``personalize``: patent claim 9. The caption with the subject's words
+    replaced by ``<c0>`` is encoded; the *reference* image (the same subject
+    in another pose and background, masked to the subject) goes through the
+    image encoder and the mapper, whose K tokens are swapped in for ``<c0>``;
+    the extractor's detail tokens from the same masked reference enter the
+    generator's decoupled cross-attention; the denoising loss on the target
+    video trains mapper + extractor + detail attention (the rest per
+    ``config.train.trainable``).
+
+Every stage drops conditions independently (text -> the empty prompt,
+reference tokens -> the raw placeholder embedding, detail tokens -> the
+extractor's learned null tokens) so that classifier-free guidance works per
+condition and the plain-text / text+scene modes are trained, not hoped for.
+
+A loss function has the signature ``loss_fn(params, batch, rng) -> (loss,
+metrics)`` with ``params = {network: params}`` and ``batch`` the device-side
+arrays of ``persvid_jax.data.pipeline`` (``video, frame_mask,
+caption_tokens, placeholder_caption_tokens, reference, reference_mask,
+has_reference``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persvid_jax.concepts import bank as bank_lib
+from persvid_jax.diffusion import losses, schedules
+from persvid_jax.diffusion import cascade
+from persvid_jax.models.stack import ModelStack
+
+STAGES = ("base", "sr", "personalize")
+
+# Networks each stage runs (and therefore holds in its TrainState).
+STAGE_NETWORKS = {
+    "base": ("text_encoder", "unet"),
+    "sr": ("text_encoder", "sr_unet"),
+    "personalize": ("text_encoder", "image_encoder", "mapper", "extractor", "unet"),
+}
+
+# The batch keys each stage reads (the rest stays on the host).
+STAGE_BATCH_KEYS = {
+    "base": ("video", "frame_mask", "caption_tokens"),
+    "sr": ("video", "frame_mask", "caption_tokens"),
+    "personalize": ("video", "frame_mask", "placeholder_caption_tokens", "reference",
+                    "reference_mask", "has_reference"),
+}
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+  """What a stage's loss closes over (static: modules, constants)."""
+  stack: ModelStack
+  schedule: schedules.Schedule
+  null_tokens: np.ndarray       # [L] int32, the empty prompt
+  placeholder_start: int        # id of <c0>
+  config: Any
+
+
+def resize_video(video: jax.Array, height: int, width: int) -> jax.Array:
+  """``[B, T, H, W, C] -> [B, T, height, width, C]`` (antialiased linear)."""
+  b, t, _, _, c = video.shape
+  return jax.image.resize(video, (b, t, height, width, c), "linear", antialias=True)
+
+
+def _drop(rng: jax.Array, p: float, batch: int) -> jax.Array:
+  """``[B]`` bool: True where the condition is dropped (probability ``p``)."""
+  return jax.random.bernoulli(rng, p, (batch,)) if p > 0 else jnp.zeros((batch,), bool)
+
+
+def _text_tokens(ctx: StageContext, tokens: jax.Array, drop: jax.Array) -> jax.Array:
+  null = jnp.asarray(ctx.null_tokens, jnp.int32)[None]
+  return jnp.where(drop[:, None], null, tokens)
+
+
+def _loss_metrics(out: losses.LossOutput, **extra) -> tuple[jax.Array, dict]:
+  metrics = {"loss": out.loss, "mse": jnp.mean(out.mse)}
+  metrics.update(extra)
+  return out.loss, metrics
+
+
+def _diffusion_kwargs(ctx: StageContext) -> dict:
+  d = ctx.config.diffusion
+  return dict(schedule=ctx.schedule, prediction=d.prediction, min_snr_gamma=d.min_snr_gamma)
+
+
+def base_loss(ctx: StageContext) -> LossFn:
+  """Stage (a): text -> base-resolution video."""
+  stack, c = ctx.stack, ctx.config
+
+  def loss_fn(params, batch, rng):
+    rng_drop, rng_loss = jax.random.split(rng)
+    video = resize_video(batch["video"], c.video.height, c.video.width)
+    b = video.shape[0]
+    drop_text = _drop(rng_drop, c.train.p_drop_text, b)
+    tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
+    context, _ = stack.text_encoder.apply({"params": params["text_encoder"]}, tokens)
+
+    def denoise(p, x_t, t, context):
+      return stack.unet.apply({"params": p}, x_t, t, context)
+
+    out = losses.diffusion_loss(denoise, params["unet"], video, rng_loss,
+                                dict(context=context), frame_mask=batch["frame_mask"],
+                                **_diffusion_kwargs(ctx))
+    return _loss_metrics(out)
+
+  return loss_fn
+
+
+def sr_loss(ctx: StageContext) -> LossFn:
+  """Stage (b): base-size video upsampled + noise-augmented -> full resolution."""
+  stack, c = ctx.stack, ctx.config
+
+  def loss_fn(params, batch, rng):
+    rng_drop, rng_aug, rng_level, rng_loss = jax.random.split(rng, 4)
+    video = batch["video"]
+    b, _, h, w, _ = video.shape
+    low = resize_video(video, c.video.height, c.video.width)
+    up = cascade.upsample_video(low, (h, w), method=c.diffusion.resize_method,
+                                clip=c.diffusion.clip_x0)
+    max_level = c.diffusion.sr_noise_aug or 0
+    # Train on a range of augmentation levels; inference picks one.
+    level = jax.random.randint(rng_level, (b,), 0, 2 * max_level + 1, dtype=jnp.int32)
+    cond_video, level = cascade.noise_augment(ctx.schedule, up, level, rng_aug)
+    drop_text = _drop(rng_drop, c.train.p_drop_text, b)
+    tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
+    context, _ = stack.text_encoder.apply({"params": params["text_encoder"]}, tokens)
+
+    def denoise(p, x_t, t, context, cond_video, noise_level):
+      return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
+                                 noise_level=noise_level)
+
+    out = losses.diffusion_loss(
+        denoise, params["sr_unet"], video, rng_loss,
+        dict(context=context, cond_video=cond_video, noise_level=level),
+        frame_mask=batch["frame_mask"], **_diffusion_kwargs(ctx))
+    return _loss_metrics(out)
+
+  return loss_fn
+
+
+def personalization_conditions(ctx: StageContext, params, reference, reference_mask,
+                               has_reference, tokens, *, use_ref, use_detail):
+  """Text states with the reference's mapped tokens swapped in, and detail tokens.
+
+  Args:
+    params: ``{network: params}`` with text/image encoders, mapper, extractor.
+    reference: ``[B, R, R, 3]`` in [-1, 1]; reference_mask ``[B, R, R, 1]``.
+    has_reference: ``[B]`` bool.
+    tokens: ``[B, L]`` prompt ids holding ``<c0>`` (K copies).
+    use_ref, use_detail: ``[B]`` bool, rows that get the mapped reference
+      tokens / the extracted detail tokens (else raw placeholder / null tokens).
+
+  Returns:
+    ``(context [B, L, D], detail_tokens [B, N, Dd])``.
+  """
+  stack, c = ctx.stack, ctx.config
+  # Subject recognition in the loop: the encoders see the subject only.
+  masked = reference * reference_mask
+  feats = stack.image_encoder.apply({"params": params["image_encoder"]}, masked)
+  ref_tokens = stack.mapper.apply({"params": params["mapper"]}, feats)        # [B, K, D]
+  # The bank is empty during training: the reference tokens arrive per row
+  # through the override (the "target image" path of inference).
+  empty = bank_lib.ConceptBank.from_config(c, dtype=ref_tokens.dtype)
+  context, _ = bank_lib.encode_prompt(
+      stack.text_encoder, params["text_encoder"], tokens, empty,
+      swap_at=c.concepts.swap_at, placeholder_start=ctx.placeholder_start,
+      ref_override=ref_tokens, override_mask=use_ref & has_reference)
+  detail = stack.extractor.apply({"params": params["extractor"]}, reference, reference_mask,
+                                 use_detail & has_reference)
+  return context, detail
+
+
+def personalize_loss(ctx: StageContext) -> LossFn:
+  """Stage (c): claim 9, see module docstring."""
+  stack, c = ctx.stack, ctx.config
+
+  def loss_fn(params, batch, rng):
+    r_text, r_ref, r_detail, rng_loss = jax.random.split(rng, 4)
+    video = resize_video(batch["video"], c.video.height, c.video.width)
+    b = video.shape[0]
+    drop_text = _drop(r_text, c.train.p_drop_text, b)
+    tokens = _text_tokens(ctx, batch["placeholder_caption_tokens"], drop_text)
+    has_ref = batch["has_reference"] > 0.5
+    context, detail = personalization_conditions(
+        ctx, params, batch["reference"], batch["reference_mask"], has_ref, tokens,
+        use_ref=~_drop(r_ref, c.train.p_drop_ref, b),
+        use_detail=~_drop(r_detail, c.train.p_drop_detail, b))
+
+    def denoise(p, x_t, t, context, detail_tokens):
+      return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
+
+    out = losses.diffusion_loss(denoise, params["unet"], video, rng_loss,
+                                dict(context=context, detail_tokens=detail),
+                                frame_mask=batch["frame_mask"], **_diffusion_kwargs(ctx))
+    return _loss_metrics(out)
+
+  return loss_fn
+
+
+def make_loss_fn(stage: str, ctx: StageContext) -> LossFn:
+  """The loss of ``stage`` (one of ``STAGES``)."""
+  if stage not in STAGES:
+    raise ValueError(f"config.train.stage is {stage!r}; use one of {STAGES}")
+  return {"base": base_loss, "sr": sr_loss, "personalize": personalize_loss}[stage](ctx)
