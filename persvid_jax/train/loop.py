@@ -91,12 +91,8 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
   """
   stack, c = ctx.stack, ctx.config
 
-  def base_denoise(p, x_t, t, context, detail_tokens=None):
-    return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
-
-  def sr_denoise(p, x_t, t, context, cond_video, noise_level):
-    return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
-                               noise_level=noise_level)
+  base_denoise = stages.base_denoise_fn(stack)
+  sr_denoise = stages.sr_denoise_fn(stack)
 
   @jax.jit
   def preview(params, batch, rng):
@@ -240,12 +236,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   eval_batch = next(pipeline.make_dataset(config, config.data.eval_split,
                                           batch_size=local_batch, tokenize=tokenizer.encode))
   first = next(train_iter)
-  batch_shards = step_lib.batch_shardings(_abstract_batch(first, keys, tc.batch_size), mesh)
+  abstract_batch = _abstract_batch(first, keys, tc.batch_size)
+  batch_shards = step_lib.batch_shardings(abstract_batch, mesh)
 
   # ---- Compile ----------------------------------------------------------------
   compiled, compile_s = step_lib.compile_train_step(
       s.train_step, ckpt_lib.abstract_with_shardings(abstract_state, state_shards),
-      state_shards, _abstract_batch(first, keys, tc.batch_size), mesh)
+      state_shards, abstract_batch, mesh)
   preview = _make_preview(stage, ctx, samplers.from_config(config.diffusion, schedule))
 
   # ---- Loop -------------------------------------------------------------------

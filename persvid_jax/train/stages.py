@@ -86,10 +86,27 @@ def _text_tokens(ctx: StageContext, tokens: jax.Array, drop: jax.Array) -> jax.A
   return jnp.where(drop[:, None], null, tokens)
 
 
-def _loss_metrics(out: losses.LossOutput, **extra) -> tuple[jax.Array, dict]:
-  metrics = {"loss": out.loss, "mse": jnp.mean(out.mse)}
-  metrics.update(extra)
-  return out.loss, metrics
+def _loss_metrics(out: losses.LossOutput) -> tuple[jax.Array, dict]:
+  return out.loss, {"loss": out.loss, "mse": jnp.mean(out.mse)}
+
+
+def base_denoise_fn(stack: ModelStack):
+  """``(params, x_t, t, context, detail_tokens=None) -> eps`` of the base generator.
+
+  Shared by the losses and the samplers: one function object per stack, so
+  compiled sampling programs (``denoise_fn`` is static there) are reused.
+  """
+  def denoise(p, x_t, t, context, detail_tokens=None):
+    return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
+  return denoise
+
+
+def sr_denoise_fn(stack: ModelStack):
+  """``(params, x_t, t, context, cond_video, noise_level) -> eps`` of the SR generator."""
+  def denoise(p, x_t, t, context, cond_video, noise_level):
+    return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
+                               noise_level=noise_level)
+  return denoise
 
 
 def _diffusion_kwargs(ctx: StageContext) -> dict:
@@ -109,10 +126,7 @@ def base_loss(ctx: StageContext) -> LossFn:
     tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
     context, _ = stack.text_encoder.apply({"params": params["text_encoder"]}, tokens)
 
-    def denoise(p, x_t, t, context):
-      return stack.unet.apply({"params": p}, x_t, t, context)
-
-    out = losses.diffusion_loss(denoise, params["unet"], video, rng_loss,
+    out = losses.diffusion_loss(base_denoise_fn(stack), params["unet"], video, rng_loss,
                                 dict(context=context), frame_mask=batch["frame_mask"],
                                 **_diffusion_kwargs(ctx))
     return _loss_metrics(out)
@@ -139,12 +153,8 @@ def sr_loss(ctx: StageContext) -> LossFn:
     tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
     context, _ = stack.text_encoder.apply({"params": params["text_encoder"]}, tokens)
 
-    def denoise(p, x_t, t, context, cond_video, noise_level):
-      return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
-                                 noise_level=noise_level)
-
     out = losses.diffusion_loss(
-        denoise, params["sr_unet"], video, rng_loss,
+        sr_denoise_fn(stack), params["sr_unet"], video, rng_loss,
         dict(context=context, cond_video=cond_video, noise_level=level),
         frame_mask=batch["frame_mask"], **_diffusion_kwargs(ctx))
     return _loss_metrics(out)
@@ -200,10 +210,7 @@ def personalize_loss(ctx: StageContext) -> LossFn:
         use_ref=~_drop(r_ref, c.train.p_drop_ref, b),
         use_detail=~_drop(r_detail, c.train.p_drop_detail, b))
 
-    def denoise(p, x_t, t, context, detail_tokens):
-      return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
-
-    out = losses.diffusion_loss(denoise, params["unet"], video, rng_loss,
+    out = losses.diffusion_loss(base_denoise_fn(stack), params["unet"], video, rng_loss,
                                 dict(context=context, detail_tokens=detail),
                                 frame_mask=batch["frame_mask"], **_diffusion_kwargs(ctx))
     return _loss_metrics(out)
