@@ -1,0 +1,144 @@
+"""Building a concept from photos (claim 8): recognise, encode, extract, store.
+
+For each photo: the subject is segmented (``subject.segment_subject``, or a
+user mask) and cropped to the model's reference size; the image encoder +
+reference mapper turn the masked crop into ``K`` pseudo-word tokens (the
+*reference feature*) and the extraction network turns crop + mask into ``N``
+*detail tokens*. Several photos of one concept are combined: reference tokens
+averaged, detail tokens averaged slot by slot (the extractor's tokens are the
+outputs of fixed learned queries, so token ``i`` means the same thing for
+every photo), giving the bank's fixed ``[K, D]`` / ``[N, Dd]``.
+
+The same feature function serves generation's target-image modes, so a
+concept stored from a photo and the same photo given as a target image yield
+the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persvid_jax.concepts import subject as subject_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceImage:
+  """A photo prepared for the encoders.
+
+  Attributes:
+    image: float32 ``[R, R, 3]`` in [-1, 1], the square crop around the subject.
+    mask: float32 ``[R, R, 1]`` in [0, 1], the subject within the crop.
+    crop: uint8 ``[R, R, 3]``, the crop for contact sheets.
+    coverage: the subject's share of the original photo.
+  """
+  image: np.ndarray
+  mask: np.ndarray
+  crop: np.ndarray
+  coverage: float
+
+
+def reference_size(config) -> int:
+  """``R``: the side of reference crops (the image encoder's input size)."""
+  return int(config.image.image_size)
+
+
+def subject_reference(image: np.ndarray, config, mask: np.ndarray | None = None
+                      ) -> ReferenceImage:
+  """A photo of a subject (uint8 ``[H, W, 3]``) -> its segmented crop.
+
+  ``mask`` (float ``[H, W]``) replaces the automatic segmentation.
+  """
+  s = subject_lib.segment_subject(image, mask=mask, size=reference_size(config),
+                                  fill=config.concepts.get("subject_fill", 0.4))
+  return ReferenceImage(image=s.crop.astype(np.float32) / 127.5 - 1.0,
+                        mask=np.asarray(s.crop_mask, np.float32)[..., None],
+                        crop=s.crop, coverage=float(s.coverage))
+
+
+def scene_reference(image: np.ndarray, config) -> ReferenceImage:
+  """A non-target (scene / style) image: the centre square, whole image as mask."""
+  from PIL import Image
+  h, w = image.shape[:2]
+  side = min(h, w)
+  y0, x0 = (h - side) // 2, (w - side) // 2
+  r = reference_size(config)
+  crop = np.asarray(Image.fromarray(image[y0:y0 + side, x0:x0 + side]).resize(
+      (r, r), Image.Resampling.LANCZOS))
+  return ReferenceImage(image=crop.astype(np.float32) / 127.5 - 1.0,
+                        mask=np.ones((r, r, 1), np.float32), crop=crop, coverage=1.0)
+
+
+def make_feature_fn(model):
+  """``features(params, images [B,R,R,3], masks [B,R,R,1]) -> (ref [B,K,D], detail [B,N,Dd])``.
+
+  Jitted; the encoders see the subject only (image * mask), as in training.
+  """
+  stack = model.stack
+
+  @jax.jit
+  def features(params, images, masks):
+    feats = stack.image_encoder.apply({"params": params["image_encoder"]}, images * masks)
+    ref = stack.mapper.apply({"params": params["mapper"]}, feats)
+    detail = stack.extractor.apply({"params": params["extractor"]}, images, masks)
+    return ref.astype(jnp.float32), detail.astype(jnp.float32)
+
+  return features
+
+
+def sha256_of(path: str | pathlib.Path) -> str:
+  """Hex SHA-256 of a file's bytes (provenance in the manifest)."""
+  return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConceptFeatures:
+  """What ``encode_concept`` returns."""
+  ref_tokens: np.ndarray        # [K, D]
+  detail_tokens: np.ndarray     # [N, Dd]
+  references: tuple             # ReferenceImage per photo
+  provenance: tuple             # {'file', 'sha256', 'coverage'} per photo
+
+
+def load_photos(paths: Sequence[str | pathlib.Path], mask_paths=None):
+  """Reads photos (and optional masks) -> ``[(uint8 [H,W,3], mask or None)]``.
+
+  Raises ``subject.ImageError`` naming the first unusable file, before any work.
+  """
+  if mask_paths and len(mask_paths) != len(paths):
+    raise subject_lib.ImageError(f"{len(mask_paths)} masks for {len(paths)} images; give one "
+                                 "mask per image or none")
+  out = []
+  for i, p in enumerate(paths):
+    image = subject_lib.load_image(p)
+    mask = subject_lib.load_mask(mask_paths[i], image.shape[:2]) if mask_paths else None
+    out.append((image, mask))
+  return out
+
+
+def encode_concept(model, photos, paths: Sequence[str | pathlib.Path] = (),
+                   feature_fn=None) -> ConceptFeatures:
+  """Photos of one subject -> its bank entry.
+
+  Args:
+    model: a ``pipeline.model.Model``.
+    photos: ``[(uint8 [H, W, 3], mask [H, W] or None)]`` (``load_photos``).
+    paths: the files, for provenance (may be empty).
+    feature_fn: a ``make_feature_fn(model)`` to reuse (compiled once).
+  """
+  refs = [subject_reference(img, model.config, mask) for img, mask in photos]
+  feature_fn = feature_fn or make_feature_fn(model)
+  ref, detail = feature_fn(model.params, jnp.asarray(np.stack([r.image for r in refs])),
+                           jnp.asarray(np.stack([r.mask for r in refs])))
+  ref, detail = np.asarray(ref), np.asarray(detail)
+  provenance = tuple(
+      dict(file=pathlib.Path(p).name, sha256=sha256_of(p), coverage=round(r.coverage, 4))
+      for p, r in zip(paths, refs))
+  return ConceptFeatures(ref_tokens=ref.mean(0), detail_tokens=detail.mean(0),
+                         references=tuple(refs), provenance=provenance)
