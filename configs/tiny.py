@@ -82,6 +82,8 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
       weight_decay=0.0, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=1.0,
       ema_decay=0.99,
       p_drop_text=0.1, p_drop_ref=0.1, p_drop_detail=0.1,   # condition dropout (CFG)
+      p_plain_caption=0.0,         # personalize: rows trained on the plain caption instead
+      sr_crop=None,                # sr: train on random crops of this side (None: full frames)
       log_every_steps=10,
       checkpoint_every_steps=100, keep_checkpoints=3, async_checkpoints=True,
       sample_every_steps=100, preview_examples=4,
@@ -124,6 +126,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       ref_tokens=2,          # K: pseudo-words per concept
       detail_tokens=4,       # N: detail tokens per concept
       swap_at=arg.swap_at,   # 'input' | 'output'
+      # Claim 6: stored + target-image detail tokens -> 'concat' (2N tokens) |
+      # 'mean' | 'weighted' (fusion_weight * stored + (1 - w) * extracted).
+      fusion="concat", fusion_weight=0.5,
+      subject_fill=0.4,      # share of a reference crop's side the subject spans
   ))
 
   config.text = ml_collections.ConfigDict(dict(
@@ -159,6 +165,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       min_snr_gamma=5.0,          # Min-SNR-gamma loss weighting; None: uniform
       sampler="ddim",             # 'ddim' | 'ddpm'
       sample_steps=10,            # timesteps visited when sampling
+      sr_sample_steps=None,       # SR network's steps; None: sample_steps
       timestep_spacing="trailing",
       eta=0.0,                    # DDIM stochasticity (0: deterministic, 1: DDPM-like)
       guidance_text=5.0,          # CFG scale of the text condition

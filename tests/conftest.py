@@ -41,3 +41,18 @@ def tiny_bf16_config():
 
 def pytest_report_header(config):
   return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
+
+
+@pytest.fixture(scope="session")
+def micro_model_dir(tmp_path_factory):
+  """An exported random-init model of ``tiny:micro`` (every network, tiny shapes)."""
+  from persvid_jax.pipeline import model as model_lib
+  config = config_lib.load_config("tiny:micro")
+  return model_lib.export_model(model_lib.random_model(config, seed=0),
+                                tmp_path_factory.mktemp("models") / "micro")
+
+
+@pytest.fixture(scope="session")
+def micro_model(micro_model_dir):
+  from persvid_jax.pipeline import model as model_lib
+  return model_lib.load_model(micro_model_dir)

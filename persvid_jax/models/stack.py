@@ -114,3 +114,22 @@ def param_counts(config, names=NETWORKS) -> dict[str, int]:
   """``{network: parameter count}`` for a config, computed abstractly."""
   stack = ModelStack.from_config(config)
   return {name: count_params(v) for name, v in stack.abstract_variables(names).items()}
+
+
+def base_denoise_fn(stack: ModelStack):
+  """``(params, x_t, t, context, detail_tokens=None) -> eps`` of the base generator.
+
+  Shared by the training losses and the samplers: one function object per stack, so
+  compiled sampling programs (``denoise_fn`` is static there) are reused.
+  """
+  def denoise(p, x_t, t, context, detail_tokens=None):
+    return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
+  return denoise
+
+
+def sr_denoise_fn(stack: ModelStack):
+  """``(params, x_t, t, context, cond_video, noise_level) -> eps`` of the SR generator."""
+  def denoise(p, x_t, t, context, cond_video, noise_level):
+    return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
+                               noise_level=noise_level)
+  return denoise

@@ -1,4 +1,5 @@
-"""Writing videos: uint8 conversion, batch grids, GIF files (Pillow).
+"""Writing videos: uint8 conversion, batch grids, GIF (Pillow) and MP4 (ffmpeg) files,
+contact sheets (PNG).
 
 Videos are ``[T, H, W, 3]`` (or batches ``[B, T, H, W, 3]``) in [-1, 1].
 Files are written to a temporary name and renamed, so a reader never sees a
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -51,5 +53,97 @@ def save_gif(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
   tmp = path.with_name(path.name + ".tmp")
   images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
                  duration=int(round(1000 / fps)), loop=0)
+  os.replace(tmp, path)
+  return path
+
+
+def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
+  return frames.repeat(scale, axis=-3).repeat(scale, axis=-2) if scale > 1 else frames
+
+
+def save_mp4(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
+             ) -> pathlib.Path:
+  """Writes ``[T, H, W, 3]`` (in [-1, 1] or uint8) as an H.264 MP4 (imageio-ffmpeg's ffmpeg).
+
+  ``scale`` enlarges by pixel repetition; odd sizes are padded to even ones
+  (yuv420p needs them), so players that ignore the pixel aspect still work.
+  """
+  import imageio_ffmpeg
+  frames = np.asarray(video)
+  if frames.dtype != np.uint8:
+    frames = to_uint8(frames)
+  frames = _upscale(frames, scale)
+  t, h, w, _ = frames.shape
+  frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp.mp4")
+  writer = imageio_ffmpeg.write_frames(
+      str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
+      pix_fmt_out="yuv420p", quality=8, macro_block_size=1, ffmpeg_log_level="error")
+  with warnings.catch_warnings():
+    # Python warns on any fork from a multithreaded (JAX) process; subprocess
+    # execs ffmpeg right after the fork, which is safe.
+    warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+    writer.send(None)
+  for f in frames:
+    writer.send(np.ascontiguousarray(f))
+  writer.close()
+  os.replace(tmp, path)
+  return path
+
+
+def save_video(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
+               ) -> pathlib.Path:
+  """``save_mp4`` or ``save_gif`` by the file's suffix (``.mp4`` / ``.gif``)."""
+  suffix = pathlib.Path(path).suffix.lower()
+  if suffix == ".mp4":
+    return save_mp4(path, video, fps=fps, scale=scale)
+  if suffix == ".gif":
+    return save_gif(path, video, fps=fps, scale=scale)
+  raise ValueError(f"unknown video format {suffix!r} of {path}; use .mp4 or .gif")
+
+
+def contact_sheet(rows, *, scale: int = 4, pad: int = 2) -> np.ndarray:
+  """One row per video: its reference image (or a blank) beside every frame.
+
+  Args:
+    rows: ``[(reference uint8 [R, R, 3] or None, video [T, H, W, 3] in [-1, 1]
+      or uint8)]``; the reference is resized (nearest) to the frame height.
+    scale: pixel repetition of everything (small videos become visible).
+    pad: white gap in pixels (before scaling).
+
+  Returns:
+    uint8 ``[rows * (H + pad) + pad, (1 + T) * (W + pad) + pad + pad, 3] * scale``.
+  """
+  from PIL import Image
+  videos = [np.asarray(v) if np.asarray(v).dtype == np.uint8 else to_uint8(v)
+            for _, v in rows]
+  t = max(v.shape[0] for v in videos)
+  h = max(v.shape[1] for v in videos)
+  w = max(v.shape[2] for v in videos)
+  sheet = np.full((len(rows) * (h + pad) + pad, (1 + t) * (w + pad) + 2 * pad, 3), 255,
+                  np.uint8)
+  for i, ((ref, _), v) in enumerate(zip(rows, videos)):
+    y = pad + i * (h + pad)
+    if ref is not None:
+      ref = np.asarray(Image.fromarray(np.asarray(ref, np.uint8)).resize(
+          (w, h), Image.Resampling.NEAREST))
+      sheet[y:y + h, pad:pad + w] = ref
+    else:
+      sheet[y:y + h, pad:pad + w] = 230
+    for j, frame in enumerate(v):
+      x = 2 * pad + (j + 1) * (w + pad)
+      sheet[y:y + frame.shape[0], x:x + frame.shape[1]] = frame
+  return _upscale(sheet, scale)
+
+
+def save_png(path: str | os.PathLike, image) -> pathlib.Path:
+  """Writes uint8 ``[H, W, 3]`` as PNG (atomically)."""
+  from PIL import Image
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
   os.replace(tmp, path)
   return path

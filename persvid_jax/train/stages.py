@@ -38,7 +38,7 @@ import numpy as np
 from persvid_jax.concepts import bank as bank_lib
 from persvid_jax.diffusion import losses, schedules
 from persvid_jax.diffusion import cascade
-from persvid_jax.models.stack import ModelStack
+from persvid_jax.models.stack import ModelStack, base_denoise_fn, sr_denoise_fn
 
 STAGES = ("base", "sr", "personalize")
 
@@ -53,8 +53,8 @@ STAGE_NETWORKS = {
 STAGE_BATCH_KEYS = {
     "base": ("video", "frame_mask", "caption_tokens"),
     "sr": ("video", "frame_mask", "caption_tokens"),
-    "personalize": ("video", "frame_mask", "placeholder_caption_tokens", "reference",
-                    "reference_mask", "has_reference"),
+    "personalize": ("video", "frame_mask", "caption_tokens", "placeholder_caption_tokens",
+                    "reference", "reference_mask", "has_reference"),
 }
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -90,23 +90,25 @@ def _loss_metrics(out: losses.LossOutput) -> tuple[jax.Array, dict]:
   return out.loss, {"loss": out.loss, "mse": jnp.mean(out.mse)}
 
 
-def base_denoise_fn(stack: ModelStack):
-  """``(params, x_t, t, context, detail_tokens=None) -> eps`` of the base generator.
+def random_crop(videos, size: int, rng: jax.Array):
+  """The same random ``size x size`` window of each video, per row.
 
-  Shared by the losses and the samplers: one function object per stack, so
-  compiled sampling programs (``denoise_fn`` is static there) are reused.
+  Args:
+    videos: tuple of ``[B, T, H, W, C_i]`` arrays (same B, H, W).
+    size: crop side, ``<= min(H, W)``.
+    rng: key; the window of row ``b`` is drawn independently.
+
+  Returns:
+    tuple of ``[B, T, size, size, C_i]``.
   """
-  def denoise(p, x_t, t, context, detail_tokens=None):
-    return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
-  return denoise
+  b, _, h, w, _ = videos[0].shape
+  ky, kx = jax.random.split(rng)
+  y0 = jax.random.randint(ky, (b,), 0, h - size + 1)
+  x0 = jax.random.randint(kx, (b,), 0, w - size + 1)
 
-
-def sr_denoise_fn(stack: ModelStack):
-  """``(params, x_t, t, context, cond_video, noise_level) -> eps`` of the SR generator."""
-  def denoise(p, x_t, t, context, cond_video, noise_level):
-    return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
-                               noise_level=noise_level)
-  return denoise
+  def one(v, y, x):
+    return jax.lax.dynamic_slice(v, (0, y, x, 0), (v.shape[0], size, size, v.shape[-1]))
+  return tuple(jax.vmap(one)(v, y0, x0) for v in videos)
 
 
 def _diffusion_kwargs(ctx: StageContext) -> dict:
@@ -139,7 +141,7 @@ def sr_loss(ctx: StageContext) -> LossFn:
   stack, c = ctx.stack, ctx.config
 
   def loss_fn(params, batch, rng):
-    rng_drop, rng_aug, rng_level, rng_loss = jax.random.split(rng, 4)
+    rng_drop, rng_aug, rng_level, rng_loss, rng_crop = jax.random.split(rng, 5)
     video = batch["video"]
     b, _, h, w, _ = video.shape
     low = resize_video(video, c.video.height, c.video.width)
@@ -149,6 +151,12 @@ def sr_loss(ctx: StageContext) -> LossFn:
     # Train on a range of augmentation levels; inference picks one.
     level = jax.random.randint(rng_level, (b,), 0, 2 * max_level + 1, dtype=jnp.int32)
     cond_video, level = cascade.noise_augment(ctx.schedule, up, level, rng_aug)
+    crop = c.train.get("sr_crop")
+    if crop and crop < min(h, w):
+      # The SR network is convolutional and conditioned on the upsampled
+      # video, so it learns on random crops (as Imagen's SR stages do):
+      # (h*w / crop^2)x cheaper steps; it samples at the full size.
+      video, cond_video = random_crop((video, cond_video), crop, rng_crop)
     drop_text = _drop(rng_drop, c.train.p_drop_text, b)
     tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
     context, _ = stack.text_encoder.apply({"params": params["text_encoder"]}, tokens)
@@ -199,15 +207,21 @@ def personalize_loss(ctx: StageContext) -> LossFn:
   stack, c = ctx.stack, ctx.config
 
   def loss_fn(params, batch, rng):
-    r_text, r_ref, r_detail, rng_loss = jax.random.split(rng, 4)
+    r_text, r_ref, r_detail, r_plain, rng_loss = jax.random.split(rng, 5)
     video = resize_video(batch["video"], c.video.height, c.video.width)
     b = video.shape[0]
+    # Rows that keep the plain caption (the subject in words, no placeholder,
+    # no reference tokens): the "text" and "text + non-target image" modes
+    # stay trained while the generator adapts to the new conditions.
+    plain = _drop(r_plain, c.train.get("p_plain_caption", 0.0), b)
+    tokens = jnp.where(plain[:, None], batch["caption_tokens"],
+                       batch["placeholder_caption_tokens"])
     drop_text = _drop(r_text, c.train.p_drop_text, b)
-    tokens = _text_tokens(ctx, batch["placeholder_caption_tokens"], drop_text)
+    tokens = _text_tokens(ctx, tokens, drop_text)
     has_ref = batch["has_reference"] > 0.5
     context, detail = personalization_conditions(
         ctx, params, batch["reference"], batch["reference_mask"], has_ref, tokens,
-        use_ref=~_drop(r_ref, c.train.p_drop_ref, b),
+        use_ref=~_drop(r_ref, c.train.p_drop_ref, b) & ~plain,
         use_detail=~_drop(r_detail, c.train.p_drop_detail, b))
 
     out = losses.diffusion_loss(base_denoise_fn(stack), params["unet"], video, rng_loss,

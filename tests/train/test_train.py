@@ -176,6 +176,33 @@ def test_launch_train_cli_writes_and_resumes(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   assert "done: step 24 (from 20)" in out.stdout
 
+  # The workdir exports as an inference model: base-stage networks from its
+  # checkpoint, the networks no stage trained from the seeded init.
+  model_dir = tmp_path / "model"
+  out = subprocess.run([sys.executable, "-m", "launch.export", "--workdir", str(tmp_path),
+                        "--out", str(model_dir)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  from persvid_jax.pipeline import model as model_lib
+  model = model_lib.load_model(model_dir)
+  sources = model.info["sources"]
+  assert sources[0]["networks"] == ["text_encoder", "unet"] and sources[0]["step"] == 24
+
   bad = subprocess.run([sys.executable, "-m", "launch.train", "--config", "configs/nope.py",
                         "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_sr_random_crop_is_the_same_window_of_each_video():
+  """SR training on crops: target and conditioning video are cut at the same place."""
+  from persvid_jax.train import stages
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(3, 2, 12, 10, 3)).astype(np.float32)
+  b = a[..., :1] * 2.0
+  ca, cb = stages.random_crop((a, b), 4, jax.random.key(0))
+  assert ca.shape == (3, 2, 4, 4, 3) and cb.shape == (3, 2, 4, 4, 1)
+  np.testing.assert_array_equal(np.asarray(cb), np.asarray(ca)[..., :1] * 2.0)
+  for i in range(3):      # each row's crop is a window of its own video
+    found = [(y, x) for y in range(9) for x in range(7)
+             if np.array_equal(a[i, :, y:y + 4, x:x + 4], np.asarray(ca[i]))]
+    assert found

@@ -1,0 +1,67 @@
+"""What the user-facing entry points share: quiet logs and one-line user errors.
+
+Every user error (bad image, unknown concept, bad name, unusable model, ...)
+is an exception class listed in ``user_errors()``; ``run`` turns it into one
+line ``error: ...`` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+
+def quiet() -> None:
+  """Only warnings from libraries (absl/orbax/jax INFO lines would drown the output)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  except ImportError:
+    pass
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """The exception classes whose message is meant for the user."""
+  from persvid_jax import config_lib
+  from persvid_jax.concepts.database import DatabaseError
+  from persvid_jax.concepts.subject import ImageError
+  from persvid_jax.pipeline.generate import GenerationError
+  from persvid_jax.pipeline.model import ModelError
+  return (config_lib.ConfigError, DatabaseError, ImageError, GenerationError, ModelError)
+
+
+def fail(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def run(main: Callable[[], int]) -> int:
+  """Calls ``main``; user errors -> one stderr line + exit status 2."""
+  quiet()
+  errors = user_errors()
+  try:
+    return main()
+  except errors as e:
+    return fail(str(e))
+  except KeyboardInterrupt:
+    return fail("interrupted (the database, if any, is unchanged or fully updated)")
+
+
+def compilation_cache() -> None:
+  """A persistent XLA compilation cache, so a second run skips compilation.
+
+  ``$JAX_COMPILATION_CACHE_DIR`` wins if set; else ``$PERSVID_JAX_CACHE``
+  or ``~/.cache/persvid_jax/xla``. Entries are keyed on the program and the
+  jax version, so a stale entry is never used.
+  """
+  import jax
+  if jax.config.jax_compilation_cache_dir:
+    return
+  default = os.path.join(os.path.expanduser("~"), ".cache", "persvid_jax", "xla")
+  jax.config.update("jax_compilation_cache_dir", os.environ.get("PERSVID_JAX_CACHE", default))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -1,0 +1,43 @@
+"""Export trained stages as one inference model (config.json + model.safetensors).
+
+  python -m launch.export --workdir W/personalize --workdir W/sr --out DIR
+
+Each network is taken from the first workdir (in the order given, then along
+their ``config.train.init_from`` chains) whose checkpoint holds it (EMA
+params), validated strictly against the code, and written to DIR atomically.
+``--model DIR`` of generate/concepts/demo then loads it; the shipped demo
+model (``persvid_jax/assets/demo``) was made this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch import _common
+
+
+def main(argv=None) -> int:
+  _common.quiet()           # before any library import (transformers logs on import)
+  p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", action="append", required=True,
+                 help="a training workdir (repeat; earlier ones win)")
+  p.add_argument("--out", required=True, help="the model directory to write")
+  args = p.parse_args(sys.argv[1:] if argv is None else argv)
+
+  def body() -> int:
+    from persvid_jax.pipeline import model as model_lib
+    model = model_lib.load_model(args.workdir)
+    out = model_lib.export_model(model, args.out)
+    n = sum(v.size for v in __import__("jax").tree.leaves(model.params))
+    print(f"exported {n:,} parameters to {out} (feature id {model.feature_id})")
+    for s in model.info.get("sources", []):
+      print(f"  {', '.join(s['networks'])}: {s.get('workdir', 'seeded init')} "
+            f"{'step ' + str(s['step']) if 'step' in s else ''}")
+    return 0
+
+  return _common.run(body)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

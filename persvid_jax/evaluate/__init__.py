@@ -1,0 +1,1 @@
+"""Evaluation: subject fidelity against references (more metrics: issue 5)."""

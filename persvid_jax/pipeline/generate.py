@@ -1,0 +1,326 @@
+"""Generation in all six modes of SPEC §1 from one compiled graph.
+
+A ``Request`` (prompt, optional image and its role) is *resolved* on the host
+against the concept database into per-row switches; the device sees only
+arrays of fixed shapes, so every mode, every prompt and every database
+content runs the same compiled programs:
+
+====================  ================  ===================  =======================
+mode                  prompt            reference tokens     detail tokens
+====================  ================  ===================  =======================
+concept               ``<name>``        bank slot            stored (bank)
+concept+target        ``<name>`` + img  image -> mapper      fused(stored, image)
+target                ``<image>`` + img image -> mapper      image
+concept+scene         ``<name>`` + img  bank slot            image (whole, claim 10)
+text                  plain             --                   learned null (claim 11)
+text+scene            plain + img       --                   image (whole, claim 12)
+====================  ================  ===================  =======================
+
+Per-row inputs (``GenerationInputs``): the token ids with ``<ci>``
+placeholders (``<image>`` is the reserved slot ``C - 1``), the reference
+image + mask, ``ref_from_image`` / ``override_slot`` (which slot the image's
+mapped tokens replace), ``detail_weights [B, C]`` (the stored detail tokens
+mixed in: the concepts of the prompt, equally) and ``use_image_detail``.
+
+Detail fusion (claim 6, ``config.concepts.fusion``): ``concat`` — the stored
+and the extracted tokens side by side (``2N`` tokens; a row with only one
+source gets it twice, which is exactly attention to that source alone, since
+duplicated keys do not change a softmax-weighted mean); ``mean`` — their
+average; ``weighted`` — ``w * stored + (1 - w) * extracted`` with
+``config.concepts.fusion_weight``.
+
+Sampling: classifier-free guidance with separate text and detail scales on
+the base network (three branches in one batched call), then the SR network on
+the upsampled, noise-augmented base video (claim 7), conditioned on the same
+semantic feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from persvid_jax.concepts import bank as bank_lib
+from persvid_jax.concepts import build
+from persvid_jax.concepts.tokens import placeholder
+from persvid_jax.diffusion import cascade, guidance, samplers, schedules
+from persvid_jax.models.stack import base_denoise_fn, sr_denoise_fn
+
+MODES = ("concept", "concept+target", "target", "concept+scene", "text", "text+scene")
+IMAGE_ROLES = ("target", "scene")
+FUSIONS = ("concat", "mean", "weighted")
+IMAGE_TOKEN = "image"
+_NAME_RE = re.compile(r"<([^<>\s]*)>")
+
+
+class GenerationError(ValueError):
+  """A request that cannot be served (the message says what to change)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One video to generate.
+
+  Attributes:
+    prompt: text naming concepts as ``<name>`` and the image's subject as ``<image>``.
+    image: optional uint8 ``[H, W, 3]`` photo.
+    image_role: 'target' (the image shows the subject) or 'scene' (a
+      non-target image: scene, style).
+    mask: optional float ``[H, W]`` subject mask of ``image`` (else segmented).
+    mode: optional expected mode; resolution fails if the request means another.
+  """
+  prompt: str
+  image: np.ndarray | None = None
+  image_role: str = "target"
+  mask: np.ndarray | None = None
+  mode: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  """A request resolved against a database (host side)."""
+  mode: str
+  prompt: str                   # as the user wrote it
+  text: str                     # the prompt with <ci> placeholders
+  slots: tuple                  # bank slots of the named concepts, in order
+  reference: build.ReferenceImage | None
+
+
+def resolve(request: Request, concepts: dict[str, int], image_slot: int, config
+            ) -> Resolved:
+  """Maps a request to its mode and placeholder prompt.
+
+  Args:
+    request: the request.
+    concepts: ``{name: slot}`` of the database.
+    image_slot: the bank slot reserved for ``<image>``.
+    config: the model config (reference size, subject fill).
+
+  Raises:
+    GenerationError: unknown concept, ``<image>`` without an image, an image
+      role that does not fit the prompt, or a ``request.mode`` that disagrees.
+  """
+  if request.image_role not in IMAGE_ROLES:
+    raise GenerationError(f"image role {request.image_role!r}; use one of {IMAGE_ROLES}")
+  if request.mode is not None and request.mode not in MODES:
+    raise GenerationError(f"mode {request.mode!r}; use one of {MODES}")
+  names = _NAME_RE.findall(request.prompt)
+  unknown = [n for n in names if n != IMAGE_TOKEN and n not in concepts]
+  if unknown:
+    known = ", ".join(f"<{n}>" for n in concepts) or "none (the database is empty)"
+    raise GenerationError(f"unknown concept <{unknown[0]}> in the prompt (known: {known}); "
+                          "add it with 'python -m launch.concepts add'")
+  has_image_token = IMAGE_TOKEN in names
+  slots = tuple(dict.fromkeys(concepts[n] for n in names if n != IMAGE_TOKEN))
+  image = request.image
+  if has_image_token and image is None:
+    raise GenerationError("the prompt names <image> but no image was given; pass --image")
+  if has_image_token and request.image_role != "target":
+    raise GenerationError("<image> names the subject of a target image; use --image-role "
+                          "target (or name a stored concept instead)")
+  if has_image_token and slots:
+    raise GenerationError("a prompt names either stored concepts or <image>, not both")
+
+  if has_image_token:
+    mode = "target"
+  elif slots:
+    mode = "concept" if image is None else (
+        "concept+target" if request.image_role == "target" else "concept+scene")
+  else:
+    mode = "text" if image is None else "text+scene"
+  if request.mode is not None and request.mode != mode:
+    need = {"concept": "a prompt naming a stored <concept>, no image",
+            "concept+target": "a prompt naming a stored <concept> and --image",
+            "target": "a prompt naming <image> and --image",
+            "concept+scene": "a prompt naming a stored <concept> and --image with "
+                             "--image-role scene",
+            "text": "a prompt without <concepts>, no image",
+            "text+scene": "a prompt without <concepts> and --image"}[request.mode]
+    raise GenerationError(f"mode {request.mode!r} needs {need}; this request is {mode!r}")
+
+  reference = None
+  if image is not None:
+    if mode in ("concept+target", "target"):
+      reference = build.subject_reference(image, config, request.mask)
+    else:
+      reference = build.scene_reference(image, config)
+  text = _NAME_RE.sub(lambda m: placeholder(
+      image_slot if m.group(1) == IMAGE_TOKEN else concepts[m.group(1)]), request.prompt)
+  return Resolved(mode=mode, prompt=request.prompt, text=text, slots=slots,
+                  reference=reference)
+
+
+def make_inputs(resolved: Sequence[Resolved], tokenizer, config, image_slot: int
+                ) -> dict[str, np.ndarray]:
+  """Host arrays of a batch of resolved requests (``B = len(resolved)``).
+
+  Returns ``{ids [B,L] int32, image [B,R,R,3], image_mask [B,R,R,1] float32,
+  ref_from_image [B] bool, override_slot [B] int32, detail_weights [B,C]
+  float32, use_image_detail [B] bool}``.
+
+  Raises:
+    GenerationError: a prompt too long for the text encoder with its
+      concepts expanded (e.g. more concepts than fit).
+  """
+  b, r = len(resolved), build.reference_size(config)
+  capacity = config.concepts.capacity
+  for x in resolved:
+    try:
+      tokenizer.encode([x.text])
+    except ValueError:
+      raise GenerationError(
+          f"the prompt {x.prompt!r} is too long for the text encoder ({tokenizer.max_length} "
+          f"tokens, each concept taking {tokenizer.ref_tokens}); use fewer concepts or "
+          "words") from None
+  ids = tokenizer.encode([x.text for x in resolved])
+  out = dict(ids=ids,
+             image=np.zeros((b, r, r, 3), np.float32),
+             image_mask=np.zeros((b, r, r, 1), np.float32),
+             ref_from_image=np.zeros((b,), bool),
+             override_slot=np.zeros((b,), np.int32),
+             detail_weights=np.zeros((b, capacity), np.float32),
+             use_image_detail=np.zeros((b,), bool))
+  for i, x in enumerate(resolved):
+    if x.reference is not None:
+      out["image"][i] = x.reference.image
+      out["image_mask"][i] = x.reference.mask
+      out["use_image_detail"][i] = True
+    if x.mode in ("concept+target", "target"):
+      out["ref_from_image"][i] = True
+      out["override_slot"][i] = image_slot if x.mode == "target" else x.slots[0]
+    if x.mode in ("concept", "concept+target"):
+      out["detail_weights"][i, list(x.slots)] = 1.0 / len(x.slots)
+  return out
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+  """What ``Generator.__call__`` returns (numpy)."""
+  video: np.ndarray        # [B, T, H', W', 3] in [-1, 1], the SR output
+  base: np.ndarray         # [B, T, H, W, 3] in [-1, 1], the base network's output
+  modes: tuple             # mode per row
+  resolved: tuple          # Resolved per row
+
+
+class Generator:
+  """Serves every mode with one compiled graph per (batch size, steps).
+
+  Args:
+    model: a ``pipeline.model.Model``.
+    steps: base sampler steps (default ``config.diffusion.sample_steps``).
+    sr_steps: SR sampler steps (default ``config.diffusion.sr_sample_steps``
+      or ``steps``).
+    text_scale, detail_scale: CFG scales (default ``config.diffusion``).
+    fusion: 'concat' | 'mean' | 'weighted' (default ``config.concepts.fusion``).
+  """
+
+  def __init__(self, model, *, steps: int | None = None, sr_steps: int | None = None,
+               text_scale: float | None = None, detail_scale: float | None = None,
+               fusion: str | None = None):
+    c = model.config
+    self.model = model
+    d = c.diffusion
+    self.fusion = fusion or c.concepts.get("fusion", "concat")
+    if self.fusion not in FUSIONS:
+      raise GenerationError(f"fusion {self.fusion!r}; use one of {FUSIONS}")
+    self.fusion_weight = float(c.concepts.get("fusion_weight", 0.5))
+    self.text_scale = float(d.guidance_text if text_scale is None else text_scale)
+    detail = d.guidance_detail if detail_scale is None else detail_scale
+    self.detail_scale = float(self.text_scale if detail is None else detail)
+    steps = int(steps or d.sample_steps)
+    sr_steps = int(sr_steps or d.get("sr_sample_steps") or steps)
+    if steps < 1 or sr_steps < 1:
+      raise GenerationError(f"steps must be >= 1, got {steps} / {sr_steps}")
+    schedule = schedules.from_config(d)
+    mk = lambda n: samplers.make_sampler(
+        schedule, d.sampler, n, eta=d.eta, prediction=d.prediction, clip_x0=d.clip_x0,
+        spacing=d.get("timestep_spacing", "trailing"))
+    self.sampler, self.sr_sampler = mk(steps), mk(sr_steps)
+    # One function object each, reused by every call: the samplers' compiled
+    # programs are keyed on them.
+    self._base_fn = guidance.guided_denoise_fn(base_denoise_fn(model.stack))
+    self._sr_fn = sr_denoise_fn(model.stack)
+    self._null_ids = jnp.asarray(model.tokenizer.encode([""]))
+    self._conditions = jax.jit(self._conditions_fn)
+
+  # ---- the device graph ------------------------------------------------------
+
+  def _conditions_fn(self, params, bank: bank_lib.ConceptBank, inputs: dict):
+    """Guidance branches for the base network and the SR context (one graph, all modes)."""
+    stack, c = self.model.stack, self.model.config
+    ids = inputs["ids"]
+    b = ids.shape[0]
+    image, image_mask = inputs["image"], inputs["image_mask"]
+    # Claims 3-4: reference tokens of the (target) image.
+    feats = stack.image_encoder.apply({"params": params["image_encoder"]}, image * image_mask)
+    image_ref = stack.mapper.apply({"params": params["mapper"]}, feats)         # [B, K, D]
+    # Claim 2: the text encoding with the concepts' reference tokens swapped in.
+    context, _ = bank_lib.encode_prompt(
+        stack.text_encoder, params["text_encoder"], ids, bank, swap_at=c.concepts.swap_at,
+        placeholder_start=self.model.tokenizer.placeholder_start, ref_override=image_ref,
+        override_mask=inputs["ref_from_image"], override_slot=inputs["override_slot"])
+    null_context, _ = stack.text_encoder.apply({"params": params["text_encoder"]},
+                                               self._null_ids)
+    null_context = jnp.broadcast_to(null_context, context.shape)
+
+    # Claims 5, 6, 10-12: stored, extracted, fused or null detail tokens.
+    use_image = inputs["use_image_detail"]
+    null = stack.extractor.apply({"params": params["extractor"]}, b, method="null_tokens")
+    extracted = stack.extractor.apply({"params": params["extractor"]}, image, image_mask,
+                                      use_image)                            # [B, N, Dd]
+    weights = inputs["detail_weights"]                                      # [B, C]
+    has_stored = jnp.sum(weights, -1) > 0
+    stored = jnp.einsum("bc,cnd->bnd", weights,
+                        bank.detail_tokens.astype(jnp.float32)).astype(null.dtype)
+    stored = jnp.where(has_stored[:, None, None], stored, null)
+    both = (has_stored & use_image)[:, None, None]
+    if self.fusion == "concat":
+      first = jnp.where(has_stored[:, None, None], stored, extracted)
+      second = jnp.where(use_image[:, None, None], extracted, stored)
+      detail = jnp.concatenate([first, second], axis=1)                     # [B, 2N, Dd]
+      null = jnp.concatenate([null, null], axis=1)
+    else:
+      w = 0.5 if self.fusion == "mean" else self.fusion_weight
+      fused = w * stored + (1.0 - w) * extracted
+      detail = jnp.where(both, fused, jnp.where(has_stored[:, None, None], stored, extracted))
+    base_cond = dict(uncond=dict(context=null_context, detail_tokens=null),
+                     text_only=dict(context=context, detail_tokens=null),
+                     cond=dict(context=context, detail_tokens=detail),
+                     text_scale=jnp.full((b,), self.text_scale, jnp.float32),
+                     detail_scale=jnp.full((b,), self.detail_scale, jnp.float32))
+    return base_cond, dict(context=context)
+
+  # ---- the host API -------------------------------------------------------------
+
+  def __call__(self, bank: bank_lib.ConceptBank, resolved: Sequence[Resolved], *,
+               image_slot: int, seed: int = 0, progress: bool = True) -> GenerationOutput:
+    """Generates one video per resolved request (one batch, one seed).
+
+    Args:
+      bank: the database's bank.
+      resolved: ``resolve``'d requests (all rows share the compiled graph).
+      image_slot: the slot ``<image>`` maps to.
+      seed: the videos are a deterministic function of it and the inputs.
+      progress: tqdm bars over the sampler steps (a Python loop over one
+        jitted step); False runs each scale as one ``lax.scan`` program.
+    """
+    c = self.model.config
+    inputs = make_inputs(resolved, self.model.tokenizer, c, image_slot)
+    params = self.model.params
+    base_cond, sr_cond = self._conditions(params, bank, jax.tree.map(jnp.asarray, inputs))
+    b = len(resolved)
+    v = c.video
+    base_shape = (b, v.frames, v.height, v.width, v.channels)
+    sr_shape = (b, v.frames, v.height * v.sr_factor, v.width * v.sr_factor, v.channels)
+    out = cascade.cascade_sample(
+        self._base_fn, params["unet"], self._sr_fn, params["sr_unet"],
+        jax.random.key(seed), (base_shape, sr_shape), base_cond, sampler=self.sampler,
+        sr_sampler=self.sr_sampler, sr_cond=sr_cond, noise_aug=c.diffusion.sr_noise_aug,
+        resize_method=c.diffusion.resize_method, progress=progress)
+    return GenerationOutput(video=np.asarray(out.video), base=np.asarray(out.base),
+                            modes=tuple(x.mode for x in resolved), resolved=tuple(resolved))

@@ -1,0 +1,275 @@
+"""A trained model for inference: config + every network's params, loaded strictly.
+
+Two on-disk forms are accepted wherever a ``--model DIR`` is:
+
+* an **exported model** (``export_model``): ``config.json`` + ``model.safetensors``
+  (one flat tensor per parameter, keys ``network/module/.../leaf``) +
+  ``model.json`` (provenance). This is what ships in ``persvid_jax/assets/demo``
+  (one file, no Orbax directory layout to package, readable from torch too).
+* a **training workdir** (``launch.train``): the EMA params of its latest
+  Orbax checkpoint. A stage holds only the networks it runs; the others are
+  taken from the workdir its ``config.train.init_from`` names, recursively.
+
+Loading is strict, as in big_vision's checkpoint merging: the tree is checked
+against ``jax.eval_shape`` of the current code's init, and any missing,
+unexpected or mis-shaped parameter raises ``ModelError`` listing them. So a
+shipped model can never go silently stale when the code changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from persvid_jax import checkpoint as ckpt_lib
+from persvid_jax.concepts.tokens import PromptTokenizer
+from persvid_jax.models.stack import NETWORKS, ModelStack
+
+#: The model ``python -m launch.demo`` and every ``--model`` default use.
+DEMO_MODEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+INFO_FILE = "model.json"
+
+# Networks whose params determine a concept's stored features: a database
+# built with one model is refused by another (see ``Model.feature_id``).
+FEATURE_NETWORKS = ("text_encoder", "image_encoder", "mapper", "extractor")
+
+
+class ModelError(ValueError):
+  """A model directory is missing, incomplete or does not match the code."""
+
+
+@dataclasses.dataclass
+class Model:
+  """Everything inference needs.
+
+  Attributes:
+    config: the model's config (as trained).
+    stack: the six networks (``ModelStack``), built from ``config``.
+    tokenizer: the ``PromptTokenizer`` of ``config``.
+    params: ``{network: params}`` for all of ``NETWORKS`` (float32 arrays).
+    source: where it was loaded from.
+    info: provenance (``model.json`` of an export; workdirs + steps otherwise).
+  """
+  config: ml_collections.ConfigDict
+  stack: ModelStack
+  tokenizer: PromptTokenizer
+  params: dict
+  source: str
+  info: dict
+
+  @property
+  def feature_id(self) -> str:
+    """A hash of the params that make concept features (16 hex digits).
+
+    A concept database records it, so that features made by one model are
+    never fed to another.
+    """
+    h = hashlib.sha256()
+    for name in FEATURE_NETWORKS:
+      for path, leaf in sorted(_flatten(self.params[name], name).items()):
+        h.update(path.encode())
+        h.update(np.ascontiguousarray(leaf, np.float32).tobytes())
+    h.update(json.dumps(dict(self.config.concepts), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _flatten(tree: Any, prefix: str = "", convert: bool = True) -> dict[str, Any]:
+  """Nested dict of arrays -> ``{'a/b/c': array}`` (``convert``: as numpy)."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, dict) or hasattr(value, "items"):
+      out.update(_flatten(value, path, convert))
+    else:
+      out[path] = np.asarray(value) if convert else value
+  return out
+
+
+def _unflatten(flat: dict[str, np.ndarray]) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def validate_params(stack: ModelStack, params: dict, source: str) -> dict:
+  """Checks ``params`` against the code's abstract init; returns float32 numpy params.
+
+  Raises:
+    ModelError: listing missing / unexpected / mis-shaped parameters.
+  """
+  expected = {}
+  for name, variables in stack.abstract_variables().items():
+    expected.update(_flatten(nn.meta.unbox(variables)["params"], name, convert=False))
+  got = {}
+  for name in params:
+    got.update(_flatten(params[name], name))
+  missing = sorted(set(expected) - set(got))
+  unexpected = sorted(set(got) - set(expected))
+  shapes = sorted(f"{k}: {got[k].shape} != {tuple(expected[k].shape)}"
+                  for k in set(got) & set(expected)
+                  if tuple(got[k].shape) != tuple(expected[k].shape))
+  problems = []
+  for label, items in (("missing", missing), ("unexpected", unexpected),
+                       ("wrong shape", shapes)):
+    if items:
+      more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+      problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+  if problems:
+    raise ModelError(f"model {source} does not match this code's architecture for its "
+                     f"config ({'; '.join(problems)}); re-export or retrain it")
+  return _unflatten({k: np.asarray(v, np.float32) for k, v in got.items()})
+
+
+def _build(config) -> tuple[ModelStack, PromptTokenizer]:
+  tokenizer = PromptTokenizer.from_config(config)
+  return ModelStack.from_config(config, eos_token_id=tokenizer.eos_id), tokenizer
+
+
+def _workdir_params(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, dict, int]:
+  """``(config, {network: EMA params}, step)`` of a training workdir's latest checkpoint."""
+  ckpt_dir = workdir / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise ModelError(f"{workdir} is not a training workdir (no checkpoints/) nor an exported "
+                     f"model (no {WEIGHTS_FILE})")
+  manager = ckpt_lib.make_manager(ckpt_dir, async_save=False)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise ModelError(f"{workdir} holds no checkpoint yet")
+    config = ckpt_lib.restore_config(manager, step)
+    # Restored as numpy on the host: no sharding template needed.
+    import orbax.checkpoint as ocp
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+  finally:
+    manager.close()
+  params = jax.tree.map(np.asarray, dict(state["ema_params"]))
+  return config, params, int(step)
+
+
+def _collect(workdirs: Sequence[pathlib.Path]) -> tuple[Any, dict, list]:
+  """Networks from ``workdirs`` in order, then along their ``init_from`` chains."""
+  config, params, sources = None, {}, []
+  queue, seen = [pathlib.Path(w) for w in workdirs], set()
+  while queue and len(params) < len(NETWORKS):
+    w = queue.pop(0).resolve()
+    if w in seen:
+      continue
+    seen.add(w)
+    cfg, found, step = _workdir_params(w)
+    config = config or cfg
+    taken = [n for n in NETWORKS if n in found and n not in params]
+    for n in taken:
+      params[n] = found[n]
+    sources.append(dict(workdir=str(w), step=step, stage=cfg.train.stage, networks=taken))
+    if cfg.train.get("init_from"):
+      queue.append(pathlib.Path(cfg.train.init_from))
+  missing = [n for n in NETWORKS if n not in params]
+  if missing:
+    # A network no stage trained (e.g. the image encoder, which no stage
+    # updates) keeps its seeded init: re-create it exactly as training did.
+    stack, _ = _build(config)
+    from persvid_jax.train.loop import _init_params   # the same keys as training
+    init = _init_params(stack, missing, jax.random.split(jax.random.key(config.seed), 3)[0])
+    for n in missing:
+      params[n] = jax.tree.map(np.asarray, nn.meta.unbox(init[n]))
+    sources.append(dict(init_seed=int(config.seed), networks=missing))
+  return config, params, sources
+
+
+def load_model(path: str | os.PathLike | Sequence[str | os.PathLike] | None = None) -> Model:
+  """Loads an exported model or training workdir(s) (default: the shipped demo).
+
+  Raises:
+    ModelError: missing directory, no checkpoint, or params not matching the code.
+  """
+  paths = [DEMO_MODEL_DIR] if path is None else (
+      [path] if isinstance(path, (str, os.PathLike)) else list(path))
+  paths = [pathlib.Path(p) for p in paths]
+  for p in paths:
+    if not p.is_dir():
+      hint = (" (the demo model ships inside the package; reinstall it)"
+              if p == DEMO_MODEL_DIR else "")
+      raise ModelError(f"model directory {p} does not exist{hint}")
+  if len(paths) == 1 and (paths[0] / WEIGHTS_FILE).is_file():
+    from safetensors.numpy import load_file
+    d = paths[0]
+    try:
+      config = ckpt_lib.config_from_json(json.loads((d / CONFIG_FILE).read_text()))
+      flat = load_file(str(d / WEIGHTS_FILE))
+    except (OSError, ValueError) as e:
+      raise ModelError(f"model {d} is unreadable ({e}); re-export it") from None
+    info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).is_file() else {}
+    params = _unflatten(flat)
+    source = str(d)
+  else:
+    config, params, sources = _collect(paths)
+    info = dict(sources=sources)
+    source = ", ".join(map(str, paths))
+  stack, tokenizer = _build(config)
+  params = validate_params(stack, params, source)
+  return Model(config=config, stack=stack, tokenizer=tokenizer, params=params,
+               source=source, info=info)
+
+
+def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> pathlib.Path:
+  """Writes ``model`` as an exported model directory (atomically: temp dir + rename).
+
+  Files: ``config.json``, ``model.safetensors`` (float32), ``model.json``
+  (provenance: sources, parameter count, feature id, creation time, ``extra_info``).
+  """
+  from safetensors.numpy import save_file
+  out_dir = pathlib.Path(out_dir)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  flat = {}
+  for name in NETWORKS:
+    flat.update(_flatten(model.params[name], name))
+  info = dict(model.info, created=datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds"), parameters=int(sum(v.size for v in flat.values())),
+      feature_id=model.feature_id, **extra_info)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+  try:
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
+              str(tmp / WEIGHTS_FILE))
+    (tmp / CONFIG_FILE).write_text(json.dumps(ckpt_lib.config_to_json(model.config),
+                                              indent=2))
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    if out_dir.exists():
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return out_dir
+
+
+def random_model(config, seed: int = 0) -> Model:
+  """A model with freshly initialised params (tests, benchmarks, shape checks)."""
+  stack, tokenizer = _build(config)
+  rng = jax.random.key(seed)
+  params = {}
+  for i, name in enumerate(NETWORKS):
+    # Eagerly: compiling six init programs costs more than running them.
+    variables = stack.init_fn(name)(jax.random.fold_in(rng, i))
+    params[name] = jax.tree.map(np.asarray, nn.meta.unbox(variables)["params"])
+  return Model(config=config, stack=stack, tokenizer=tokenizer, params=params,
+               source=f"random init (seed {seed})", info=dict(sources=[dict(init_seed=seed)]))

@@ -1,0 +1,65 @@
+"""Model export/load: exact round trip, strict validation, the shipped demo model."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from persvid_jax.models.stack import NETWORKS
+from persvid_jax.pipeline import model as model_lib
+
+
+def test_export_load_round_trip(micro_model_dir, micro_model, tmp_path):
+  again = model_lib.load_model(micro_model_dir)
+  assert set(again.params) == set(NETWORKS)
+  for name in NETWORKS:
+    a = model_lib._flatten(micro_model.params[name])
+    b = model_lib._flatten(again.params[name])
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert again.feature_id == micro_model.feature_id
+  info = json.loads((micro_model_dir / model_lib.INFO_FILE).read_text())
+  assert info["parameters"] == sum(v.size for v in model_lib._flatten(
+      {n: micro_model.params[n] for n in NETWORKS}).values())
+
+
+@pytest.mark.parametrize("damage", ["drop", "extra", "reshape"])
+def test_strict_validation_names_the_problem(micro_model_dir, tmp_path, damage):
+  bad = tmp_path / "bad"
+  shutil.copytree(micro_model_dir, bad)
+  flat = load_file(str(bad / model_lib.WEIGHTS_FILE))
+  key = sorted(k for k in flat if k.startswith("unet/"))[0]
+  if damage == "drop":
+    del flat[key]
+  elif damage == "extra":
+    flat["unet/not_a_layer/kernel"] = np.zeros((2, 2), np.float32)
+  else:
+    flat[key] = np.zeros(flat[key].shape + (1,), np.float32)
+  save_file(flat, str(bad / model_lib.WEIGHTS_FILE))
+  expect = {"drop": "1 missing", "extra": "1 unexpected", "reshape": "1 wrong shape"}[damage]
+  with pytest.raises(model_lib.ModelError, match=expect):
+    model_lib.load_model(bad)
+
+
+def test_missing_or_empty_model_dir(tmp_path):
+  with pytest.raises(model_lib.ModelError, match="does not exist"):
+    model_lib.load_model(tmp_path / "nope")
+  with pytest.raises(model_lib.ModelError, match="not a training workdir"):
+    model_lib.load_model(tmp_path)
+
+
+def test_shipped_demo_model_loads_strictly():
+  """The model in the package matches the current code (or this fails: retrain/re-export)."""
+  model = model_lib.load_model()          # default: persvid_jax/assets/demo
+  assert model.config.name == "demo"
+  weights = model_lib.DEMO_MODEL_DIR / model_lib.WEIGHTS_FILE
+  assert weights.stat().st_size <= 30 * 2**20
+  for leaf in model_lib._flatten({n: model.params[n] for n in NETWORKS}).values():
+    assert np.all(np.isfinite(leaf))
+  info = json.loads((model_lib.DEMO_MODEL_DIR / model_lib.INFO_FILE).read_text())
+  assert info["feature_id"] == model.feature_id
+  stages = {s.get("stage") for s in info["sources"]}
+  assert {"personalize", "sr"} <= stages
