@@ -253,6 +253,10 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
     (tmp / CONFIG_FILE).write_text(json.dumps(ckpt_lib.config_to_json(model.config),
                                               indent=2))
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    # mkdtemp makes a private (0700) directory; a model is meant to be shared.
+    os.chmod(tmp, 0o755)
+    for f in tmp.iterdir():
+      os.chmod(f, 0o644)
     if out_dir.exists():
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

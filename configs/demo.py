@@ -1,0 +1,108 @@
+"""The embedded default: the model that ``python -m launch.demo`` ships with.
+
+Sized so that the whole recipe (base -> personalize -> SR) trains in about
+an hour on a 2-core CPU and in minutes on one GPU, while subjects stay
+recognisable: 8 frames of 16x16 at the base scale, 32x32 after the SR
+network, whose spatial kernel is 5x5 where the base network's is 3x3
+(claim 7). Data: ``persvid_synthetic/demo`` rendered on the fly by the numpy
+renderer (no TFDS build, no TensorFlow: trains on a GPU box as it is).
+
+Launch (the shipped model was made with exactly these; times in README):
+  python -m launch.train --config configs/demo.py:stage=base --workdir W/base
+  python -m launch.train --config configs/demo.py:stage=personalize \\
+      --workdir W/personalize --config.train.init_from=W/base
+  python -m launch.train --config configs/demo.py:stage=sr \\
+      --workdir W/sr --config.train.init_from=W/base
+  python -m launch.export --workdir W/personalize --workdir W/sr \\
+      --out persvid_jax/assets/demo
+The personalize and SR stages only need the base stage (the text encoder,
+frozen after it), so they can run side by side.
+
+Expected runtime / result on a 2-core CPU: about an hour for the three
+stages (500 + 600 + 400 steps at batch 8). That budget is far below what a
+diffusion model needs to converge: the shipped samples are grainy (see the
+README); a GPU run with ``steps=`` scaled up is the way to a clean model.
+
+Variants: ``stage=base|personalize|sr``, ``bf16``, ``swap_at=input|output``,
+``sr_kernel=K``, ``sr_dilation=D``, ``steps=N`` (this stage's length instead of ``STEPS``).
+"""
+
+import ml_collections
+
+from persvid_jax import config_lib
+
+tiny = config_lib.import_config_module("tiny")
+
+# Steps per stage at the shipped recipe.
+STEPS = {"base": 500, "personalize": 600, "sr": 400}
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", stage="base",
+                             sr_kernel=5, sr_dilation=1, steps=0)
+  config = tiny.get_config(f"stage={arg.stage},swap_at={arg.swap_at}")
+  config.name = "demo"
+  config.dtype = "bfloat16" if arg.bf16 else "float32"
+
+  config.video = ml_collections.ConfigDict(dict(
+      frames=8, height=16, width=16, channels=3, sr_factor=2))
+  config.concepts = ml_collections.ConfigDict(dict(
+      capacity=16, ref_tokens=2, detail_tokens=4, swap_at=arg.swap_at))
+  config.text = ml_collections.ConfigDict(dict(
+      vocab_size=512, max_length=24, width=64, layers=2, heads=4, mlp_dim=128,
+      act="quick_gelu", layer_norm_eps=1e-5, tokenizer_dir=None))
+  config.image = ml_collections.ConfigDict(dict(
+      image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_dim=128,
+      act="quick_gelu", layer_norm_eps=1e-5, projection_dim=0))
+  config.mapper = ml_collections.ConfigDict(dict(width=64, layers=1, heads=4, mlp_dim=128))
+  config.extractor = ml_collections.ConfigDict(dict(
+      image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_dim=128,
+      detail_dim=64))
+
+  # Widths measured on a 2-core CPU (fwd+bwd, batch 8 x 8 frames): base
+  # 16x16 ~0.9 s; SR on 16x16 crops ~1.1 s (at 32x32 it would be ~4 s).
+  common = dict(layers_per_block=1, head_dim=16, transformer_in_heads=1, norm_num_groups=8,
+                cross_attention_dim=config.text.width, detail_dim=config.extractor.detail_dim)
+  # Base: attention (self, text, detail, temporal) at 8x8 and 4x4.
+  config.unet = tiny.unet_config(
+      **common, block_out_channels=(16, 32, 64),
+      down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+      up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"),
+      detail_cross_attention=True)
+  # SR: 32 -> 16 -> 8 px, attention at 8x8 only; the detail comes through the
+  # base video it is conditioned on.
+  config.sr_unet = tiny.unet_config(
+      **common, block_out_channels=(16, 32, 32),
+      down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
+      up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
+      detail_cross_attention=False, sr=True, cond_channels=3,
+      spatial_kernel_size=arg.sr_kernel, spatial_dilation=arg.sr_dilation)
+
+  # v-prediction: the x0 estimate at high noise is the network output itself
+  # (eps-prediction divides its error by sqrt(abar_t) ~ 0.006 at t=999, which
+  # with few DDIM steps left samples of pure clipped noise after 500 steps).
+  config.diffusion.update(dict(prediction="v", sample_steps=25, sr_sample_steps=10,
+                               guidance_text=4.0,
+                               guidance_detail=2.0))
+  config.concepts.update(dict(fusion="concat", fusion_weight=0.5, subject_fill=0.4))
+
+  config.data.update(dict(
+      source="renderer", name="persvid_synthetic/demo", frames=config.video.frames,
+      height=32, width=32, reference_size=config.image.image_size,
+      shuffle_buffer=512, cache=False, workers=2, image_fraction=0.0))
+
+  steps = arg.steps or STEPS[arg.stage]
+  config.train.update(dict(
+      batch_size=8, total_steps=steps, learning_rate=1e-3, warmup_steps=100,
+      ema_decay=0.995, log_every_steps=50, checkpoint_every_steps=500,
+      sample_every_steps=500, keep_checkpoints=2,
+      p_plain_caption=0.2, sr_crop=16))
+  if arg.stage == "personalize":
+    # Uniform v-loss: min-SNR weighting all but ignores the high-noise
+    # levels, where the short base stage is weakest (x0 estimates worse than
+    # the mean at t > 800 after 500 steps, measured).
+    config.diffusion.min_snr_gamma = None
+    # From a base model: the generator keeps learning with the new conditions
+    # (it has never seen reference tokens or detail tokens before).
+    config.train.trainable = ("^mapper/", "^extractor/", "^unet/")
+  return config
