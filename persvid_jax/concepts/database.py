@@ -234,35 +234,35 @@ class ConceptDatabase:
     record = ConceptRecord(
         name=name, slot=slot, num_images=len(images), images=tuple(images),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    old = (self.bank, dict(self.concepts))
-    self.bank = jax.tree.map(np.asarray, jax.tree.map(jnp.asarray, self.bank).set_slot(
-        slot, jnp.asarray(ref_tokens), jnp.asarray(detail_tokens)))
-    self.concepts[name] = record
-    self.concepts = dict(sorted(self.concepts.items(), key=lambda kv: kv[1].slot))
-    try:
-      self._commit()
-    except BaseException:
-      self.bank, self.concepts = old
-      raise
+    bank = jax.tree.map(jnp.asarray, self.bank).set_slot(
+        slot, jnp.asarray(ref_tokens), jnp.asarray(detail_tokens))
+    concepts = dict(sorted({**self.concepts, name: record}.items(), key=lambda kv: kv[1].slot))
+    self._apply(bank, concepts)
     return record
 
   def remove(self, name: str) -> ConceptRecord:
     """Removes concept ``name`` (its slot is zeroed and freed) and commits a new step."""
     slot = self.slot_of(name)
-    old = (self.bank, dict(self.concepts))
-    record = self.concepts.pop(name)
-    self.bank = jax.tree.map(np.asarray, jax.tree.map(jnp.asarray, self.bank).clear_slot(slot))
+    record = self.concepts[name]
+    self._apply(jax.tree.map(jnp.asarray, self.bank).clear_slot(slot),
+                {n: c for n, c in self.concepts.items() if n != name})
+    return record
+
+  def _apply(self, bank: ConceptBank, concepts: dict) -> None:
+    """Makes ``(bank, concepts)`` the state and commits it; on failure the old state stays."""
+    old = (self.bank, self.concepts)
+    self.bank, self.concepts = jax.tree.map(np.asarray, bank), concepts
     try:
       self._commit()
     except BaseException:
       self.bank, self.concepts = old
       raise
-    return record
 
   def _commit(self) -> None:
     manager = self._manager(self.directory, self._keep, create=True)
     try:
-      step = (manager.latest_step() or 0) + 1 if manager.latest_step() is not None else 0
+      latest = manager.latest_step()
+      step = 0 if latest is None else latest + 1
       manager.save(step, args=ocp.args.Composite(
           bank=ocp.args.StandardSave(_bank_to_numpy(self.bank)),
           manifest=ocp.args.JsonSave(self.manifest())))

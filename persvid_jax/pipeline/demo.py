@@ -231,9 +231,9 @@ def personalization_benchmark(model, num_subjects: int = 8, *, seed: int = 0,
       photos = [(synthetic.render_example(cfg, "test", i * cfg.videos_per_subject + k)
                  ["reference"], None) for k in range(2)]
       feats = build.encode_concept(model, photos, (), feature_fn)
-      db.bank = jax_bank_set(db, i, feats)
+      db.add(f"s{i}", feats.ref_tokens, feats.detail_tokens, [])   # into the temp dir
       refs.append(feats.references[0])
-    concepts = {f"s{i}": i for i in range(num_subjects)}
+    concepts = {n: r.slot for n, r in db.concepts.items()}
     image_slot = config.concepts.capacity - 1
     rows = [gen.Request(f"a <s{i}> moving right on snow") for i in range(num_subjects)]
     rows += [gen.Request(f"a {GENERIC} moving right on snow")] * num_subjects
@@ -256,11 +256,3 @@ def personalization_benchmark(model, num_subjects: int = 8, *, seed: int = 0,
                            shape_iou=mean("removed", "shape_iou")),
               per_subject=per)
 
-
-def jax_bank_set(db, slot: int, feats) -> Any:
-  """``db.bank`` with ``feats`` in ``slot`` (in memory; the benchmark never commits)."""
-  import jax
-  import jax.numpy as jnp
-  bank = jax.tree.map(jnp.asarray, db.bank).set_slot(
-      slot, jnp.asarray(feats.ref_tokens), jnp.asarray(feats.detail_tokens))
-  return jax.tree.map(np.asarray, bank)
