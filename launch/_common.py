@@ -30,9 +30,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from persvid_jax import config_lib
   from persvid_jax.concepts.database import DatabaseError
   from persvid_jax.concepts.subject import ImageError
+  from persvid_jax.evaluate.dreambench import DreamBenchError
   from persvid_jax.pipeline.generate import GenerationError
   from persvid_jax.pipeline.model import ModelError
-  return (config_lib.ConfigError, DatabaseError, ImageError, GenerationError, ModelError)
+  return (config_lib.ConfigError, DatabaseError, ImageError, GenerationError, ModelError,
+          DreamBenchError)
 
 
 def fail(message: str) -> int:

@@ -552,7 +552,7 @@ def _sample_reference_pose(rng: np.random.Generator, subject: Subject, track: np
   return np.array([best[0], best[1], scale])
 
 
-def _pick_background(rng: np.random.Generator, subject: Subject, exclude: int = -1) -> int:
+def pick_background(rng: np.random.Generator, subject: Subject, exclude: int = -1) -> int:
   """A background contrasting with the subject's main colour (never ``exclude``)."""
   ok = [i for i, b in enumerate(BACKGROUNDS)
         if i != exclude and _distance(b.rgb, subject.primary_rgb) >= _MIN_BACKGROUND_DISTANCE]
@@ -702,9 +702,9 @@ def render_example(config: SyntheticConfig, split: str, index: int) -> dict[str,
                     config.antialias)
 
   direction = int(rng.integers(len(DIRECTIONS)))
-  background = _pick_background(rng, subject)
+  background = pick_background(rng, subject)
   track = _sample_track(rng, subject, direction, T, H, W)
-  ref_background = _pick_background(rng, subject, exclude=background)
+  ref_background = pick_background(rng, subject, exclude=background)
   ref_track = _sample_reference_pose(rng, subject, track, R)
 
   bg = render_background(background, H, W, rng, ss)

@@ -48,12 +48,16 @@ import numpy as np
 from persvid_jax.concepts import bank as bank_lib
 from persvid_jax.concepts import build
 from persvid_jax.concepts.tokens import placeholder
-from persvid_jax.diffusion import cascade, guidance, samplers, schedules
+from persvid_jax.diffusion import cascade as cascade_lib
+from persvid_jax.diffusion import guidance, samplers, schedules
 from persvid_jax.models.stack import base_denoise_fn, sr_denoise_fn
 
 MODES = ("concept", "concept+target", "target", "concept+scene", "text", "text+scene")
 IMAGE_ROLES = ("target", "scene")
 FUSIONS = ("concat", "mean", "weighted")
+# Which detail tokens reach the network (ablations of claims 5-6): "auto" is
+# the method (per mode, fused where both exist); the others restrict it.
+DETAIL_SOURCES = ("auto", "stored", "image", "off")
 IMAGE_TOKEN = "image"
 _NAME_RE = re.compile(r"<([^<>\s]*)>")
 
@@ -155,9 +159,13 @@ def resolve(request: Request, concepts: dict[str, int], image_slot: int, config
                   reference=reference)
 
 
-def make_inputs(resolved: Sequence[Resolved], tokenizer, config, image_slot: int
-                ) -> dict[str, np.ndarray]:
+def make_inputs(resolved: Sequence[Resolved], tokenizer, config, image_slot: int,
+                detail_source: str = "auto") -> dict[str, np.ndarray]:
   """Host arrays of a batch of resolved requests (``B = len(resolved)``).
+
+  ``detail_source`` (``DETAIL_SOURCES``) restricts the detail tokens: 'stored'
+  drops the image's, 'image' drops the database's, 'off' drops both (the
+  learned null tokens); the reference tokens are untouched.
 
   Returns ``{ids [B,L] int32, image [B,R,R,3], image_mask [B,R,R,1] float32,
   ref_from_image [B] bool, override_slot [B] int32, detail_weights [B,C]
@@ -195,6 +203,10 @@ def make_inputs(resolved: Sequence[Resolved], tokenizer, config, image_slot: int
       out["override_slot"][i] = image_slot if x.mode == "target" else x.slots[0]
     if x.mode in ("concept", "concept+target"):
       out["detail_weights"][i, list(x.slots)] = 1.0 / len(x.slots)
+  if detail_source in ("image", "off"):
+    out["detail_weights"][:] = 0.0
+  if detail_source in ("stored", "off"):
+    out["use_image_detail"][:] = False
   return out
 
 
@@ -217,13 +229,22 @@ class Generator:
       or ``steps``).
     text_scale, detail_scale: CFG scales (default ``config.diffusion``).
     fusion: 'concat' | 'mean' | 'weighted' (default ``config.concepts.fusion``).
+    detail_source: ``DETAIL_SOURCES`` (ablations; 'auto' is the method).
+    cascade: True (the method): base network, then SR. False samples the
+      base network directly at the SR resolution (the ablation of claim 7:
+      its 3x3 kernels tuned for small frames, run on large ones).
   """
 
   def __init__(self, model, *, steps: int | None = None, sr_steps: int | None = None,
                text_scale: float | None = None, detail_scale: float | None = None,
-               fusion: str | None = None):
+               fusion: str | None = None, detail_source: str = "auto",
+               cascade: bool = True):
     c = model.config
     self.model = model
+    if detail_source not in DETAIL_SOURCES:
+      raise GenerationError(f"detail source {detail_source!r}; use one of {DETAIL_SOURCES}")
+    self.detail_source = detail_source
+    self.cascade = bool(cascade)
     d = c.diffusion
     self.fusion = fusion or c.concepts.get("fusion", "concat")
     if self.fusion not in FUSIONS:
@@ -298,7 +319,9 @@ class Generator:
   # ---- the host API -------------------------------------------------------------
 
   def __call__(self, bank: bank_lib.ConceptBank, resolved: Sequence[Resolved], *,
-               image_slot: int, seed: int = 0, progress: bool = True) -> GenerationOutput:
+               image_slot: int, seed: int = 0, progress: bool = True,
+               detail_source: str | None = None, cascade: bool | None = None
+               ) -> GenerationOutput:
     """Generates one video per resolved request (one batch, one seed).
 
     Args:
@@ -308,16 +331,29 @@ class Generator:
       seed: the videos are a deterministic function of it and the inputs.
       progress: tqdm bars over the sampler steps (a Python loop over one
         jitted step); False runs each scale as one ``lax.scan`` program.
+      detail_source, cascade: override the constructor's for this call (the
+        ablations share this generator's compiled programs).
     """
     c = self.model.config
-    inputs = make_inputs(resolved, self.model.tokenizer, c, image_slot)
+    detail_source = self.detail_source if detail_source is None else detail_source
+    if detail_source not in DETAIL_SOURCES:
+      raise GenerationError(f"detail source {detail_source!r}; use one of {DETAIL_SOURCES}")
+    use_cascade = self.cascade if cascade is None else bool(cascade)
+    inputs = make_inputs(resolved, self.model.tokenizer, c, image_slot, detail_source)
     params = self.model.params
     base_cond, sr_cond = self._conditions(params, bank, jax.tree.map(jnp.asarray, inputs))
     b = len(resolved)
     v = c.video
     base_shape = (b, v.frames, v.height, v.width, v.channels)
     sr_shape = (b, v.frames, v.height * v.sr_factor, v.width * v.sr_factor, v.channels)
-    out = cascade.cascade_sample(
+    if not use_cascade:
+      video = samplers.sample(self._base_fn, params["unet"], jax.random.key(seed), sr_shape,
+                              sampler=self.sampler, cond=base_cond, progress=progress,
+                              desc="base @ high res")
+      video = np.asarray(video)
+      return GenerationOutput(video=video, base=video, modes=tuple(x.mode for x in resolved),
+                              resolved=tuple(resolved))
+    out = cascade_lib.cascade_sample(
         self._base_fn, params["unet"], self._sr_fn, params["sr_unet"],
         jax.random.key(seed), (base_shape, sr_shape), base_cond, sampler=self.sampler,
         sr_sampler=self.sr_sampler, sr_cond=sr_cond, noise_aug=c.diffusion.sr_noise_aug,

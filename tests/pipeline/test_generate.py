@@ -157,3 +157,39 @@ def test_duplicated_detail_tokens_equal_attention_to_one_copy(micro_model):
   two = stack.unet.apply({"params": p["unet"]}, x, t, ctx,
                          detail_tokens=np.concatenate([d, d], 1))
   np.testing.assert_allclose(np.asarray(one), np.asarray(two), rtol=1e-4, atol=1e-5)
+
+
+def test_detail_sources_restrict_the_detail_tokens(micro_model, bank_and_concepts):
+  """Ablation switches: the concept+target row gets stored / image / null tokens."""
+  bank, concepts = bank_and_concepts
+  c = micro_model.config
+  slot = c.concepts.capacity - 1
+  g = gen.Generator(micro_model, steps=1)
+  r = [gen.resolve(MODE_CASES[1][0], concepts, slot, c)]          # concept+target
+  n = c.concepts.detail_tokens
+  stored = np.asarray(bank.detail_tokens[0])
+  got = {}
+  for source in gen.DETAIL_SOURCES:
+    inputs = gen.make_inputs(r, micro_model.tokenizer, c, slot, source)
+    base, _ = jax.device_get(g._conditions(micro_model.params, bank, inputs))
+    got[source] = base["cond"]["detail_tokens"][0]
+    null = base["uncond"]["detail_tokens"][0]
+  np.testing.assert_allclose(got["stored"], np.concatenate([stored, stored]), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(got["image"][:n], got["image"][n:], rtol=1e-6)
+  np.testing.assert_allclose(got["image"][:n], got["auto"][n:], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got["off"], null, rtol=1e-6)
+  with pytest.raises(gen.GenerationError, match="detail source"):
+    gen.Generator(micro_model, steps=1, detail_source="both")
+
+
+def test_no_cascade_samples_the_base_network_at_high_res(micro_model, bank_and_concepts):
+  bank, concepts = bank_and_concepts
+  c = micro_model.config
+  slot = c.concepts.capacity - 1
+  g = gen.Generator(micro_model, steps=1, sr_steps=1)
+  r = [gen.resolve(gen.Request("a <dog> moving left"), concepts, slot, c)]
+  out = g(bank, r, image_slot=slot, seed=0, progress=False, cascade=False)
+  v = c.video
+  assert out.video.shape == (1, v.frames, v.height * v.sr_factor, v.width * v.sr_factor, 3)
+  assert np.all(np.abs(out.video) <= 1.0) and np.array_equal(out.video, out.base)

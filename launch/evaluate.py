@@ -1,0 +1,140 @@
+"""Evaluate a model: ground-truth suite, ablations, DreamBench protocol.
+
+  python -m launch.evaluate --out results.json [--config configs/eval.py[:size=tiny]]
+      [--model DIR] [--ablations] [--variant-model NAME=DIR[,DIR]] [--dreambench]
+
+Default: the method vs the concept removed on held-out ``persvid_synthetic``
+subjects (sizes from ``--config``). ``--ablations``: every variant of
+``persvid_jax.evaluate.suite.VARIANTS`` in one table; variants that need a
+model trained for them (SR kernel, swap site) run when given with
+``--variant-model`` and are listed as not run otherwise. ``--dreambench``:
+the DreamBench protocol (CLIP-T, CLIP-I, DINO-I, temporal consistency,
+dynamic degree) over ``config.dreambench.root`` instead.
+
+Writes ``--out`` (JSON) and the same name with ``.md`` (the table); both
+appear only when the run is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+from launch import _common
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+  _common.quiet()
+  p = argparse.ArgumentParser(prog="python -m launch.evaluate",
+                              description=__doc__.split("\n")[0],
+                              epilog="Any --config.KEY=VALUE overrides that config field.")
+  p.add_argument("--out", required=True, help="results JSON (the table goes next to it as .md)")
+  p.add_argument("--config", default="configs/eval.py", help="configs/eval.py[:size=tiny]")
+  p.add_argument("--model", help="exported model or training workdir(s), comma-separated "
+                                 "(default: the shipped demo model)")
+  p.add_argument("--ablations", action="store_true", help="run every variant")
+  p.add_argument("--variant-model", action="append", default=[], metavar="NAME=DIR[,DIR]",
+                 help="the model trained for a variant (sr_kernel3, sr_kernel3_dil2, "
+                      "swap_output)")
+  p.add_argument("--dreambench", action="store_true",
+                 help="run the DreamBench protocol instead of the synthetic suite")
+  p.add_argument("--progress", action="store_true", help="sampler progress bars")
+  args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      p.error(f"unrecognised argument {item!r}")
+    overrides.append(item[len("--config."):])
+
+  def body() -> int:
+    from persvid_jax import config_lib
+    out = pathlib.Path(args.out)
+    if out.suffix != ".json":
+      return _common.fail(f"--out {out}: give a .json path (the table is written beside it)")
+    if not out.parent.is_dir():
+      return _common.fail(f"--out {out}: directory {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+      return _common.fail(f"--out {out}: directory {out.parent} is not writable")
+    config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    variant_paths = {}
+    for item in args.variant_model:
+      name, sep, paths = item.partition("=")
+      if not sep or not paths:
+        return _common.fail(f"--variant-model {item!r}: use NAME=DIR[,DIR]")
+      variant_paths[name] = paths.split(",")
+    _common.compilation_cache()
+    from persvid_jax.evaluate import suite
+    from persvid_jax.pipeline import model as model_lib
+    known = {v.model for v in suite.VARIANTS if v.model}
+    for name in variant_paths:
+      if name not in known:
+        return _common.fail(f"--variant-model {name}: no variant needs it; known: "
+                            f"{', '.join(sorted(known))}")
+    t0 = time.perf_counter()
+    model = model_lib.load_model(args.model.split(",") if args.model else None)
+    print(f"model: {model.source} ({model.config.name})", flush=True)
+
+    if args.dreambench:
+      from persvid_jax.evaluate import dreambench, protocol
+      d = config.dreambench
+      bench = dreambench.load(d.root)
+      tok = model.tokenizer
+      scorer = protocol.random_scorer(tok.encode, len(tok), tok.max_length,
+                                      eos_token_id=tok.eos_id)
+      print("note: random-weight CLIP/DINO encoders (no weights imported): the protocol "
+            "runs end to end, its numbers are not comparable to papers'", flush=True)
+      result = dreambench.run(model, scorer, bench, subjects=list(d.subjects) or None,
+                              num_prompts=int(d.prompts) or None, seeds=tuple(d.seeds),
+                              max_photos=int(d.photos), progress=args.progress)
+      table = _dreambench_markdown(result)
+    else:
+      cfg = suite.SuiteConfig.from_config(config.suite)
+      names = None if args.ablations else list(config.variants)
+      try:
+        suite.variants(names)
+      except ValueError as e:
+        raise config_lib.ConfigError(f"config.variants: {e}") from None
+      models = {None: model}
+      for name, paths in variant_paths.items():
+        models[name] = model_lib.load_model(paths)
+      result = suite.run(models, cfg, names, progress=args.progress,
+                         log=lambda s: print(s, flush=True))
+      table = suite.markdown(result)
+    result["model"] = model.source
+    result["command"] = " ".join(["python -m launch.evaluate", *(sys.argv[1:] if argv is None
+                                                                 else argv)])
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    table += f"\n{result['wall_seconds']:.0f} s wall; command: `{result['command']}`\n"
+    _write_atomic(out.with_suffix(".md"), table)
+    _write_atomic(out, json.dumps(result, indent=2))
+    print("\n" + table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+  return _common.run(body)
+
+
+def _dreambench_markdown(result) -> str:
+  cols = [k for k in ("clip_t", "clip_i", "dino_i", "temporal_consistency", "flow", "dynamic")
+          if k in result["means"]]
+  lines = [f"DreamBench: {len(result['subjects'])} subjects x {result['num_prompts']} prompts x "
+           f"{len(result['seeds'])} seeds; encoders: {result['weights']} weights.", "",
+           "| subject | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for name, m in result["per_subject"].items():
+    lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+  lines.append("| **mean** | " + " | ".join(f"{result['means'][c]:.3f}" for c in cols) + " |")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,346 @@
+"""The benchmark suite on held-out ``persvid_synthetic`` subjects, and its ablations.
+
+A *case* is one held-out test subject (never seen in training) with a
+concept built from ``photos`` rendered photos, and one prompted motion and
+background (drawn from the subject id, avoiding backgrounds of the subject's
+own colour). A *variant* says how a case is prompted and generated; every
+variant runs every case under every seed (one batch per seed: the suite's
+spread is over seeds), and every video is scored by ``groundtruth``.
+
+Variants (``VARIANTS``; the method first, then the ablations of SPEC §4):
+
+==================  ==========================================================
+method              ``a <concept> moving right on snow``: cascade, stored detail
+removed             the same prompt with the concept replaced by "object"
+described           the subject's caption words instead of the concept (the
+                    best text the model was trained on: an oracle description)
+detail_off          the method without detail tokens (learned null tokens)
+target_stored       concept + a target photo: detail tokens from the database only
+target_image        ... from the photo only
+target_fused        ... both, fused (the method for this mode)
+no_cascade          the base network sampled directly at the SR resolution
+sr_kernel3          the cascade with an SR network trained with 3x3 kernels
+sr_kernel3_dil2     ... with 3x3 kernels dilated by 2
+swap_output         the concept swapped at the text encoder's output
+==================  ==========================================================
+
+The last three need models trained for them (``Variant.model``: the key of
+a model given to ``run``); without one the row is reported as not run, with
+the command that trains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import tempfile
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from persvid_jax.concepts import build
+from persvid_jax.concepts import database as db_lib
+from persvid_jax.data import synthetic
+from persvid_jax.evaluate import groundtruth as gt
+from persvid_jax.pipeline import generate as gen
+from persvid_jax.pipeline import media
+
+GENERIC = "object"
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+  """Sizes of the suite.
+
+  Attributes:
+    subjects: held-out test subjects (``persvid_synthetic`` test ids 0..n-1).
+    prompts: prompts (motion x background) per subject.
+    seeds: sampling seeds; the reported spread is over them.
+    photos: rendered photos per concept.
+    photo_size: their size (px).
+    steps, sr_steps: sampler steps (None: the model config's).
+    world_seed: the ``persvid_synthetic`` world.
+  """
+  subjects: int = 8
+  prompts: int = 2
+  seeds: tuple[int, ...] = (0, 1, 2)
+  photos: int = 2
+  photo_size: int = 96
+  steps: int | None = None
+  sr_steps: int | None = None
+  world_seed: int = 0
+
+  @classmethod
+  def from_config(cls, c) -> "SuiteConfig":
+    """From an ``ml_collections`` block with the same field names."""
+    return cls(subjects=int(c.subjects), prompts=int(c.prompts),
+               seeds=tuple(int(s) for s in c.seeds), photos=int(c.photos),
+               photo_size=int(c.photo_size), steps=c.get("steps") or None,
+               sr_steps=c.get("sr_steps") or None, world_seed=int(c.get("world_seed", 0)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One held-out subject and one prompted scene."""
+  index: int                       # test subject index
+  prompt_index: int
+  subject: synthetic.Subject
+  direction: int
+  background: int
+  photos: tuple[np.ndarray, ...]   # uint8 [S, S, 3] each: the concept's photos
+  target_photo: np.ndarray         # another photo, for the target-image variants
+
+  @property
+  def target(self) -> gt.Target:
+    return gt.Target(self.subject, self.direction, self.background)
+
+  @property
+  def concept(self) -> str:
+    return f"s{self.index}"
+
+  def prompt(self, kind: str) -> str:
+    """The prompt of a variant kind: 'concept', 'removed' or 'described'."""
+    motion = synthetic.DIRECTION_PHRASES[self.direction]
+    scene = synthetic.BACKGROUNDS[self.background].phrase
+    if kind == "concept":
+      return f"a <{self.concept}> {motion} {scene}"
+    if kind == "removed":
+      return f"a {GENERIC} {motion} {scene}"
+    if kind == "described":
+      return synthetic.captions(self.subject, self.direction, self.background)["caption"]
+    raise ValueError(f"prompt kind {kind!r}; use concept, removed or described")
+
+
+def make_cases(cfg: SuiteConfig) -> list[Case]:
+  """``cfg.subjects x cfg.prompts`` cases, deterministic in ``cfg``."""
+  render_cfg = synthetic.CONFIGS["demo"].replace(
+      frames=1, height=cfg.photo_size, width=cfg.photo_size, reference_size=cfg.photo_size,
+      seed=cfg.world_seed, videos_per_subject=cfg.photos + 1)
+  cases = []
+  for i in range(cfg.subjects):
+    shots = [synthetic.render_example(render_cfg, "test", i * render_cfg.videos_per_subject + k)
+             ["reference"] for k in range(cfg.photos + 1)]
+    subject = synthetic.make_subject(synthetic.subject_id("test", i), cfg.world_seed)
+    for p in range(cfg.prompts):
+      rng = np.random.default_rng([cfg.world_seed, 7, i, p])
+      direction = int(rng.integers(len(synthetic.DIRECTIONS)))
+      background = synthetic.pick_background(rng, subject)
+      cases.append(Case(i, p, subject, direction, background, tuple(shots[:cfg.photos]),
+                        shots[cfg.photos]))
+  return cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """How the cases are prompted and generated.
+
+  Attributes:
+    name: row label.
+    description: what it tests (one line).
+    prompt: 'concept' | 'removed' | 'described'.
+    image: add the target photo (mode concept+target).
+    detail_source: ``generate.DETAIL_SOURCES``.
+    cascade: base -> SR (True) or the base network directly at high res.
+    model: None (the evaluated model) or the key of a model trained for this
+      variant.
+    train: how to train that model (for the "not run" line).
+  """
+  name: str
+  description: str
+  prompt: str = "concept"
+  image: bool = False
+  detail_source: str = "auto"
+  cascade: bool = True
+  model: str | None = None
+  train: str = ""
+
+
+_SR_TRAIN = ("python -m launch.train --config configs/demo.py:stage=sr,{arg} --workdir W/{key} "
+             "--config.train.init_from=W/base, then --variant-model {key}=W/personalize,W/{key}")
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("method", "concept in the prompt, stored detail, cascade (SR 5x5)"),
+    Variant("removed", "concept replaced by 'object'", prompt="removed"),
+    Variant("described", "concept replaced by the subject's caption words", prompt="described"),
+    Variant("detail_off", "no detail tokens (learned null)", detail_source="off"),
+    Variant("target_stored", "+ target photo; detail from the database only", image=True,
+            detail_source="stored"),
+    Variant("target_image", "+ target photo; detail from the photo only", image=True,
+            detail_source="image"),
+    Variant("target_fused", "+ target photo; detail fused (the method)", image=True),
+    Variant("no_cascade", "base network sampled directly at the SR resolution",
+            cascade=False),
+    Variant("sr_kernel3", "SR network with 3x3 kernels (as the base)", model="sr_kernel3",
+            train=_SR_TRAIN.format(arg="sr_kernel=3", key="sr_kernel3")),
+    Variant("sr_kernel3_dil2", "SR network with 3x3 kernels, dilation 2",
+            model="sr_kernel3_dil2",
+            train=_SR_TRAIN.format(arg="sr_kernel=3,sr_dilation=2", key="sr_kernel3_dil2")),
+    Variant("swap_output", "concept swapped at the text encoder output", model="swap_output",
+            train="python -m launch.train --config configs/demo.py:stage=personalize,"
+                  "swap_at=output --workdir W/swap_output --config.train.init_from=W/base, "
+                  "then --variant-model swap_output=W/swap_output,W/sr"),
+)
+METHOD_ONLY = ("method", "removed")
+
+
+def variants(names: Sequence[str] | None = None) -> list[Variant]:
+  """The named variants (default all), in ``VARIANTS`` order."""
+  by_name = {v.name: v for v in VARIANTS}
+  if names is None:
+    return list(VARIANTS)
+  unknown = [n for n in names if n not in by_name]
+  if unknown:
+    raise ValueError(f"unknown variant {unknown[0]!r}; known: {', '.join(by_name)}")
+  return [by_name[n] for n in names]
+
+
+def _database(model, cases: Sequence[Case], directory: pathlib.Path):
+  """A concept database of the cases' subjects, built with ``model``'s encoders."""
+  db = db_lib.ConceptDatabase.create(directory, model.config, model.feature_id, commit=False)
+  feature_fn = build.make_feature_fn(model)
+  for case in cases:
+    if case.concept in db.concepts:
+      continue
+    photos = [(p, None) for p in case.photos]
+    feats = build.encode_concept(model, photos, (), feature_fn)
+    db.add(case.concept, feats.ref_tokens, feats.detail_tokens, [])
+  return db
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+  v = np.asarray(values, np.float64)
+  return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+
+
+def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
+        names: Sequence[str] | None = None, *, progress: bool = False,
+        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+  """Runs variants over the suite.
+
+  Args:
+    models: ``{None: the evaluated model, key: a model trained for a variant}``.
+    cfg: the sizes.
+    names: variants to run (default all); a variant whose model is missing
+      is reported as not run.
+    progress: sampler progress bars.
+    log: a line per finished variant.
+
+  Returns:
+    ``{'config', 'variants': {name: {'description', 'status', 'seconds',
+    'metrics': {metric: {'mean', 'std'}}, 'per_seed': {metric: [..]},
+    'videos'}}, 'comparison': {...}, 'seconds'}``; means and stds are over
+    seeds (each seed's value is the mean over its cases).
+  """
+  t_start = time.perf_counter()
+  cases = make_cases(cfg)
+  results: dict[str, Any] = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    dbs, generators = {}, {}
+    for variant in variants(names):
+      if variant.model not in models:
+        results[variant.name] = dict(description=variant.description, status="not run",
+                                     needs=variant.train)
+        log(f"{variant.name:16s} not run: needs a model trained with {variant.train}")
+        continue
+      model = models[variant.model]
+      key = variant.model
+      if key not in dbs:
+        dbs[key] = _database(model, cases, pathlib.Path(tmp) / f"db_{key}")
+        generators[key] = gen.Generator(model, steps=cfg.steps, sr_steps=cfg.sr_steps)
+      db, generator = dbs[key], generators[key]
+      concepts = {n: r.slot for n, r in db.concepts.items()}
+      image_slot = model.config.concepts.capacity - 1
+      resolved = [gen.resolve(gen.Request(
+          c.prompt(variant.prompt), image=c.target_photo if variant.image else None),
+          concepts, image_slot, model.config) for c in cases]
+      t0 = time.perf_counter()
+      per_seed = {m: [] for m in gt.METRICS}
+      for seed in cfg.seeds:
+        out = generator(db.bank, resolved, image_slot=image_slot, seed=int(seed),
+                        progress=progress, detail_source=variant.detail_source,
+                        cascade=variant.cascade)
+        scores = [gt.score_video(v, c.target) for v, c in zip(media.to_uint8(out.video), cases)]
+        for m in gt.METRICS:
+          per_seed[m].append(float(np.mean([s[m] for s in scores])))
+      seconds = time.perf_counter() - t0
+      results[variant.name] = dict(
+          description=variant.description, status="ok", seconds=round(seconds, 1),
+          videos=len(cases) * len(cfg.seeds), example_prompt=resolved[0].prompt,
+          metrics={m: _stats(v) for m, v in per_seed.items()}, per_seed=per_seed)
+      m = results[variant.name]["metrics"]
+      log(f"{variant.name:16s} colour err {m['colour_error']['mean']:.3f} "
+          f"shape IoU {m['shape_iou']['mean']:.3f} instances {m['instances']['mean']:.2f} "
+          f"({seconds:.0f} s)")
+  return dict(config=dataclasses.asdict(cfg), variants=results,
+              comparison=compare(results), seconds=round(time.perf_counter() - t_start, 1))
+
+
+def compare(results: Mapping[str, Any]) -> dict[str, Any]:
+  """The claims the suite tests, as verdicts with their numbers.
+
+  * personalization: method vs removed on colour error and shape IoU — the
+    method wins a metric when the mean difference exceeds the two spreads
+    combined (sqrt of the summed variances over seeds);
+  * cascade: method vs no_cascade on single-instance frames and instances.
+  """
+  out = {}
+
+  def verdict(a: str, b: str, metric: str, higher_better: bool):
+    ra, rb = results.get(a, {}), results.get(b, {})
+    if ra.get("status") != "ok" or rb.get("status") != "ok":
+      return None
+    ma, mb = ra["metrics"][metric], rb["metrics"][metric]
+    diff = (ma["mean"] - mb["mean"]) * (1 if higher_better else -1)
+    spread = math.sqrt(ma["std"] ** 2 + mb["std"] ** 2)
+    return dict(metric=metric, better=a, than=b, **{a: ma, b: mb}, margin=diff,
+                spread=spread, wins=bool(diff > spread))
+
+  for metric, hb in (("colour_error", False), ("shape_iou", True)):
+    v = verdict("method", "removed", metric, hb)
+    if v:
+      out[f"personalization/{metric}"] = v
+  for metric in ("single_instance", "colour_error"):
+    v = verdict("method", "no_cascade", metric, gt.HIGHER_IS_BETTER[metric])
+    if v:
+      out[f"cascade/{metric}"] = v
+  for name in ("sr_kernel3", "sr_kernel3_dil2"):
+    v = verdict("method", name, "single_instance", True)
+    if v:
+      out[f"sr_kernel/{name}"] = v
+  return out
+
+
+_COLUMNS = (("colour_error", "colour err ↓"), ("shape_iou", "shape IoU ↑"),
+            ("background_correct", "background ↑"), ("motion_correct", "motion ↑"),
+            ("temporal_consistency", "temporal ↑"), ("instances", "instances (1)"),
+            ("single_instance", "1 instance ↑"))
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+  """The suite's result as a markdown table (mean ± std over seeds) + verdicts."""
+  cfg = result["config"]
+  lines = [f"{cfg['subjects']} held-out subjects x {cfg['prompts']} prompts x "
+           f"{len(cfg['seeds'])} seeds per row; mean ± std over seeds.", "",
+           "| variant | " + " | ".join(h for _, h in _COLUMNS) + " | what |",
+           "|---|" + "---|" * (len(_COLUMNS) + 1)]
+  for name, r in result["variants"].items():
+    if r["status"] != "ok":
+      lines.append(f"| {name} | " + " | ".join("—" for _ in _COLUMNS)
+                   + f" | not run: {r['description']} |")
+      continue
+    cells = [f"{r['metrics'][k]['mean']:.3f} ± {r['metrics'][k]['std']:.3f}" for k, _ in _COLUMNS]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['description']} |")
+  if result.get("comparison"):
+    lines += ["", "| claim | metric | method | other | margin | spread | holds |",
+              "|---|---|---|---|---|---|---|"]
+    for key, v in result["comparison"].items():
+      a, b = v["better"], v["than"]
+      lines.append(f"| {key.split('/')[0]}: {a} vs {b} | {v['metric']} | {v[a]['mean']:.3f} | "
+                   f"{v[b]['mean']:.3f} | {v['margin']:+.3f} | {v['spread']:.3f} | "
+                   f"{'yes' if v['wins'] else 'no'} |")
+  missing = [(n, r["needs"]) for n, r in result["variants"].items() if r["status"] != "ok"]
+  if missing:
+    lines += [""] + [f"- `{n}` needs: `{cmd}`" for n, cmd in missing]
+  return "\n".join(lines) + "\n"

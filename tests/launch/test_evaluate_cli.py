@@ -1,0 +1,60 @@
+"""``launch.evaluate`` end to end as a subprocess on a tiny suite (micro model)."""
+
+import json
+import pathlib
+
+from tests.launch.test_concepts_generate_cli import _run
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_ablations_table(tmp_path, micro_model_dir):
+  out = tmp_path / "ablations.json"
+  r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model", micro_model_dir,
+           "--out", out, "--ablations", "--config.suite.subjects=1", "--config.suite.seeds=(0, 1)")
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())
+  table = out.with_suffix(".md").read_text()
+  variants = result["variants"]
+  ran = [n for n, v in variants.items() if v["status"] == "ok"]
+  assert ran == ["method", "removed", "described", "detail_off", "target_stored",
+                 "target_image", "target_fused", "no_cascade"]
+  assert variants["sr_kernel3"]["status"] == "not run"
+  assert "sr_kernel=3" in variants["sr_kernel3"]["needs"]
+  m = variants["method"]["metrics"]
+  assert len(variants["method"]["per_seed"]["shape_iou"]) == 2
+  assert 0.0 <= m["shape_iou"]["mean"] <= 1.0 and m["colour_error"]["std"] >= 0.0
+  assert "personalization/colour_error" in result["comparison"]
+  assert "cascade/single_instance" in result["comparison"]
+  assert "| method |" in table and "| no_cascade |" in table and "±" in table
+  assert "wall" in table and result["wall_seconds"] > 0
+
+
+def test_dreambench_protocol(tmp_path, micro_model_dir):
+  out = tmp_path / "db.json"
+  r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model", micro_model_dir,
+           "--out", out, "--dreambench", "--config.dreambench.subjects=('cat',)")
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert [row["prompt"] for row in result["rows"]] == ["a <cat> cat in the jungle"]
+  assert "random" in r.stdout and "| cat |" in out.with_suffix(".md").read_text()
+
+
+def test_bad_input_exits_2(tmp_path, micro_model_dir):
+  cases = [
+      (["--out", tmp_path / "missing" / "r.json"], "does not exist"),
+      (["--out", tmp_path / "r.txt"], ".json"),
+      (["--out", tmp_path / "r.json", "--variant-model", "nope=/x"], "no variant needs it"),
+      (["--out", tmp_path / "r.json", "--variant-model", "sr_kernel3=/nonexistent"],
+       "does not exist"),
+      (["--out", tmp_path / "r.json", "--config.variants=('method', 'bogus')"], "bogus"),
+      (["--out", tmp_path / "r.json", "--dreambench", "--config.dreambench.root=/nonexistent"],
+       "not found"),
+  ]
+  for args, match in cases:
+    r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model",
+             micro_model_dir, *args)
+    assert r.returncode == 2, (args, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], (args, lines)
+  assert not any(tmp_path.glob("*.json")) and not any(tmp_path.glob("*.md"))
