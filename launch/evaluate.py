@@ -45,7 +45,7 @@ def main(argv=None) -> int:
   p.add_argument("--ablations", action="store_true", help="run every variant")
   p.add_argument("--variant-model", action="append", default=[], metavar="NAME=DIR[,DIR]",
                  help="the model trained for a variant (sr_kernel3, sr_kernel3_dil2, "
-                      "swap_output)")
+                      "swap_input, swap_output)")
   p.add_argument("--dreambench", action="store_true",
                  help="run the DreamBench protocol instead of the synthetic suite")
   p.add_argument("--progress", action="store_true", help="sampler progress bars")

@@ -21,10 +21,11 @@ target_fused        ... both, fused (the method for this mode)
 no_cascade          the base network sampled directly at the SR resolution
 sr_kernel3          the cascade with an SR network trained with 3x3 kernels
 sr_kernel3_dil2     ... with 3x3 kernels dilated by 2
-swap_output         the concept swapped at the text encoder's output
+swap_input          the concept swapped at the text encoder's input  } a pair of models
+swap_output         ... at its output                                } with equal training
 ==================  ==========================================================
 
-The last three need models trained for them (``Variant.model``: the key of
+The last four need models trained for them (``Variant.model``: the key of
 a model given to ``run``); without one the row is reported as not run, with
 the command that trains it.
 """
@@ -177,12 +178,19 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("sr_kernel3_dil2", "SR network with 3x3 kernels, dilation 2",
             model="sr_kernel3_dil2",
             train=_SR_TRAIN.format(arg="sr_kernel=3,sr_dilation=2", key="sr_kernel3_dil2")),
-    Variant("swap_output", "concept swapped at the text encoder output", model="swap_output",
+    # The swap site changes what the personalize stage learns, so both sides
+    # are models trained for it with the same budget (the method's model may
+    # have trained longer).
+    Variant("swap_input", "swap at the text encoder input (equal-budget pair)",
+            model="swap_input",
+            train="the personalize stage with swap_at=input (the default) for as many steps as "
+                  "swap_output, then --variant-model swap_input=W/swap_input,W/sr"),
+    Variant("swap_output", "swap at the text encoder output (equal-budget pair)",
+            model="swap_output",
             train="python -m launch.train --config configs/demo.py:stage=personalize,"
                   "swap_at=output --workdir W/swap_output --config.train.init_from=W/base, "
                   "then --variant-model swap_output=W/swap_output,W/sr"),
 )
-METHOD_ONLY = ("method", "removed")
 
 
 def variants(names: Sequence[str] | None = None) -> list[Variant]:
@@ -309,6 +317,10 @@ def compare(results: Mapping[str, Any]) -> dict[str, Any]:
     v = verdict("method", name, "single_instance", True)
     if v:
       out[f"sr_kernel/{name}"] = v
+  for metric, hb in (("colour_error", False), ("shape_iou", True)):
+    v = verdict("swap_input", "swap_output", metric, hb)
+    if v:
+      out[f"swap_site/{metric}"] = v
   return out
 
 

@@ -104,6 +104,20 @@ class ModelStack:
     return {name: jax.eval_shape(self.init_fn(name), rng) for name in names}
 
 
+def init_params(stack: ModelStack, names, rng, batch: int = 1) -> dict:
+  """``{network: boxed params}`` for ``names``, each from its own key.
+
+  The key of network ``n`` is ``fold_in(rng, NETWORKS.index(n))``, so a
+  network's init does not depend on which others are initialised with it
+  (training and model loading re-create an untrained network identically).
+  """
+  out = {}
+  for name in names:
+    key = jax.random.fold_in(rng, NETWORKS.index(name))
+    out[name] = stack.init_fn(name, batch)(key)["params"]
+  return out
+
+
 def count_params(variables: Any) -> int:
   """Number of parameters in a (possibly boxed, possibly abstract) variables tree."""
   leaves = jax.tree.leaves(nn.meta.unbox(variables))

@@ -188,8 +188,8 @@ def _collect(workdirs: Sequence[pathlib.Path]) -> tuple[Any, dict, list]:
     # A network no stage trained (e.g. the image encoder, which no stage
     # updates) keeps its seeded init: re-create it exactly as training did.
     stack, _ = _build(config)
-    from persvid_jax.train.loop import _init_params   # the same keys as training
-    init = _init_params(stack, missing, jax.random.split(jax.random.key(config.seed), 3)[0])
+    from persvid_jax.models.stack import init_params   # the same keys as training
+    init = init_params(stack, missing, jax.random.split(jax.random.key(config.seed), 3)[0])
     for n in missing:
       params[n] = jax.tree.map(np.asarray, nn.meta.unbox(init[n]))
     sources.append(dict(init_seed=int(config.seed), networks=missing))

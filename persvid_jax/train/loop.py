@@ -23,7 +23,8 @@ from persvid_jax import checkpoint as ckpt_lib
 from persvid_jax import sharding as sh
 from persvid_jax.concepts.tokens import PromptTokenizer
 from persvid_jax.diffusion import cascade, samplers, schedules
-from persvid_jax.models.stack import NETWORKS, ModelStack
+from persvid_jax.models import stack as stack_lib
+from persvid_jax.models.stack import ModelStack
 from persvid_jax.pipeline import media
 from persvid_jax.train import stages
 from persvid_jax.train import state as state_lib
@@ -41,15 +42,6 @@ class TrainResult:
   compile_seconds: float
   steps_per_second: float
   workdir: str
-
-
-def _init_params(stack: ModelStack, names, rng, batch=1):
-  """``{network: boxed params}`` for ``names``; each network gets its own key."""
-  out = {}
-  for name in names:
-    key = jax.random.fold_in(rng, NETWORKS.index(name))
-    out[name] = stack.init_fn(name, batch)(key)["params"]
-  return out
 
 
 def _device_batch(batch: dict, keys, shardings: dict) -> dict:
@@ -182,11 +174,11 @@ def setup(config, mesh=None) -> Setup:
   # ---- Shard + Init (abstract first: nothing is allocated until jit) -------
   rng = jax.random.key(config.seed)
   init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
-  boxed_params = jax.eval_shape(lambda r: _init_params(stack, names, r), init_rng)
+  boxed_params = jax.eval_shape(lambda r: stack_lib.init_params(stack, names, r), init_rng)
   tx = state_lib.make_optimizer(tc, nn.meta.unbox(boxed_params))
 
   def init_state(r):
-    return state_lib.create_state(nn.meta.unbox(_init_params(stack, names, r)), tx)
+    return state_lib.create_state(nn.meta.unbox(stack_lib.init_params(stack, names, r)), tx)
 
   abstract_state = jax.eval_shape(init_state, init_rng)
   state_shards = step_lib.state_shardings(abstract_state, boxed_params, mesh)

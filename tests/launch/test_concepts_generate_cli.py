@@ -172,6 +172,8 @@ def test_bad_input_exits_2_and_leaves_the_database(db_with_concept, tmp_path):
       "bad target image": (gen + ["--prompt", "a <toy>", "--image", truncated], "cut.png"),
       "bad out suffix": (gen[:-7] + ["--out", tmp_path / "x.avi", "--prompt", "a <toy>"],
                          ".mp4 or .gif"),
+      "missing out dir": (gen[:-7] + ["--out", tmp_path / "nodir" / "x.gif", "--prompt",
+                                      "a <toy>"], "does not exist"),
       "not a database": (["launch.concepts", "list", "--db", tmp_path / "none"],
                          "not a concept database"),
       "bad model": (["launch.generate", "--db", db, "--model", tmp_path, "--out",

@@ -3,7 +3,7 @@
 import json
 import pathlib
 
-from tests.launch.test_concepts_generate_cli import _run
+from tests.launch.test_concepts_generate_cli import _run, _start
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -51,10 +51,11 @@ def test_bad_input_exits_2(tmp_path, micro_model_dir):
       (["--out", tmp_path / "r.json", "--dreambench", "--config.dreambench.root=/nonexistent"],
        "not found"),
   ]
-  for args, match in cases:
-    r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model",
-             micro_model_dir, *args)
-    assert r.returncode == 2, (args, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
+  procs = [(_start("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model",
+                   micro_model_dir, *args), args, match) for args, match in cases]
+  for p, args, match in procs:
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 2, (args, stderr[-2000:])
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], (args, lines)
   assert not any(tmp_path.glob("*.json")) and not any(tmp_path.glob("*.md"))
