@@ -27,8 +27,6 @@ def main(argv=None) -> int:
   p.add_argument("--steps", type=int, help="base sampler steps (default: the model's config)")
   p.add_argument("--sr-steps", type=int, help="super-resolution sampler steps")
   p.add_argument("--no-progress", action="store_true")
-  p.add_argument("--benchmark", type=int, metavar="N",
-                 help="instead: fidelity with vs without the concept over N held-out subjects")
   p.add_argument("--make-photos", metavar="DIR",
                  help="only render the demo photos into DIR (how the shipped ones were made)")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -45,13 +43,6 @@ def main(argv=None) -> int:
     model = model_lib.load_model(args.model)
     print(f"model: {model.source} ({model.config.name}), loaded in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-    if args.benchmark:
-      import json
-      res = demo.personalization_benchmark(model, args.benchmark, seed=args.seed,
-                                           steps=args.steps, sr_steps=args.sr_steps,
-                                           progress=not args.no_progress)
-      print(json.dumps({k: v for k, v in res.items() if k != "per_subject"}, indent=2))
-      return 0
     summary = demo.run_demo(model, args.out, seed=args.seed, steps=args.steps,
                             sr_steps=args.sr_steps, progress=not args.no_progress)
     print(demo.format_summary(summary))

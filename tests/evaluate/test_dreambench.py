@@ -2,7 +2,6 @@
 
 import pathlib
 
-import numpy as np
 import pytest
 
 from persvid_jax.evaluate import dreambench, protocol
