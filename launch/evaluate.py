@@ -48,6 +48,8 @@ def main(argv=None) -> int:
                       "swap_input, swap_output)")
   p.add_argument("--dreambench", action="store_true",
                  help="run the DreamBench protocol instead of the synthetic suite")
+  p.add_argument("--sheets", metavar="DIR",
+                 help="also write a contact sheet per variant (first seed) into DIR")
   p.add_argument("--progress", action="store_true", help="sampler progress bars")
   args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
   overrides = []
@@ -107,8 +109,10 @@ def main(argv=None) -> int:
       models = {None: model}
       for name, paths in variant_paths.items():
         models[name] = model_lib.load_model(paths)
+      if args.sheets:
+        pathlib.Path(args.sheets).mkdir(parents=True, exist_ok=True)
       result = suite.run(models, cfg, names, progress=args.progress,
-                         log=lambda s: print(s, flush=True))
+                         log=lambda s: print(s, flush=True), sheet_dir=args.sheets)
       table = suite.markdown(result)
     result["model"] = model.source
     result["command"] = " ".join(["python -m launch.evaluate", *(sys.argv[1:] if argv is None

@@ -11,7 +11,10 @@ Variants (``VARIANTS``; the method first, then the ablations of SPEC §4):
 
 ==================  ==========================================================
 method              ``a <concept> moving right on snow``: cascade, stored detail
-removed             the same prompt with the concept replaced by "object"
+removed             the same prompt with the concept removed: its slot empty, so
+                    the placeholder keeps its own (untrained) embedding and the
+                    detail tokens are null -- the personalize stage's
+                    dropped-reference condition, not an unseen word
 described           the subject's caption words instead of the concept (the
                     best text the model was trained on: an oracle description)
 detail_off          the method without detail tokens (learned null tokens)
@@ -41,14 +44,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from persvid_jax.concepts import bank as bank_lib
 from persvid_jax.concepts import build
 from persvid_jax.concepts import database as db_lib
 from persvid_jax.data import synthetic
 from persvid_jax.evaluate import groundtruth as gt
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import media
-
-GENERIC = "object"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +104,14 @@ class Case:
     return f"s{self.index}"
 
   def prompt(self, kind: str) -> str:
-    """The prompt of a variant kind: 'concept', 'removed' or 'described'."""
+    """The prompt of a variant kind: 'concept' or 'described'."""
     motion = synthetic.DIRECTION_PHRASES[self.direction]
     scene = synthetic.BACKGROUNDS[self.background].phrase
     if kind == "concept":
       return f"a <{self.concept}> {motion} {scene}"
-    if kind == "removed":
-      return f"a {GENERIC} {motion} {scene}"
     if kind == "described":
       return synthetic.captions(self.subject, self.direction, self.background)["caption"]
-    raise ValueError(f"prompt kind {kind!r}; use concept, removed or described")
+    raise ValueError(f"prompt kind {kind!r}; use concept or described")
 
 
 def make_cases(cfg: SuiteConfig) -> list[Case]:
@@ -140,7 +140,9 @@ class Variant:
   Attributes:
     name: row label.
     description: what it tests (one line).
-    prompt: 'concept' | 'removed' | 'described'.
+    prompt: 'concept' | 'described'.
+    removed: the concept's slot is emptied (every concept maps to slot 0,
+      the placeholder of the training captions, in an empty bank).
     image: add the target photo (mode concept+target).
     detail_source: ``generate.DETAIL_SOURCES``.
     cascade: base -> SR (True) or the base network directly at high res.
@@ -151,6 +153,7 @@ class Variant:
   name: str
   description: str
   prompt: str = "concept"
+  removed: bool = False
   image: bool = False
   detail_source: str = "auto"
   cascade: bool = True
@@ -163,7 +166,7 @@ _SR_TRAIN = ("python -m launch.train --config configs/demo.py:stage=sr,{arg} --w
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("method", "concept in the prompt, stored detail, cascade (SR 5x5)"),
-    Variant("removed", "concept replaced by 'object'", prompt="removed"),
+    Variant("removed", "the concept removed (empty slot, null detail)", removed=True),
     Variant("described", "concept replaced by the subject's caption words", prompt="described"),
     Variant("detail_off", "no detail tokens (learned null)", detail_source="off"),
     Variant("target_stored", "+ target photo; detail from the database only", image=True,
@@ -224,7 +227,8 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
         names: Sequence[str] | None = None, *, progress: bool = False,
-        log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+        log: Callable[[str], None] = lambda s: None,
+        sheet_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
   """Runs variants over the suite.
 
   Args:
@@ -234,6 +238,8 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
       is reported as not run.
     progress: sampler progress bars.
     log: a line per finished variant.
+    sheet_dir: if given, ``<variant>.png`` there: a contact sheet of the
+      first seed's videos, each beside its concept's first photo.
 
   Returns:
     ``{'config', 'variants': {name: {'description', 'status', 'seconds',
@@ -259,6 +265,10 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
         generators[key] = gen.Generator(model, steps=cfg.steps, sr_steps=cfg.sr_steps)
       db, generator = dbs[key], generators[key]
       concepts = {n: r.slot for n, r in db.concepts.items()}
+      bank = db.bank
+      if variant.removed:
+        concepts = {n: 0 for n in concepts}
+        bank = bank_lib.ConceptBank.from_config(model.config)
       image_slot = model.config.concepts.capacity - 1
       resolved = [gen.resolve(gen.Request(
           c.prompt(variant.prompt), image=c.target_photo if variant.image else None),
@@ -266,10 +276,15 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
       t0 = time.perf_counter()
       per_seed = {m: [] for m in gt.METRICS}
       for seed in cfg.seeds:
-        out = generator(db.bank, resolved, image_slot=image_slot, seed=int(seed),
+        out = generator(bank, resolved, image_slot=image_slot, seed=int(seed),
                         progress=progress, detail_source=variant.detail_source,
                         cascade=variant.cascade)
-        scores = [gt.score_video(v, c.target) for v, c in zip(media.to_uint8(out.video), cases)]
+        videos = media.to_uint8(out.video)
+        scores = [gt.score_video(v, c.target) for v, c in zip(videos, cases)]
+        if sheet_dir is not None and seed == cfg.seeds[0]:
+          sheet = media.contact_sheet([(c.photos[0], v) for c, v in zip(cases, videos)],
+                                      scale=4)
+          media.save_png(pathlib.Path(sheet_dir) / f"{variant.name}.png", sheet)
         for m in gt.METRICS:
           per_seed[m].append(float(np.mean([s[m] for s in scores])))
       seconds = time.perf_counter() - t0

@@ -294,7 +294,10 @@ class Generator:
     null = stack.extractor.apply({"params": params["extractor"]}, b, method="null_tokens")
     extracted = stack.extractor.apply({"params": params["extractor"]}, image, image_mask,
                                       use_image)                            # [B, N, Dd]
-    weights = inputs["detail_weights"]                                      # [B, C]
+    # An empty slot has no detail tokens (its zeros are not a concept): a row
+    # whose concepts are all empty gets the null tokens, as in training when
+    # the reference is dropped.
+    weights = inputs["detail_weights"] * bank.valid[None, :].astype(jnp.float32)  # [B, C]
     has_stored = jnp.sum(weights, -1) > 0
     stored = jnp.einsum("bc,cnd->bnd", weights,
                         bank.detail_tokens.astype(jnp.float32)).astype(null.dtype)

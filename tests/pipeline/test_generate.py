@@ -193,3 +193,17 @@ def test_no_cascade_samples_the_base_network_at_high_res(micro_model, bank_and_c
   v = c.video
   assert out.video.shape == (1, v.frames, v.height * v.sr_factor, v.width * v.sr_factor, 3)
   assert np.all(np.abs(out.video) <= 1.0) and np.array_equal(out.video, out.base)
+
+
+def test_an_empty_slot_gives_null_detail(micro_model, bank_and_concepts):
+  """A concept whose slot is empty conditions like the dropped reference of training."""
+  bank, concepts = bank_and_concepts
+  c = micro_model.config
+  slot = c.concepts.capacity - 1
+  g = gen.Generator(micro_model, steps=1)
+  r = [gen.resolve(MODE_CASES[0][0], concepts, slot, c)]          # concept mode, slot 0
+  inputs = gen.make_inputs(r, micro_model.tokenizer, c, slot)
+  empty = ConceptBank.from_config(c)
+  base, _ = jax.device_get(g._conditions(micro_model.params, empty, inputs))
+  np.testing.assert_allclose(base["cond"]["detail_tokens"], base["uncond"]["detail_tokens"],
+                             rtol=1e-6)
