@@ -97,10 +97,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       ema_decay=0.995, log_every_steps=50, checkpoint_every_steps=500,
       sample_every_steps=500, keep_checkpoints=2,
       p_plain_caption=0.2, sr_crop=16))
-  if arg.stage == "personalize":
-    # Uniform v-loss: min-SNR weighting all but ignores the high-noise
-    # levels, where the short base stage is weakest (x0 estimates worse than
-    # the mean at t > 800 after 500 steps, measured).
+  if arg.stage in ("personalize", "sr"):
+    # Uniform v-loss. Personalize: min-SNR weighting all but ignores the
+    # high-noise levels, where the short base stage is weakest (x0 estimates
+    # worse than the mean at t > 800 after 500 steps, measured). SR: min-SNR
+    # weights the low-noise levels by ~gamma/SNR, and those are the SR
+    # network's whole job -- after 400 min-SNR steps its samples kept
+    # per-pixel noise (seen in every contact sheet).
     config.diffusion.min_snr_gamma = None
     # From a base model: the generator keeps learning with the new conditions
     # (it has never seen reference tokens or detail tokens before).
