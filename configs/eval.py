@@ -26,7 +26,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = f"eval_{arg.size}"
   config.suite = ml_collections.ConfigDict(dict(
-      subjects=2 if tiny else 8, prompts=1 if tiny else 2,
+      subjects=2 if tiny else 8, prompts=1,
       seeds=(0, 1) if tiny else (0, 1, 2), photos=2, photo_size=96,
       # 0: the model config's sampler steps.
       steps=2 if tiny else 0, sr_steps=1 if tiny else 0, world_seed=0))

@@ -67,7 +67,7 @@ class SuiteConfig:
     world_seed: the ``persvid_synthetic`` world.
   """
   subjects: int = 8
-  prompts: int = 2
+  prompts: int = 1
   seeds: tuple[int, ...] = (0, 1, 2)
   photos: int = 2
   photo_size: int = 96

@@ -37,6 +37,12 @@ def test_dreambench_protocol(tmp_path, micro_model_dir):
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
   assert [row["prompt"] for row in result["rows"]] == ["a <cat> cat in the jungle"]
+  row = result["rows"][0]
+  assert row["text"] == "a cat in the jungle"          # CLIP-T reads the class word
+  for k in ("clip_t", "clip_i", "dino_i", "temporal_consistency"):
+    assert -1.0 <= row[k] <= 1.0
+  assert set(result["means"]) >= {"clip_t", "clip_i", "dino_i", "flow", "dynamic"}
+  assert result["weights"] == "random"
   assert "random" in r.stdout and "| cat |" in out.with_suffix(".md").read_text()
 
 
@@ -50,6 +56,8 @@ def test_bad_input_exits_2(tmp_path, micro_model_dir):
       (["--out", tmp_path / "r.json", "--config.variants=('method', 'bogus')"], "bogus"),
       (["--out", tmp_path / "r.json", "--dreambench", "--config.dreambench.root=/nonexistent"],
        "not found"),
+      (["--out", tmp_path / "r.json", "--dreambench", "--config.dreambench.subjects=('nope',)"],
+       "unknown DreamBench subject"),
   ]
   procs = [(_start("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model",
                    micro_model_dir, *args), args, match) for args, match in cases]
