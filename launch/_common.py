@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import sys
 from typing import Callable
 
@@ -35,6 +36,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from persvid_jax.pipeline.model import ModelError
   return (config_lib.ConfigError, DatabaseError, ImageError, GenerationError, ModelError,
           DreamBenchError)
+
+
+def out_dir_problem(out: pathlib.Path, flag: str = "--out") -> str | None:
+  """Why ``out``'s directory cannot take the output, or None if it can.
+
+  Checked before any model is loaded or sampled, not after minutes of work.
+  """
+  parent = out.parent
+  if not parent.is_dir():
+    return f"{flag} {out}: directory {parent} does not exist; create it first"
+  if not os.access(parent, os.W_OK):
+    return f"{flag} {out}: directory {parent} is not writable"
+  return None
 
 
 def fail(message: str) -> int:

@@ -63,10 +63,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if out.suffix != ".json":
       return _common.fail(f"--out {out}: give a .json path (the table is written beside it)")
-    if not out.parent.is_dir():
-      return _common.fail(f"--out {out}: directory {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-      return _common.fail(f"--out {out}: directory {out.parent} is not writable")
+    problem = _common.out_dir_problem(out)
+    if problem:
+      return _common.fail(problem)
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     variant_paths = {}
     for item in args.variant_model:

@@ -16,7 +16,6 @@ expected mode and fails (status 2) if the request means another.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 import time
@@ -62,12 +61,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
       raise gen.GenerationError(f"--out {out} must end in .mp4 or .gif")
-    # Checked before the minutes of sampling, not after.
-    parent = out.parent if str(out.parent) else pathlib.Path(".")
-    if not parent.is_dir():
-      raise gen.GenerationError(f"--out {out}: directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-      raise gen.GenerationError(f"--out {out}: directory {parent} is not writable")
+    problem = _common.out_dir_problem(out)
+    if problem:
+      raise gen.GenerationError(problem)
     if args.steps is not None and args.steps < 1 or args.sr_steps is not None and args.sr_steps < 1:
       raise gen.GenerationError("--steps and --sr-steps must be >= 1")
     image = subject_lib.load_image(args.image) if args.image else None

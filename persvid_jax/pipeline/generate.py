@@ -66,6 +66,11 @@ class GenerationError(ValueError):
   """A request that cannot be served (the message says what to change)."""
 
 
+def _check_detail_source(detail_source: str) -> None:
+  if detail_source not in DETAIL_SOURCES:
+    raise GenerationError(f"detail source {detail_source!r}; use one of {DETAIL_SOURCES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
   """One video to generate.
@@ -241,8 +246,7 @@ class Generator:
                cascade: bool = True):
     c = model.config
     self.model = model
-    if detail_source not in DETAIL_SOURCES:
-      raise GenerationError(f"detail source {detail_source!r}; use one of {DETAIL_SOURCES}")
+    _check_detail_source(detail_source)
     self.detail_source = detail_source
     self.cascade = bool(cascade)
     d = c.diffusion
@@ -339,8 +343,7 @@ class Generator:
     """
     c = self.model.config
     detail_source = self.detail_source if detail_source is None else detail_source
-    if detail_source not in DETAIL_SOURCES:
-      raise GenerationError(f"detail source {detail_source!r}; use one of {DETAIL_SOURCES}")
+    _check_detail_source(detail_source)
     use_cascade = self.cascade if cascade is None else bool(cascade)
     inputs = make_inputs(resolved, self.model.tokenizer, c, image_slot, detail_source)
     params = self.model.params
