@@ -75,7 +75,7 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       stage=stage,                 # 'base' | 'sr' | 'personalize'
       trainable=TRAINABLE[stage],
-      init_from=None,              # workdir of an earlier stage: start from its EMA params
+      init_from=None,              # earlier stage's workdir (its EMA params) or an exported model dir
       batch_size=8,                # global batch
       total_steps=200,
       learning_rate=1e-3, warmup_steps=20, lr_min_ratio=0.1,

@@ -3,7 +3,9 @@
   python -m launch.train --config configs/NAME.py[:variant] --workdir DIR \\
       [--config.train.total_steps=20 --config.data.data_dir=/tmp/tfds ...]
 
-Resumes from DIR's latest checkpoint. Multi-host: when launched as one of
+Resumes from DIR's latest checkpoint. SIGTERM / SIGINT (preemption, ``timeout``,
+Ctrl-C) finish the current step, save a checkpoint and exit with status 0;
+a second Ctrl-C interrupts at once. Multi-host: when launched as one of
 several processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID`` set, or a cluster jax detects such as SLURM or a TPU pod),
 ``jax.distributed.initialize()`` runs first. ``--config.KEY=VALUE`` overrides
@@ -53,13 +55,17 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   _maybe_initialize_distributed()
   from persvid_jax.data import DataError
+  from persvid_jax.pipeline.model import ModelError
   from persvid_jax.train import loop
   try:
     result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
-  except (DataError, FileNotFoundError) as e:
+  except (DataError, FileNotFoundError, ModelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"done: step {result.step} (from {result.first_step}), "
+  # A SIGTERM / SIGINT stop saved a checkpoint: a clean exit (status 0), so
+  # a scheduler requeues the job and the next launch resumes from it.
+  done = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
+  print(f"{done}: step {result.step} (from {result.first_step}), "
         f"loss {result.last_metrics.get('loss', float('nan')):.4f}, "
         f"{result.steps_per_second:.2f} steps/s, compile {result.compile_seconds:.1f} s, "
         f"workdir {result.workdir}")

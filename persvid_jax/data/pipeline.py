@@ -280,7 +280,8 @@ def _indexed_batches(source, *, batch_size, process_index, process_count, seed, 
     import multiprocessing
     # spawn, not fork: the parent holds JAX's and the pool's threads.
     pool = concurrent.futures.ProcessPoolExecutor(
-        processes, mp_context=multiprocessing.get_context("spawn"))
+        processes, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_ignore_stop_signals)
   else:
     pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
 
@@ -302,6 +303,19 @@ def _indexed_batches(source, *, batch_size, process_index, process_count, seed, 
       yield _stack([f.result() for f in futures])
   finally:
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _ignore_stop_signals() -> None:
+  """Input worker processes leave SIGTERM / SIGINT to the trainer.
+
+  A scheduler (or ``timeout``, or Ctrl-C) signals the whole process group;
+  the trainer then finishes its step and checkpoints, and needs its input
+  workers alive until it has. They exit when the pool is shut down or the
+  trainer's pipes close.
+  """
+  import signal
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @functools.lru_cache(maxsize=4)

@@ -8,7 +8,8 @@ Two on-disk forms are accepted wherever a ``--model DIR`` is:
   (one file, no Orbax directory layout to package, readable from torch too).
 * a **training workdir** (``launch.train``): the EMA params of its latest
   Orbax checkpoint. A stage holds only the networks it runs; the others are
-  taken from the workdir its ``config.train.init_from`` names, recursively.
+  taken from the workdir (or exported model) its ``config.train.init_from``
+  names, recursively.
 
 Loading is strict, as in big_vision's checkpoint merging: the tree is checked
 against ``jax.eval_shape`` of the current code's init, and any missing,
@@ -144,6 +145,28 @@ def _build(config) -> tuple[ModelStack, PromptTokenizer]:
   return ModelStack.from_config(config, eos_token_id=tokenizer.eos_id), tokenizer
 
 
+def is_exported(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is an exported model directory (holds ``model.safetensors``)."""
+  return (pathlib.Path(path) / WEIGHTS_FILE).is_file()
+
+
+def read_exported(d: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """``(config, {network: params}, info)`` of an exported model, unvalidated.
+
+  Params are numpy arrays as stored; ``validate_params`` checks them against
+  the code. Raises ``ModelError`` if a file is unreadable.
+  """
+  from safetensors.numpy import load_file
+  d = pathlib.Path(d)
+  try:
+    config = ckpt_lib.config_from_json(json.loads((d / CONFIG_FILE).read_text()))
+    flat = load_file(str(d / WEIGHTS_FILE))
+    info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).is_file() else {}
+  except (OSError, ValueError) as e:
+    raise ModelError(f"model {d} is unreadable ({e}); re-export it") from None
+  return config, _unflatten(flat), info
+
+
 def _workdir_params(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, dict, int]:
   """``(config, {network: EMA params}, step)`` of a training workdir's latest checkpoint."""
   ckpt_dir = workdir / "checkpoints"
@@ -175,14 +198,19 @@ def _collect(workdirs: Sequence[pathlib.Path]) -> tuple[Any, dict, list]:
     if w in seen:
       continue
     seen.add(w)
-    cfg, found, step = _workdir_params(w)
+    if is_exported(w):   # e.g. a stage fine-tuned from an exported model: the chain ends
+      cfg, found, _ = read_exported(w)
+      source = dict(model=str(w))
+    else:
+      cfg, found, step = _workdir_params(w)
+      source = dict(workdir=str(w), step=step, stage=cfg.train.stage)
+      if cfg.train.get("init_from"):
+        queue.append(pathlib.Path(cfg.train.init_from))
     config = config or cfg
     taken = [n for n in NETWORKS if n in found and n not in params]
     for n in taken:
       params[n] = found[n]
-    sources.append(dict(workdir=str(w), step=step, stage=cfg.train.stage, networks=taken))
-    if cfg.train.get("init_from"):
-      queue.append(pathlib.Path(cfg.train.init_from))
+    sources.append(dict(source, networks=taken))
   missing = [n for n in NETWORKS if n not in params]
   if missing:
     # A network no stage trained (e.g. the image encoder, which no stage
@@ -210,17 +238,9 @@ def load_model(path: str | os.PathLike | Sequence[str | os.PathLike] | None = No
       hint = (" (the demo model ships inside the package; reinstall it)"
               if p == DEMO_MODEL_DIR else "")
       raise ModelError(f"model directory {p} does not exist{hint}")
-  if len(paths) == 1 and (paths[0] / WEIGHTS_FILE).is_file():
-    from safetensors.numpy import load_file
-    d = paths[0]
-    try:
-      config = ckpt_lib.config_from_json(json.loads((d / CONFIG_FILE).read_text()))
-      flat = load_file(str(d / WEIGHTS_FILE))
-    except (OSError, ValueError) as e:
-      raise ModelError(f"model {d} is unreadable ({e}); re-export it") from None
-    info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).is_file() else {}
-    params = _unflatten(flat)
-    source = str(d)
+  if len(paths) == 1 and is_exported(paths[0]):
+    config, params, info = read_exported(paths[0])
+    source = str(paths[0])
   else:
     config, params, sources = _collect(paths)
     info = dict(sources=sources)

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import logging
 import pathlib
+import signal
+import threading
 import time
 from typing import Any
 
@@ -42,6 +44,53 @@ class TrainResult:
   compile_seconds: float
   steps_per_second: float
   workdir: str
+  stopped_by: str | None = None  # 'SIGTERM' / 'SIGINT' when a signal ended the run early
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT -> finish the current step, checkpoint, return (preemption).
+
+  The first signal only sets a flag; the loop stops at the next step
+  boundary, saves and returns normally (exit status 0), so a scheduler's
+  SIGTERM before a kill costs no work. A second signal gets the previous
+  handler (Ctrl-C twice still interrupts at once). Handlers exist only in the
+  main thread; elsewhere (a notebook's worker thread) this is a no-op.
+  """
+
+  def __init__(self):
+    self.signal: str | None = None
+    self._previous: dict = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+    log.warning("%s received: stopping after this step with a checkpoint", self.signal)
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def agreed(self, step: int, every: int) -> bool:
+    """Whether to stop now; with several processes, all stop at one step.
+
+    Multi-process: the flags are all-gathered every ``every`` steps (a save is
+    a collective, so every process must stop at the same step).
+    """
+    if jax.process_count() == 1:
+      return self.signal is not None
+    if step % every:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
+    return bool(np.any(flags))
 
 
 def _device_batch(batch: dict, keys, shardings: dict) -> dict:
@@ -246,30 +295,45 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   step = first_step
   batch = first
   t0, steps_timed = time.perf_counter(), 0
+  stop = _StopRequest()
   try:
-    while step < tc.total_steps:
-      device_batch = _device_batch(batch, keys, batch_shards)
-      with mesh:
-        state, metrics = compiled(state, device_batch, train_rng)
-      step += 1
-      steps_timed += 1
-      if step % tc.log_every_steps == 0 or step == tc.total_steps:
-        metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not np.isfinite(metrics_host["loss"]):
-          raise FloatingPointError(f"loss is {metrics_host['loss']} at step {step}; the last "
-                                   f"good checkpoint is step {manager.latest_step()}")
-        rate = steps_timed / (time.perf_counter() - t0)
-        writer.scalars(step, dict(metrics_host, steps_per_second=rate,
-                                  learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
-        bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", steps_s=f"{rate:.2f}")
-      bar.update(1)
-      if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
-        ckpt_lib.save(manager, step, state, config)
-      if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
-        _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
-                       tc.preview_examples)
+    with stop:
+      while step < tc.total_steps and not stop.agreed(step, tc.log_every_steps):
+        device_batch = _device_batch(batch, keys, batch_shards)
+        with mesh:
+          state, metrics = compiled(state, device_batch, train_rng)
+        step += 1
+        steps_timed += 1
+        if step % tc.log_every_steps == 0 or step == tc.total_steps:
+          metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          if not np.isfinite(metrics_host["loss"]):
+            raise FloatingPointError(f"loss is {metrics_host['loss']} at step {step}; the last "
+                                     f"good checkpoint is step {manager.latest_step()}")
+          rate = steps_timed / (time.perf_counter() - t0)
+          writer.scalars(step, dict(metrics_host, steps_per_second=rate,
+                                    learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
+          bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", steps_s=f"{rate:.2f}")
+        bar.update(1)
+        if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
+          ckpt_lib.save(manager, step, state, config)
+        if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
+          _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
+                         tc.preview_examples)
+        if step < tc.total_steps:
+          try:
+            batch = next(train_iter)
+          except Exception:
+            if stop.signal is None:
+              raise
+            break   # the signal reached the input pipeline too: stop here
       if step < tc.total_steps:
-        batch = next(train_iter)
+        # Stopped early: this step's state is saved (unless it just was).
+        if step > first_step and not metrics_host:
+          metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if manager.latest_step() != step:
+          ckpt_lib.save(manager, step, state, config, force=True)
+        log.warning("stopped by %s at step %d; checkpoint saved",
+                    stop.signal or "a signal to another process", step)
   finally:
     bar.close()
     manager.wait_until_finished()
@@ -277,7 +341,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
     writer.close()
   rate = steps_timed / max(time.perf_counter() - t0, 1e-9)
   result = TrainResult(step=step, first_step=first_step, last_metrics=metrics_host,
-                       compile_seconds=compile_s, steps_per_second=rate, workdir=str(workdir))
+                       compile_seconds=compile_s, steps_per_second=rate, workdir=str(workdir),
+                       stopped_by=stop.signal)
   if jax.process_index() == 0:
     (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
   return result
@@ -294,19 +359,39 @@ def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, wo
 
 
 def _init_from(state: state_lib.TrainState, init_from: str, state_shards):
-  """Copies the EMA params of networks present in another run's latest checkpoint."""
-  manager = ckpt_lib.make_manager(pathlib.Path(init_from) / "checkpoints", async_save=False)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"config.train.init_from={init_from!r} holds no checkpoint")
-  restored = manager.restore(step)["state"]
-  manager.close()
-  source = restored["ema_params"]
+  """Copies params of the networks another run holds into a fresh state.
+
+  ``init_from`` is a training workdir (the EMA params of its latest
+  checkpoint) or an exported model directory (``model.safetensors``: fine-tune
+  a shipped or converted model). Networks this stage trains that the source
+  lacks keep their init; a network whose shapes differ is refused.
+  """
+  from persvid_jax.pipeline import model as model_lib
+  path = pathlib.Path(init_from)
+  if model_lib.is_exported(path):
+    _, source, _ = model_lib.read_exported(path)
+  else:
+    manager = ckpt_lib.make_manager(path / "checkpoints", async_save=False)
+    step = manager.latest_step()
+    if step is None:
+      manager.close()
+      raise FileNotFoundError(f"config.train.init_from={init_from!r} holds no checkpoint "
+                              f"and is no exported model (no {model_lib.WEIGHTS_FILE})")
+    source = manager.restore(step)["state"]["ema_params"]
+    manager.close()
   params, ema = dict(state.params), dict(state.ema_params)
   for name in params:
-    if name in source:
-      put = lambda old, new, s: jax.device_put(np.asarray(new, old.dtype), s)
-      params[name] = jax.tree.map(put, params[name], source[name], state_shards.params[name])
-      ema[name] = jax.tree.map(put, ema[name], source[name], state_shards.params[name])
-      log.info("init_from %s: %s", init_from, name)
+    if name not in source:
+      continue
+    want = jax.tree.map(lambda a: tuple(a.shape), params[name])
+    got = jax.tree.map(lambda a: tuple(np.shape(a)), dict(source[name]))
+    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+      raise model_lib.ModelError(
+          f"config.train.init_from={init_from!r}: network {name!r} there does not match "
+          f"this config's {name!r} (other parameter names or shapes); start from a run "
+          f"of the same architecture")
+    put = lambda old, new, s: jax.device_put(np.asarray(new, old.dtype), s)
+    params[name] = jax.tree.map(put, params[name], source[name], state_shards.params[name])
+    ema[name] = jax.tree.map(put, ema[name], source[name], state_shards.params[name])
+    log.info("init_from %s: %s", init_from, name)
   return state.replace(params=params, ema_params=ema)

@@ -206,3 +206,72 @@ def test_sr_random_crop_is_the_same_window_of_each_video():
     found = [(y, x) for y in range(9) for x in range(7)
              if np.array_equal(a[i, :, y:y + 4, x:x + 4], np.asarray(ca[i]))]
     assert found
+
+
+def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path):
+  """Preemption: SIGTERM to the whole process group (as ``timeout`` and schedulers
+  send it, input worker processes included) -> the step in flight finishes, a
+  checkpoint is written, exit status 0; the next launch resumes from it."""
+  import signal
+  import time
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py:micro",
+         "--workdir", str(tmp_path), "--no-progress", "--config.mesh.data=1",
+         "--config.mesh.fsdp=1", "--config.train.sample_every_steps=0",
+         "--config.train.checkpoint_every_steps=100000", "--config.data.processes=2"]
+  proc = subprocess.Popen(cmd + ["--config.train.total_steps=100000"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  try:
+    deadline = time.time() + 600
+    # config.json is written just before the first step; give it a few steps.
+    while not (tmp_path / "config.json").exists():
+      assert proc.poll() is None, proc.communicate()[1][-3000:]
+      assert time.time() < deadline, "training did not start in 600 s"
+      time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Traceback" not in err
+  line = [l for l in out.splitlines() if l.startswith("stopped by SIGTERM: step ")]
+  assert line, out
+  step = int(line[0].split("step ")[1].split(" ")[0])
+  assert step >= 1
+  assert (tmp_path / "checkpoints" / str(step)).is_dir()
+  assert json.loads((tmp_path / "result.json").read_text())["stopped_by"] == "SIGTERM"
+
+  again = subprocess.run(cmd + [f"--config.train.total_steps={step + 2}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"done: step {step + 2} (from {step})" in again.stdout
+
+
+def test_init_from_an_exported_model(tmp_path):
+  """``config.train.init_from`` takes an exported model dir: the stage's networks
+  start from its params; a model of another architecture is refused."""
+  from persvid_jax.pipeline import model as model_lib
+  config = _config("sr", batch_size=2)
+  config.mesh.update(dict(data=1, fsdp=1))
+  exported = model_lib.random_model(config, seed=3)
+  model_lib.export_model(exported, tmp_path / "model")
+
+  s = loop.setup(config)
+  state = loop._init_from(s.create_state(), str(tmp_path / "model"), s.state_shards)
+  for name in ("text_encoder", "sr_unet"):
+    for got, want in zip(jax.tree.leaves(state.params[name]),
+                         jax.tree.leaves(exported.params[name])):
+      np.testing.assert_array_equal(np.asarray(got), want)
+    for got, want in zip(jax.tree.leaves(state.ema_params[name]),
+                         jax.tree.leaves(exported.params[name])):
+      np.testing.assert_array_equal(np.asarray(got), want)
+
+  other = config_lib.load_config("tiny:micro,stage=sr,sr_kernel=3")   # micro's is 5
+  assert config.sr_unet.spatial_kernel_size != 3
+  model_lib.export_model(model_lib.random_model(other), tmp_path / "other")
+  with pytest.raises(model_lib.ModelError, match="'sr_unet' there does not match"):
+    loop._init_from(s.create_state(), str(tmp_path / "other"), s.state_shards)

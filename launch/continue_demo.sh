@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Continue training an exported model (default: the shipped demo) on one
+# machine within a wall-clock budget, then export the result.
+#
+#   bash launch/continue_demo.sh OUT_DIR [BUDGET_SECONDS]
+#
+# The personalize and SR stages run side by side (they share only the frozen
+# text encoder), each fine-tuning from the exported model
+# (config.train.init_from=MODEL). At BUDGET_SECONDS each trainer gets SIGTERM,
+# finishes its step, saves a checkpoint and exits 0; then both are exported to
+# OUT_DIR/model. Logs and TensorBoard events land in OUT_DIR too. Made for a
+# GPU slot of a few minutes (the data is the numpy renderer: no TensorFlow).
+#
+# Environment (defaults in brackets):
+#   MODEL   exported model to start from [persvid_jax/assets/demo]
+#   CONFIG  config file (":stage=..." is appended) [configs/demo.py]
+#   BATCH   global batch per stage [32]
+#   STEPS   total_steps of each stage's cosine schedule [8000]; the budget
+#           usually ends the run first, the schedule then stops early
+#   PROCS   renderer worker processes per stage [6]
+#   WORK    where the workdirs go [/tmp/continue_demo]; a rerun resumes them
+set -euo pipefail
+
+OUT=${1:?usage: bash launch/continue_demo.sh OUT_DIR [BUDGET_SECONDS]}
+BUDGET=${2:-420}
+MODEL=${MODEL:-persvid_jax/assets/demo}
+CONFIG=${CONFIG:-configs/demo.py}
+BATCH=${BATCH:-32}
+STEPS=${STEPS:-8000}
+PROCS=${PROCS:-6}
+WORK=${WORK:-/tmp/continue_demo}
+
+case "$CONFIG" in *:*) sep=",";; *) sep=":";; esac
+if [[ ! -f "$MODEL/model.safetensors" ]]; then
+  echo "error: MODEL=$MODEL is not an exported model (no model.safetensors)" >&2; exit 2
+fi
+mkdir -p "$OUT" "$WORK"
+# Two trainers share the accelerator: allocate on demand, not 75% each.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+python3 - <<'EOF' | tee "$OUT/env.txt"
+import jax, flax, optax, orbax.checkpoint as ocp, platform
+print("python", platform.python_version(), "jax", jax.__version__, "flax", flax.__version__,
+      "optax", optax.__version__, "orbax", getattr(ocp, "__version__", "?"))
+print("devices", jax.devices())
+EOF
+
+pids=()
+for stage in personalize sr; do
+  timeout --preserve-status -s TERM -k 120 "$BUDGET" \
+    python3 -m launch.train --config "$CONFIG${sep}stage=$stage" --workdir "$WORK/$stage" \
+      --no-progress \
+      --config.train.init_from="$(realpath "$MODEL")" \
+      --config.train.batch_size="$BATCH" --config.train.total_steps="$STEPS" \
+      --config.data.processes="$PROCS" --config.train.sample_every_steps=0 \
+      --config.train.checkpoint_every_steps=1000 \
+      >"$OUT/$stage.log" 2>&1 &
+  pids+=($!)
+done
+
+# Fail fast: if one trainer dies, stop the other instead of idling to the budget.
+status=0
+for _ in "${pids[@]}"; do
+  if ! wait -n; then
+    status=1
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+  fi
+done
+for stage in personalize sr; do
+  cp "$WORK/$stage"/tb/events.out.tfevents.* "$OUT/$stage.tfevents" 2>/dev/null || true
+  tail -n 2 "$OUT/$stage.log"
+done
+if [[ $status != 0 ]]; then
+  echo "error: a trainer failed; see $OUT/personalize.log and $OUT/sr.log" >&2; exit 1
+fi
+
+python3 -m launch.export --workdir "$WORK/personalize" --workdir "$WORK/sr" --out "$OUT/model"
