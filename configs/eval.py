@@ -9,6 +9,8 @@ spread reported is over seeds). ``variants``: what runs without
 ``--ablations`` (with it: all of ``evaluate.suite.VARIANTS``).
 ``dreambench``: the DreamBench protocol (``--dreambench``): subjects
 (empty = all 30), the first ``prompts`` templates of each list, seeds.
+``probe``: the denoising probe (``--probe``): held-out examples, timesteps,
+noise draws per timestep.
 
 Variants: ``size=default|tiny``.
 """
@@ -34,4 +36,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.dreambench = ml_collections.ConfigDict(dict(
       root="../shared/dreambench", subjects=("backpack", "cat") if tiny else (),
       prompts=1 if tiny else 25, seeds=(0,), photos=2 if tiny else 4))
+  config.probe = ml_collections.ConfigDict(dict(
+      examples=4 if tiny else 32, timesteps=(100, 300, 500, 700, 900),
+      draws=1 if tiny else 2))
   return config

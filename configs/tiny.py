@@ -84,6 +84,7 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
       p_drop_text=0.1, p_drop_ref=0.1, p_drop_detail=0.1,   # condition dropout (CFG)
       p_plain_caption=0.0,         # personalize: rows trained on the plain caption instead
       sr_crop=None,                # sr: train on random crops of this side (None: full frames)
+      subject_loss_weight=1.0,     # base/personalize: loss weight of subject pixels (1 = off)
       log_every_steps=10,
       checkpoint_every_steps=100, keep_checkpoints=3, async_checkpoints=True,
       sample_every_steps=100, preview_examples=4,

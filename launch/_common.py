@@ -32,10 +32,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from persvid_jax.concepts.database import DatabaseError
   from persvid_jax.concepts.subject import ImageError
   from persvid_jax.evaluate.dreambench import DreamBenchError
+  from persvid_jax.convert import ConvertError
+  from persvid_jax.evaluate.probe import ProbeError
   from persvid_jax.pipeline.generate import GenerationError
   from persvid_jax.pipeline.model import ModelError
   return (config_lib.ConfigError, DatabaseError, ImageError, GenerationError, ModelError,
-          DreamBenchError)
+          DreamBenchError, ProbeError, ConvertError)
 
 
 def out_dir_problem(out: pathlib.Path, flag: str = "--out") -> str | None:

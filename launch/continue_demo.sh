@@ -19,6 +19,8 @@
 #           usually ends the run first, the schedule then stops early
 #   PROCS   renderer worker processes per stage [6]
 #   WORK    where the workdirs go [/tmp/continue_demo]; a rerun resumes them
+#   STAGES  which stages to continue ["personalize sr"]; the networks of a
+#           stage left out are exported as MODEL has them
 set -euo pipefail
 
 OUT=${1:?usage: bash launch/continue_demo.sh OUT_DIR [BUDGET_SECONDS]}
@@ -29,6 +31,7 @@ BATCH=${BATCH:-32}
 STEPS=${STEPS:-8000}
 PROCS=${PROCS:-6}
 WORK=${WORK:-/tmp/continue_demo}
+STAGES=${STAGES:-personalize sr}
 
 case "$CONFIG" in *:*) sep=",";; *) sep=":";; esac
 if [[ ! -f "$MODEL/model.safetensors" ]]; then
@@ -46,7 +49,7 @@ print("devices", jax.devices())
 EOF
 
 pids=()
-for stage in personalize sr; do
+for stage in $STAGES; do
   timeout --preserve-status -s TERM -k 120 "$BUDGET" \
     python3 -m launch.train --config "$CONFIG${sep}stage=$stage" --workdir "$WORK/$stage" \
       --no-progress \
@@ -66,12 +69,15 @@ for _ in "${pids[@]}"; do
     kill -TERM "${pids[@]}" 2>/dev/null || true
   fi
 done
-for stage in personalize sr; do
+workdirs=()
+for stage in $STAGES; do
+  workdirs+=(--workdir "$WORK/$stage")
   cp "$WORK/$stage"/tb/events.out.tfevents.* "$OUT/$stage.tfevents" 2>/dev/null || true
   tail -n 2 "$OUT/$stage.log"
 done
 if [[ $status != 0 ]]; then
-  echo "error: a trainer failed; see $OUT/personalize.log and $OUT/sr.log" >&2; exit 1
+  echo "error: a trainer failed; see the logs in $OUT" >&2; exit 1
 fi
 
-python3 -m launch.export --workdir "$WORK/personalize" --workdir "$WORK/sr" --out "$OUT/model"
+# Networks no stage here trained come from MODEL (each workdir's init_from).
+python3 -m launch.export "${workdirs[@]}" --out "$OUT/model"

@@ -1,7 +1,7 @@
 """Evaluate a model: ground-truth suite, ablations, DreamBench protocol.
 
   python -m launch.evaluate --out results.json [--config configs/eval.py[:size=tiny]]
-      [--model DIR] [--ablations] [--variant-model NAME=DIR[,DIR]] [--dreambench]
+      [--model DIR] [--ablations] [--variant-model NAME=DIR[,DIR]] [--dreambench | --probe]
 
 Default: the method vs the concept removed on held-out ``persvid_synthetic``
 subjects (sizes from ``--config``). ``--ablations``: every variant of
@@ -9,7 +9,9 @@ subjects (sizes from ``--config``). ``--ablations``: every variant of
 model trained for them (SR kernel, swap site) run when given with
 ``--variant-model`` and are listed as not run otherwise. ``--dreambench``:
 the DreamBench protocol (CLIP-T, CLIP-I, DINO-I, temporal consistency,
-dynamic degree) over ``config.dreambench.root`` instead.
+dynamic degree) over ``config.dreambench.root`` instead. ``--probe``: the
+denoising probe (``persvid_jax.evaluate.probe``): does the generator use the
+reference, the detail tokens, the words? (seconds; no sampling).
 
 Writes ``--out`` (JSON) and the same name with ``.md`` (the table); both
 appear only when the run is complete.
@@ -48,6 +50,9 @@ def main(argv=None) -> int:
                       "swap_input, swap_output)")
   p.add_argument("--dreambench", action="store_true",
                  help="run the DreamBench protocol instead of the synthetic suite")
+  p.add_argument("--probe", action="store_true",
+                 help="run the denoising probe instead (does the generator use the "
+                      "reference, the detail tokens, the words? seconds, no sampling)")
   p.add_argument("--sheets", metavar="DIR",
                  help="also write a contact sheet per variant (first seed) into DIR")
   p.add_argument("--progress", action="store_true", help="sampler progress bars")
@@ -85,7 +90,15 @@ def main(argv=None) -> int:
     model = model_lib.load_model(args.model.split(",") if args.model else None)
     print(f"model: {model.source} ({model.config.name})", flush=True)
 
-    if args.dreambench:
+    if args.dreambench and args.probe:
+      return _common.fail("--dreambench and --probe: choose one")
+    if args.probe:
+      from persvid_jax.evaluate import probe
+      result = probe.condition_probe(model, examples=int(config.probe.examples),
+                                     timesteps=tuple(config.probe.timesteps),
+                                     draws=int(config.probe.draws))
+      table = probe.markdown(result)
+    elif args.dreambench:
       from persvid_jax.evaluate import dreambench, protocol
       d = config.dreambench
       bench = dreambench.load(d.root)

@@ -32,8 +32,13 @@ def main(argv=None) -> int:
     n = sum(v.size for v in __import__("jax").tree.leaves(model.params))
     print(f"exported {n:,} parameters to {out} (feature id {model.feature_id})")
     for s in model.info.get("sources", []):
-      print(f"  {', '.join(s['networks'])}: {s.get('workdir', 'seeded init')} "
-            f"{'step ' + str(s['step']) if 'step' in s else ''}")
+      if "workdir" in s:
+        where = f"{s['workdir']} step {s['step']}"
+      elif "model" in s:
+        where = f"exported model {s['model']}"
+      else:
+        where = f"seeded init (seed {s.get('init_seed')})"
+      print(f"  {', '.join(s['networks'])}: {where}")
     return 0
 
   return _common.run(body)

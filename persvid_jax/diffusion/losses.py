@@ -70,6 +70,7 @@ def diffusion_loss(denoise_fn: DenoiseFn, params: Any, x0: Array, rng: Array,
                    min_snr_gamma: float | None = None,
                    frame_mask: Array | None = None,
                    example_weight: Array | None = None,
+                   pixel_weight: Array | None = None,
                    t: Array | None = None,
                    noise: Array | None = None) -> LossOutput:
   """Denoising loss at uniformly sampled timesteps.
@@ -87,6 +88,10 @@ def diffusion_loss(denoise_fn: DenoiseFn, params: Any, x0: Array, rng: Array,
       frames (images as 1-frame videos in a video batch) are excluded from the mean.
     example_weight: optional ``[B]`` non-negative weight of each example
       (0 drops padding examples of a partial batch).
+    pixel_weight: optional non-negative weights broadcastable to ``x0``
+      (e.g. ``[B, T, H, W, 1]``, larger on the subject): each frame's error
+      becomes the weighted mean ``sum(w * err) / sum(w)``, so the loss keeps
+      its scale and the weighted pixels count ``w`` times as much.
     t, noise: optional fixed ``[B]`` timesteps / ``[B, ...]`` noise (tests, evals);
       sampled from ``rng`` when None.
 
@@ -112,16 +117,25 @@ def diffusion_loss(denoise_fn: DenoiseFn, params: Any, x0: Array, rng: Array,
   chex.assert_equal_shape([pred, x0])
   target = schedules.prediction_target(schedule, x0, t, noise, prediction)
   sq = jnp.square(pred - target)
+  if pixel_weight is None:
+    mean = lambda e, axis: jnp.mean(e, axis=axis)
+  else:
+    pw = jnp.broadcast_to(jnp.asarray(pixel_weight, jnp.float32), sq.shape)
+    sq_w = sq * pw
+    def mean(e, axis):   # e is sq reshaped; the same reshape of the weights
+      w = pw.reshape(e.shape)
+      return jnp.sum(sq_w.reshape(e.shape), axis=axis) / jnp.maximum(
+          jnp.sum(w, axis=axis), 1e-8)
 
   # 3. Masked per-example mean: frames outside the mask count neither in the
   # numerator nor in the denominator.
   if frame_mask is None:
-    mse = jnp.mean(sq.reshape(b, -1), axis=-1)
+    mse = mean(sq.reshape(b, -1), axis=-1)
     has_frames = jnp.ones((b,), jnp.float32)
   else:
     chex.assert_shape(frame_mask, x0.shape[:2])
     m = jnp.asarray(frame_mask, jnp.float32)
-    per_frame = jnp.mean(sq.reshape(sq.shape[:2] + (-1,)), axis=-1)     # [B, T]
+    per_frame = mean(sq.reshape(sq.shape[:2] + (-1,)), axis=-1)        # [B, T]
     count = jnp.sum(m, axis=1)                                         # [B]
     mse = jnp.sum(per_frame * m, axis=1) / jnp.maximum(count, 1.0)
     has_frames = (count > 0).astype(jnp.float32)

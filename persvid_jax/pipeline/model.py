@@ -189,7 +189,21 @@ def _workdir_params(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, d
   return config, params, int(step)
 
 
-def _collect(workdirs: Sequence[pathlib.Path]) -> tuple[Any, dict, list]:
+def collect_networks(paths: Sequence[str | os.PathLike], *, fill_missing: bool = True
+                     ) -> tuple[Any, dict, list]:
+  """``(config, {network: params}, sources)`` from workdirs / exported models.
+
+  Each network comes from the first of ``paths`` that holds it, then along
+  their ``config.train.init_from`` chains (a chain ends at an exported model).
+  ``fill_missing``: networks found nowhere get the seeded init training gives
+  them (inference needs all six); otherwise they are left out (training's
+  ``init_from`` keeps its own init for them). The config is the first path's.
+  """
+  return _collect([pathlib.Path(p) for p in paths], fill_missing=fill_missing)
+
+
+def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True
+             ) -> tuple[Any, dict, list]:
   """Networks from ``workdirs`` in order, then along their ``init_from`` chains."""
   config, params, sources = None, {}, []
   queue, seen = [pathlib.Path(w) for w in workdirs], set()
@@ -212,7 +226,7 @@ def _collect(workdirs: Sequence[pathlib.Path]) -> tuple[Any, dict, list]:
       params[n] = found[n]
     sources.append(dict(source, networks=taken))
   missing = [n for n in NETWORKS if n not in params]
-  if missing:
+  if missing and fill_missing:
     # A network no stage trained (e.g. the image encoder, which no stage
     # updates) keeps its seeded init: re-create it exactly as training did.
     stack, _ = _build(config)

@@ -100,6 +100,12 @@ def _device_batch(batch: dict, keys, shardings: dict) -> dict:
 
 
 def _abstract_batch(batch: dict, keys, global_batch: int) -> dict:
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    from persvid_jax.data import DataError
+    raise DataError(f"the training data has no {missing} (this stage and config need "
+                    f"them; config.train.subject_loss_weight needs subject masks, which "
+                    f"the synthetic data has and a video folder has not)")
   return {k: jax.ShapeDtypeStruct((global_batch,) + np.asarray(batch[k]).shape[1:],
                                   np.asarray(batch[k]).dtype) for k in keys}
 
@@ -235,7 +241,7 @@ def setup(config, mesh=None) -> Setup:
                loss_fn=loss_fn, tx=tx,
                train_step=step_lib.make_train_step(loss_fn, tx, tc.ema_decay),
                init_state=init_state, abstract_state=abstract_state,
-               state_shards=state_shards, batch_keys=stages.STAGE_BATCH_KEYS[stage],
+               state_shards=state_shards, batch_keys=stages.batch_keys(stage, config),
                init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng)
 
 
@@ -362,23 +368,25 @@ def _init_from(state: state_lib.TrainState, init_from: str, state_shards):
   """Copies params of the networks another run holds into a fresh state.
 
   ``init_from`` is a training workdir (the EMA params of its latest
-  checkpoint) or an exported model directory (``model.safetensors``: fine-tune
-  a shipped or converted model). Networks this stage trains that the source
-  lacks keep their init; a network whose shapes differ is refused.
+  checkpoint, then along its own ``init_from`` chain), an exported model
+  directory (``model.safetensors``: fine-tune a shipped model) or a converted
+  one (``launch.convert``). Networks the source lacks keep their init; a
+  network whose shapes differ is refused.
   """
   from persvid_jax.pipeline import model as model_lib
   path = pathlib.Path(init_from)
-  if model_lib.is_exported(path):
-    _, source, _ = model_lib.read_exported(path)
-  else:
-    manager = ckpt_lib.make_manager(path / "checkpoints", async_save=False)
-    step = manager.latest_step()
-    if step is None:
-      manager.close()
+  if not model_lib.is_exported(path) and not (path / "checkpoints").is_dir():
+    raise FileNotFoundError(f"config.train.init_from={init_from!r} is no training workdir "
+                            f"(no checkpoints/) and no exported model (no "
+                            f"{model_lib.WEIGHTS_FILE})")
+  try:
+    # Along the init_from chain (a converted CLIP under a converted UNet, ...).
+    _, source, _ = model_lib.collect_networks([path], fill_missing=False)
+  except model_lib.ModelError as e:
+    if "holds no checkpoint" in str(e):
       raise FileNotFoundError(f"config.train.init_from={init_from!r} holds no checkpoint "
-                              f"and is no exported model (no {model_lib.WEIGHTS_FILE})")
-    source = manager.restore(step)["state"]["ema_params"]
-    manager.close()
+                              f"yet") from None
+    raise
   params, ema = dict(state.params), dict(state.ema_params)
   for name in params:
     if name not in source:

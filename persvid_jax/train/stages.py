@@ -57,6 +57,42 @@ STAGE_BATCH_KEYS = {
                     "reference", "reference_mask", "has_reference"),
 }
 
+
+
+def batch_keys(stage: str, config) -> tuple[str, ...]:
+  """The batch keys ``stage`` reads under ``config`` (``STAGE_BATCH_KEYS`` +
+  the subject mask when ``config.train.subject_loss_weight`` != 1)."""
+  keys = STAGE_BATCH_KEYS[stage]
+  if stage in ("base", "personalize") and _subject_weight(config) != 1.0:
+    keys += ("mask",)
+  return keys
+
+
+def _subject_weight(config) -> float:
+  w = float(config.train.get("subject_loss_weight", 1.0))
+  if w < 0:
+    raise ValueError(f"config.train.subject_loss_weight is {w}; use a value >= 0 (1 = off)")
+  return w
+
+
+def _pixel_weight(ctx: "StageContext", batch: dict):
+  """``[B, T, h, w, 1]`` loss weights at the base scale: ``subject_loss_weight`` on
+  the subject (the renderer's mask), 1 elsewhere; None when the weight is 1.
+
+  The subject covers ~5% of a demo frame, so with a plain mean its identity
+  (colour, pattern) is a small share of the loss and the background is learnt
+  first (measured: the demo model rendered backgrounds from the text but the
+  subject as the mean colour, whatever the reference).
+  """
+  w = _subject_weight(ctx.config)
+  if w == 1.0:
+    return None
+  c = ctx.config
+  # Antialiased linear resize of a 0/1 mask: the subject's coverage of each pixel.
+  mask = jnp.clip(resize_video(batch["mask"], c.video.height, c.video.width), 0.0, 1.0)
+  return 1.0 + (w - 1.0) * mask
+
+
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
@@ -130,6 +166,7 @@ def base_loss(ctx: StageContext) -> LossFn:
 
     out = losses.diffusion_loss(base_denoise_fn(stack), params["unet"], video, rng_loss,
                                 dict(context=context), frame_mask=batch["frame_mask"],
+                                pixel_weight=_pixel_weight(ctx, batch),
                                 **_diffusion_kwargs(ctx))
     return _loss_metrics(out)
 
@@ -226,7 +263,9 @@ def personalize_loss(ctx: StageContext) -> LossFn:
 
     out = losses.diffusion_loss(base_denoise_fn(stack), params["unet"], video, rng_loss,
                                 dict(context=context, detail_tokens=detail),
-                                frame_mask=batch["frame_mask"], **_diffusion_kwargs(ctx))
+                                frame_mask=batch["frame_mask"],
+                                pixel_weight=_pixel_weight(ctx, batch),
+                                **_diffusion_kwargs(ctx))
     return _loss_metrics(out)
 
   return loss_fn

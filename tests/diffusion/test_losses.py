@@ -118,3 +118,25 @@ def test_grad_and_jit(x0):
   assert float(loss) < 1e-6 and abs(float(grad)) < 1e-3        # the minimum
   loss, grad = loss_and_grad(jnp.float32(0.5), jax.random.key(0))
   assert float(loss) > 1e-3 and float(grad) < 0                 # pushes the scale up
+
+
+def test_pixel_weight_is_a_weighted_mean_per_frame(x0):
+  """``pixel_weight``: each frame's error is sum(w * err) / sum(w); all-ones == none."""
+  t = jnp.array([100, 200, 300, 400], jnp.int32)
+  noise = jax.random.normal(jax.random.key(3), SHAPE)
+  frame_mask = np.array([[1, 1, 1], [1, 0, 0], [1, 1, 0], [1, 1, 1]], bool)
+  kw = dict(schedule=SCHEDULE, t=t, noise=noise, frame_mask=frame_mask)
+  plain = loss_fn(_zero, None, x0, jax.random.key(0), **kw)
+  ones = loss_fn(_zero, None, x0, jax.random.key(0),
+                 pixel_weight=np.ones(SHAPE[:-1] + (1,), np.float32), **kw)
+  np.testing.assert_allclose(ones.mse, plain.mse, rtol=1e-6)
+
+  rng = np.random.default_rng(0)
+  w = np.where(rng.random(SHAPE[:-1] + (1,)) < 0.2, 5.0, 1.0).astype(np.float32)
+  out = loss_fn(_zero, None, x0, jax.random.key(0), pixel_weight=w, **kw)
+  sq = np.square(np.asarray(noise, np.float64))
+  wb = np.broadcast_to(w, SHAPE)
+  per_frame = (sq * wb).sum(axis=(2, 3, 4)) / wb.sum(axis=(2, 3, 4))            # [B, T]
+  mse = [per_frame[b][frame_mask[b]].mean() for b in range(SHAPE[0])]
+  np.testing.assert_allclose(out.mse, mse, rtol=1e-5)
+  assert not np.allclose(out.mse, plain.mse)

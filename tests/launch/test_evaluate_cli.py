@@ -30,6 +30,17 @@ def test_ablations_table(tmp_path, micro_model_dir):
   assert "wall" in table and result["wall_seconds"] > 0
 
 
+def test_probe_table(tmp_path, micro_model_dir):
+  out = tmp_path / "probe.json"
+  r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model", micro_model_dir,
+           "--out", out, "--probe", "--config.probe.timesteps=(500,)")
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["timesteps"] == [500] and set(result["subject"]) == set(
+      ["matched", "shuffled", "ref_only", "detail_only", "none", "words"])
+  assert "| shuffled |" in out.with_suffix(".md").read_text() and "reference gain" in r.stdout
+
+
 def test_dreambench_protocol(tmp_path, micro_model_dir):
   out = tmp_path / "db.json"
   r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model", micro_model_dir,
@@ -58,6 +69,8 @@ def test_bad_input_exits_2(tmp_path, micro_model_dir):
        "not found"),
       (["--out", tmp_path / "r.json", "--dreambench", "--config.dreambench.subjects=('nope',)"],
        "unknown DreamBench subject"),
+      (["--out", tmp_path / "r.json", "--probe", "--config.probe.examples=1"], "at least 2"),
+      (["--out", tmp_path / "r.json", "--probe", "--dreambench"], "choose one"),
   ]
   procs = [(_start("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model",
                    micro_model_dir, *args), args, match) for args, match in cases]

@@ -8,7 +8,6 @@ jitted functions are shared between tests.
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import flax.linen as nn
 import jax
@@ -18,6 +17,8 @@ import pytest
 
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
+from persvid_jax.convert import unet3d as unet3d_convert
+from persvid_jax.convert.common import torch_layout
 from persvid_jax.models import unet3d
 from persvid_jax.models.unet3d import UNet3D
 
@@ -256,33 +257,9 @@ def test_modelscope_param_counts():
 
 
 def torch_to_flax(name: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-  """diffusers ``(name, tensor)`` -> our ``(param path, array)``: the rename table.
-
-  ``a.0.b`` -> ``a_0/b``, except the temporal convs' ``nn.Sequential`` indices;
-  ``weight`` -> ``scale`` (norms, rank 1) or ``kernel`` (dense ``[out, in]`` ->
-  ``[in, out]``, conv ``[out, in, *taps]`` -> ``[*taps, in, out]``).
-  """
-  parts, out, i = name.split("."), [], 0
-  while i < len(parts):
-    part = parts[i]
-    if i + 1 < len(parts) and parts[i + 1].isdigit():
-      if re.fullmatch(r"conv[1-4]", part) and out and out[-1].startswith("temp_convs_"):
-        # nn.Sequential(GroupNorm, SiLU, [Dropout,] Conv3d) -> conv{i}/norm, conv{i}/conv
-        out += [part, "norm" if parts[i + 1] == "0" else "conv"]
-      else:
-        out.append(f"{part}_{parts[i + 1]}")
-      i += 2
-    else:
-      out.append(part)
-      i += 1
-  if out[-1] == "weight":
-    if array.ndim == 1:
-      out[-1] = "scale"
-    else:
-      out[-1] = "kernel"
-      array = array.T if array.ndim == 2 else array.transpose(
-          tuple(range(2, array.ndim)) + (1, 0))
-  return tuple(out), array
+  """diffusers ``(name, tensor)`` -> our ``(param path, array)`` (``persvid_jax.convert``)."""
+  path, array = torch_layout(unet3d_convert.diffusers_path(name), array)
+  return tuple(path.split("/")), array
 
 
 def _torch_shapes(torch_model) -> dict[tuple[str, ...], tuple[int, ...]]:

@@ -51,6 +51,33 @@ def test_missing_or_empty_model_dir(tmp_path):
     model_lib.load_model(tmp_path)
 
 
+def test_workdir_fine_tuned_from_an_exported_model(micro_model_dir, micro_model, tmp_path):
+  """A stage's workdir started from an exported model (``init_from=MODEL``):
+  loading it takes the stage's networks from its checkpoint and the rest
+  from that model, and says so in the provenance."""
+  import jax
+  from persvid_jax import checkpoint as ckpt_lib
+  config = micro_model.config.copy_and_resolve_references()
+  config.train.stage = "sr"
+  config.train.init_from = str(micro_model_dir)
+  tuned = jax.tree.map(lambda a: a + 1.0, micro_model.params["sr_unet"])
+  manager = ckpt_lib.make_manager(tmp_path / "sr" / "checkpoints", async_save=False)
+  ckpt_lib.save(manager, 7, {"ema_params": {"sr_unet": tuned}}, config)
+  manager.close()
+
+  model = model_lib.load_model(tmp_path / "sr")
+  for a, b in zip(jax.tree.leaves(model.params["sr_unet"]), jax.tree.leaves(tuned)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(model.params["unet"]),
+                  jax.tree.leaves(micro_model.params["unet"])):
+    np.testing.assert_array_equal(a, b)
+  sources = model.info["sources"]
+  assert sources[0] == dict(workdir=str((tmp_path / "sr").resolve()), step=7, stage="sr",
+                            networks=["sr_unet"])
+  assert sources[1]["model"] == str(micro_model_dir.resolve())
+  assert sorted(sources[1]["networks"]) == sorted(set(NETWORKS) - {"sr_unet"})
+
+
 def test_shipped_demo_model_loads_strictly():
   """The model in the package matches the current code (or this fails: retrain/re-export)."""
   model = model_lib.load_model()          # default: persvid_jax/assets/demo

@@ -275,3 +275,30 @@ def test_init_from_an_exported_model(tmp_path):
   model_lib.export_model(model_lib.random_model(other), tmp_path / "other")
   with pytest.raises(model_lib.ModelError, match="'sr_unet' there does not match"):
     loop._init_from(s.create_state(), str(tmp_path / "other"), s.state_shards)
+
+
+def test_subject_loss_weight_reads_the_mask_and_reweights():
+  """``subject_loss_weight``: the stage reads the subject mask and the loss changes
+  (1 = off: the keys and the loss are those of the plain mean)."""
+  from persvid_jax.data import DataError
+  from persvid_jax.train import stages
+  plain = _config("personalize", batch_size=2)
+  weighted = _config("personalize", batch_size=2, subject_loss_weight=5.0)
+  for c in (plain, weighted):
+    c.mesh.update(dict(data=1, fsdp=1))
+  assert "mask" not in stages.batch_keys("personalize", plain)
+  assert stages.batch_keys("personalize", weighted)[-1] == "mask"
+  assert "mask" not in stages.batch_keys("sr", weighted)
+
+  s1, s5 = loop.setup(plain), loop.setup(weighted)
+  batch = _host_batch(s5, weighted, split="test")
+  params = s1.create_state().params
+  l1 = float(jax.jit(s1.loss_fn)(params, batch, jax.random.key(0))[0])
+  l5 = float(jax.jit(s5.loss_fn)(params, batch, jax.random.key(0))[0])
+  assert np.isfinite(l1) and np.isfinite(l5) and abs(l5 - l1) > 1e-4 * l1
+
+  with pytest.raises(DataError, match="subject_loss_weight needs subject masks"):
+    loop._abstract_batch({k: v for k, v in batch.items() if k != "mask"},
+                         s5.batch_keys, 2)
+  with pytest.raises(ValueError, match="subject_loss_weight is -1"):
+    stages.batch_keys("base", _config("base", subject_loss_weight=-1.0))

@@ -1,0 +1,209 @@
+"""Reading safetensors without a framework, and the strict assembly of params."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import struct
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+# safetensors dtype codes -> numpy (bf16 through ml_dtypes, which jax ships).
+_FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+_OTHER_DTYPES = {"I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+                 "U8": np.uint8, "BOOL": np.bool_}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class ConvertError(ValueError):
+  """A source checkpoint that cannot become our params (the message names the tensors)."""
+
+
+def _numpy_dtype(code: str, name: str, path: pathlib.Path):
+  if code == "BF16":
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+  if code in _FLOAT_DTYPES:
+    return _FLOAT_DTYPES[code]
+  if code in _OTHER_DTYPES:
+    return _OTHER_DTYPES[code]
+  raise ConvertError(f"{path}: tensor {name!r} has dtype {code}, which we do not read")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """``{name: array}`` of one ``.safetensors`` file, memory-mapped (read-only).
+
+  The format is parsed here (8-byte header length, JSON header, raw buffer) so
+  that bf16 tensors load without torch and nothing is copied until used.
+
+  Raises:
+    ConvertError: not a safetensors file (bad header, offsets out of range).
+  """
+  path = pathlib.Path(path)
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise ConvertError(f"{path} is not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", head)
+    if n <= 0 or 8 + n > size:
+      raise ConvertError(f"{path} is not a safetensors file (bad header length)")
+    try:
+      header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      raise ConvertError(f"{path} is not a safetensors file (header is not JSON)") from None
+  if not isinstance(header, dict):
+    raise ConvertError(f"{path} is not a safetensors file (header is not a table)")
+  header.pop("__metadata__", None)
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else None
+  out = {}
+  for name, info in header.items():
+    try:
+      dtype = _numpy_dtype(info["dtype"], name, path)
+      shape = tuple(int(d) for d in info["shape"])
+      start, stop = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise ConvertError(f"{path}: malformed header entry for tensor {name!r}") from None
+    count = int(np.prod(shape, dtype=np.int64))
+    if stop - start != count * np.dtype(dtype).itemsize or data is None or stop > data.size:
+      raise ConvertError(f"{path}: tensor {name!r} has data offsets that do not match its "
+                         f"shape {shape} (truncated or corrupt file)")
+    out[name] = data[start:stop].view(dtype).reshape(shape)
+  return out
+
+
+def find_weights(src: str | os.PathLike, names: Iterable[str] = ()) -> list[pathlib.Path]:
+  """The safetensors file(s) of ``src`` (a file, or a directory in HF/diffusers layout).
+
+  Looks for ``names`` first, then any ``*.safetensors`` (a sharded checkpoint's
+  ``*.safetensors.index.json`` lists its shards). Pickle checkpoints are refused.
+  """
+  src = pathlib.Path(src)
+  if not src.exists():
+    raise ConvertError(f"{src} does not exist")
+  if src.is_file():
+    if src.suffix in _PICKLE_SUFFIXES:
+      raise ConvertError(f"{src} is a pickle checkpoint; we read safetensors only (pickle "
+                         f"can run code): save it with safetensors first")
+    return [src]
+  for name in names:
+    if (src / name).is_file():
+      return [src / name]
+  index = sorted(src.glob("*.safetensors.index.json"))
+  if index:
+    try:
+      shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+    except (KeyError, ValueError):
+      raise ConvertError(f"{index[0]} is not a safetensors index (no weight_map)") from None
+    missing = [s for s in shards if not (src / s).is_file()]
+    if missing:
+      raise ConvertError(f"{index[0]} lists shards that are missing: {missing}")
+    return [src / s for s in shards]
+  found = sorted(src.glob("*.safetensors"))
+  if len(found) == 1:
+    return found
+  if len(found) > 1:
+    raise ConvertError(f"{src} holds several .safetensors files ({[f.name for f in found]}) "
+                       f"and no index; pass the file itself")
+  pickles = sorted(p.name for p in src.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+  if pickles:
+    raise ConvertError(f"{src} holds only pickle checkpoints ({', '.join(pickles)}); we read "
+                       f"safetensors only (pickle can run code): save it with safetensors")
+  raise ConvertError(f"{src} holds no .safetensors file")
+
+
+def read_state(src: str | os.PathLike, names: Iterable[str] = ()) -> dict[str, np.ndarray]:
+  """All tensors of ``src``'s safetensors file(s) (see ``find_weights``)."""
+  state: dict[str, np.ndarray] = {}
+  for f in find_weights(src, names):
+    state.update(read_safetensors(f))
+  return state
+
+
+def read_config(src: str | os.PathLike) -> dict:
+  """``src/config.json`` (HF / diffusers) as a dict."""
+  path = pathlib.Path(src) / "config.json"
+  if not path.is_file():
+    raise ConvertError(f"{path} not found: a transformers/diffusers model directory has one")
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise ConvertError(f"{path} is not JSON ({e})") from None
+
+
+def float_array(name: str, array: np.ndarray) -> np.ndarray:
+  """``array`` as float32; a non-float tensor where a weight belongs is an error."""
+  if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
+    raise ConvertError(f"tensor {name!r} has dtype {array.dtype}; a weight must be a float "
+                       f"(fp32, fp16 or bf16)")
+  return np.asarray(array, np.float32)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+      out.update(_flatten(value, path))
+    else:
+      out[path] = value
+  return out
+
+
+def assemble(flat: Mapping[str, np.ndarray], abstract_params: Mapping, *, network: str,
+             source: str, sources: Mapping[str, str] | None = None) -> dict:
+  """Nested float32 params of ``network`` from ``{our/path: array}``, checked strictly.
+
+  Args:
+    flat: converted tensors keyed by our parameter path (``a/b/kernel``).
+    abstract_params: ``eval_shape`` of our init's ``params`` for the network.
+    network: for messages.
+    source: where the tensors came from (messages).
+    sources: optional ``{our/path: source tensor name}`` for messages.
+
+  Raises:
+    ConvertError: listing missing, unexpected and mis-shaped parameters.
+  """
+  expected = {k: tuple(v.shape) for k, v in _flatten(nn_unbox(abstract_params)).items()}
+  sources = sources or {}
+  name = lambda k: f"{sources[k]} -> {k}" if k in sources else k
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(name(k) for k in set(flat) - set(expected))
+  shapes = sorted(f"{name(k)}: {tuple(flat[k].shape)} != {expected[k]}"
+                  for k in set(flat) & set(expected) if tuple(flat[k].shape) != expected[k])
+  problems = []
+  for label, items in (("missing", missing), ("unexpected", unexpected),
+                       ("wrong shape", shapes)):
+    if items:
+      more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+      problems.append(f"{len(items)} {label}: {', '.join(items[:8])}{more}")
+  if problems:
+    raise ConvertError(f"{source} does not convert to our {network} for this config "
+                       f"({'; '.join(problems)})")
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = np.asarray(value, np.float32)
+  return out
+
+
+def nn_unbox(tree):
+  """Flax partitioning boxes -> plain values (abstract params come boxed)."""
+  import flax.linen as nn
+  return nn.meta.unbox(tree)
+
+
+def torch_layout(name: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+  """A torch ``weight`` -> our leaf: ``scale`` (rank 1), dense ``kernel`` ``[in, out]``,
+  conv ``kernel`` ``[*taps, in, out]``; other leaves unchanged."""
+  if not name.endswith("weight"):
+    return name, array
+  if array.ndim == 1:
+    return name[:-len("weight")] + "scale", array
+  array = array.T if array.ndim == 2 else array.transpose(tuple(range(2, array.ndim)) + (1, 0))
+  return name[:-len("weight")] + "kernel", array

@@ -1,0 +1,134 @@
+"""diffusers ``UNet3DConditionModel`` (ModelScope / Zeroscope) -> our ``unet`` / ``sr_unet``.
+
+The rename table (``diffusers_path``): ``a.0.b`` -> ``a_0/b``, except the
+temporal convs' ``nn.Sequential`` (``temp_convs.0.conv1.0`` is our
+``temp_convs_0/conv1/norm``, ``.conv1.2`` / ``.conv1.3`` its ``conv``); then
+``weight`` -> ``scale`` / ``kernel`` as in ``common.torch_layout``.
+
+Our networks add parameters the checkpoint cannot have. They are taken from
+``init`` (our seeded init of the same config), and only these:
+
+* ``to_k_detail`` / ``to_v_detail``: the decoupled detail attention (new);
+* ``noise_level_embedding``: the SR network's augmentation-level embedding (new);
+* a conv with **more input channels** (the SR network's ``conv_in`` sees the
+  upsampled low-res video too): the checkpoint's kernel fills the first input
+  channels, the extra ones start at zero, so the network computes what the
+  checkpoint did until training uses them;
+* a conv with **larger spatial taps** (the SR network's 5x5 kernels, claim 7):
+  the checkpoint's 3x3 kernel sits at the centre, zeros around -- the same
+  function at dilation 1 (with dilation the taps spread, so it is a start, not
+  an identity).
+
+Anything else missing, unexpected or mis-shaped raises ``ConvertError``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+
+from persvid_jax.convert.common import ConvertError, assemble, float_array, torch_layout
+
+NEW_PARAMS = re.compile(r"(^|/)(to_k_detail|to_v_detail|noise_level_embedding)(/|$)")
+WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def diffusers_path(name: str) -> str:
+  """A diffusers parameter name -> our path (leaf still ``weight`` / ``bias``)."""
+  parts, out, i = name.split("."), [], 0
+  while i < len(parts):
+    part = parts[i]
+    if i + 1 < len(parts) and parts[i + 1].isdigit():
+      if re.fullmatch(r"conv[1-4]", part) and out and out[-1].startswith("temp_convs_"):
+        # nn.Sequential(GroupNorm, SiLU, [Dropout,] Conv3d) -> conv{i}/norm, conv{i}/conv
+        out += [part, "norm" if parts[i + 1] == "0" else "conv"]
+      else:
+        out.append(f"{part}_{parts[i + 1]}")
+      i += 2
+    else:
+      out.append(part)
+      i += 1
+  return "/".join(out)
+
+
+def rename(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:
+  """``({our/path: float32 array}, {our/path: diffusers name})`` of a diffusers state dict."""
+  flat, sources = {}, {}
+  for name, array in state.items():
+    path = diffusers_path(name)
+    path, array = torch_layout(path, float_array(name, array))
+    flat[path], sources[path] = array, name
+  return flat, sources
+
+
+def _widen(path: str, got: np.ndarray, want: tuple) -> np.ndarray | None:
+  """``got`` embedded in zeros of shape ``want`` if only input channels / odd taps grew."""
+  if got.ndim != len(want) or got.ndim < 3 or not path.endswith("kernel"):
+    return None
+  taps_got, taps_want = got.shape[:-2], want[:-2]
+  if got.shape[-1] != want[-1] or got.shape[-2] > want[-2]:
+    return None
+  if any(w < g or (w - g) % 2 for g, w in zip(taps_got, taps_want)):
+    return None
+  out = np.zeros(want, np.float32)
+  index = tuple(slice((w - g) // 2, (w - g) // 2 + g) for g, w in zip(taps_got, taps_want))
+  out[index + (slice(0, got.shape[-2]), slice(None))] = got
+  return out
+
+
+def unet_params(state: Mapping[str, np.ndarray], abstract_params, *, init=None,
+                network: str = "unet", source: str = "checkpoint") -> tuple[dict, dict]:
+  """Our ``unet`` / ``sr_unet`` params from a diffusers state dict.
+
+  Args:
+    state: diffusers ``UNet3DConditionModel`` tensors.
+    abstract_params: unboxed ``eval_shape`` params of our network.
+    init: our concrete seeded init of the same network (for the parameters the
+      checkpoint cannot have; see the module docstring). None: none allowed.
+    network: for messages.
+    source: for messages.
+
+  Returns:
+    ``(params, report)``; ``report`` lists the paths taken from ``init``
+    (``new``) and those widened from the checkpoint (``widened``).
+  """
+  from persvid_jax.convert.common import _flatten
+  flat, sources = rename(state)
+  expected = {k: tuple(v.shape) for k, v in _flatten(abstract_params).items()}
+  init_flat = _flatten(init) if init is not None else {}
+  report = {"new": [], "widened": []}
+  for path, shape in expected.items():
+    if path in flat:
+      if tuple(flat[path].shape) != shape:
+        wide = _widen(path, flat[path], shape)
+        if wide is not None:
+          flat[path] = wide
+          report["widened"].append(path)
+    elif NEW_PARAMS.search(path) and path in init_flat:
+      flat[path] = np.asarray(init_flat[path], np.float32)
+      report["new"].append(path)
+  params = assemble(flat, abstract_params, network=network, source=source, sources=sources)
+  return params, report
+
+
+def unet_config(hf: dict) -> dict:
+  """``config.unet`` fields from a diffusers ``UNet3DConditionModel`` ``config.json``."""
+  if hf.get("_class_name") != "UNet3DConditionModel":
+    raise ConvertError(f"config.json is a {hf.get('_class_name') or 'model without _class_name'}"
+                       f", not a UNet3DConditionModel (diffusers writes _class_name)")
+  head = hf.get("attention_head_dim", 64)
+  if not isinstance(head, int):
+    raise ConvertError(f"attention_head_dim={head!r}: only one head width for all blocks "
+                       f"is supported")
+  return dict(in_channels=int(hf.get("in_channels", 4)),
+              out_channels=int(hf.get("out_channels", 4)),
+              block_out_channels=tuple(hf.get("block_out_channels", (320, 640, 1280, 1280))),
+              down_block_types=tuple(hf.get("down_block_types", ())),
+              up_block_types=tuple(hf.get("up_block_types", ())),
+              layers_per_block=int(hf.get("layers_per_block", 2)),
+              norm_num_groups=int(hf.get("norm_num_groups", 32)),
+              norm_eps=float(hf.get("norm_eps", 1e-5)),
+              cross_attention_dim=int(hf.get("cross_attention_dim", 1024)),
+              head_dim=head, transformer_in_heads=8)   # diffusers hard-codes 8
