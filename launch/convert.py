@@ -149,8 +149,13 @@ def main(argv=None) -> int:
     finally:
       if tmp.exists():
         shutil.rmtree(tmp)
-    # Loads as --model does (strict), so a bad result never looks done.
-    model = model_lib.load_model(out)
+    # Read back what was written (Orbax round trip), checked against the code again.
+    _, written, _ = model_lib.collect_networks([out], fill_missing=False)
+    for name in params:
+      got = jax.tree.map(np.shape, written[name])
+      if got != jax.tree.map(np.shape, params[name]):
+        shutil.rmtree(out)
+        return _common.fail(f"{out}: {name} did not read back as written; nothing kept")
     print(f"converted {', '.join(sorted(params))} ({n:,} parameters) from {src} to {out} "
           f"in {info['seconds']:.1f} s, peak host memory {info['peak_host_memory_gib']} GiB")
     if report.get("new"):
@@ -158,9 +163,9 @@ def main(argv=None) -> int:
             f"{report['new'][0]}")
     if report.get("widened"):
       print(f"  {len(report['widened'])} kernels widened with zeros, e.g. {report['widened'][0]}")
-    taken = [s for s in model.info["sources"] if "init_seed" in s]
-    if taken:
-      print(f"  seeded init (no weights given): {', '.join(taken[0]['networks'])}")
+    rest = [n for n in model_lib.NETWORKS if n not in params]
+    print(f"  the other networks ({', '.join(rest)}) come from "
+          f"{args.base or 'the seeded init'} when --model {out} loads")
     return 0
 
   return _common.run(body)

@@ -43,16 +43,27 @@ def _our_path(name: str, tower: str) -> str:
   return name.replace(".", "/")
 
 
+# A key only this tower has: how an unprefixed single-tower checkpoint is recognised.
+_MARKER = {"text": "embeddings.token_embedding.weight",
+           "vision": "embeddings.class_embedding"}
+
+
 def _tower(state: Mapping[str, np.ndarray], tower: str, source: str):
   prefix = f"{tower}_model."
+  # transformers >= 5 saves CLIPTextModel / CLIPVisionModel without the tower
+  # prefix; CLIPModel and checkpoints saved by 4.x have it.
+  if not any(k.startswith(prefix) for k in state) and _MARKER[tower] in state:
+    prefix = ""
   flat, sources = {}, {}
   for name, array in state.items():
-    if IGNORED.match(name):
+    if IGNORED.match(name) or name == "embeddings.position_ids":
       continue
-    if name.startswith(prefix):
+    if name == "visual_projection.weight" and tower == "vision":
+      rel = name
+    elif name.endswith("projection.weight"):
+      continue
+    elif name.startswith(prefix):
       rel = name[len(prefix):]
-    elif tower == "vision" and name == "visual_projection.weight":
-      rel = "visual_projection.weight"
     else:
       continue
     path = _our_path(rel, tower)

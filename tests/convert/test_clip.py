@@ -90,7 +90,7 @@ def test_vision_tower_matches_transformers(vision_dir):
       jax.eval_shape(lambda: enc.init(jax.random.key(0), images))["params"])
   params = clip.image_encoder_params(common.read_state(d), abstract, source=str(d))
   feats = enc.apply({"params": params}, images)
-  pixels = np.asarray(clip_normalize(images)).transpose(0, 3, 1, 2)
+  pixels = np.array(clip_normalize(images)).transpose(0, 3, 1, 2)
   with torch.no_grad():
     ref = model(pixel_values=torch.from_numpy(pixels))
   assert _rel(feats.image_embeds, ref.image_embeds.numpy()) <= 1e-4
@@ -163,3 +163,26 @@ def test_bf16_and_fp16_checkpoints_read(text_dir, tmp_path):
     ref = model.text_model.final_layer_norm.weight.float().detach().numpy()
     np.testing.assert_array_equal(np.asarray(w, np.float32), ref)
   model.to(torch.float32)
+
+
+def test_single_tower_layouts_without_prefix(tmp_path):
+  """transformers >= 5 saves CLIPTextModel / CLIPVisionModel without ``text_model.`` /
+  ``vision_model.``; both layouts convert to the same outputs."""
+  torch.manual_seed(2)
+  cfg = transformers.CLIPTextConfig(
+      vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=16, eos_token_id=EOS, bos_token_id=1,
+      pad_token_id=0)
+  model = transformers.CLIPTextModel(cfg).eval()
+  model.save_pretrained(tmp_path / "text")
+  state = common.read_state(tmp_path / "text")
+  enc, abstract = _text_model(tmp_path / "text")
+  params = clip.text_encoder_params(state, abstract)
+  prefixed = clip.text_encoder_params({f"text_model.{k}": v for k, v in state.items()},
+                                      abstract)
+  assert jax.tree.all(jax.tree.map(np.array_equal, params, prefixed))
+  ids = np.array([[1, 7, 8, EOS, 0, 0]], np.int32)
+  states, _ = enc.apply({"params": params}, ids)
+  with torch.no_grad():
+    ref = model(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
+  assert _rel(states, ref) <= 1e-4
