@@ -109,18 +109,12 @@ def main(argv=None) -> int:
       report = {}
     else:
       from persvid_jax.convert import unet3d
-      from persvid_jax.models.stack import init_params
       net = args.network
       config[net].update(unet3d.unet_config(hf))
       stack, _ = _stack(config)
       abstract = _abstract(stack, [net])
       state = common.read_state(src, unet3d.WEIGHTS_FILES)
-      # Our seeded init, for the parameters a checkpoint cannot have
-      # (detail attention, SR noise-level embedding, widened convs).
-      init_rng = jax.random.split(jax.random.key(config.seed), 3)[0]
-      init = jax.tree.map(np.asarray, common.nn_unbox(
-          jax.jit(lambda r: init_params(stack, [net], r))(init_rng)[net]))
-      converted, report = unet3d.unet_params(state, abstract[net], init=init, network=net,
+      converted, report = unet3d.unet_params(state, abstract[net], network=net,
                                              source=str(src))
       params = {net: converted}
 
@@ -159,8 +153,8 @@ def main(argv=None) -> int:
     print(f"converted {', '.join(sorted(params))} ({n:,} parameters) from {src} to {out} "
           f"in {info['seconds']:.1f} s, peak host memory {info['peak_host_memory_gib']} GiB")
     if report.get("new"):
-      print(f"  {len(report['new'])} parameters new in persvid (from our init), e.g. "
-            f"{report['new'][0]}")
+      print(f"  {len(report['new'])} parameters new in persvid (zero / copied: the "
+            f"checkpoint's function), e.g. {report['new'][0]}")
     if report.get("widened"):
       print(f"  {len(report['widened'])} kernels widened with zeros, e.g. {report['widened'][0]}")
     rest = [n for n in model_lib.NETWORKS if n not in params]

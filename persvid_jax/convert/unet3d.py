@@ -5,20 +5,24 @@ temporal convs' ``nn.Sequential`` (``temp_convs.0.conv1.0`` is our
 ``temp_convs_0/conv1/norm``, ``.conv1.2`` / ``.conv1.3`` its ``conv``); then
 ``weight`` -> ``scale`` / ``kernel`` as in ``common.torch_layout``.
 
-Our networks add parameters the checkpoint cannot have. They are taken from
-``init`` (our seeded init of the same config), and only these:
+Our networks add parameters the checkpoint cannot have. Each starts so that
+the converted network computes exactly the checkpoint's function (ControlNet /
+IP-Adapter practice: a new branch adds zero until training opens it):
 
-* ``to_k_detail`` / ``to_v_detail``: the decoupled detail attention (new);
-* ``noise_level_embedding``: the SR network's augmentation-level embedding (new);
+* ``to_v_detail`` = 0 and ``to_k_detail`` = the text ``to_k`` (zeros if the
+  widths differ): the decoupled detail attention adds zero;
+* ``noise_level_embedding``: ``linear_1`` = ``time_embedding.linear_1``,
+  ``linear_2`` = 0: the SR augmentation level adds zero to the time embedding;
 * a conv with **more input channels** (the SR network's ``conv_in`` sees the
   upsampled low-res video too): the checkpoint's kernel fills the first input
-  channels, the extra ones start at zero, so the network computes what the
-  checkpoint did until training uses them;
+  channels, the extra ones are zero;
 * a conv with **larger spatial taps** (the SR network's 5x5 kernels, claim 7):
   the checkpoint's 3x3 kernel sits at the centre, zeros around -- the same
-  function at dilation 1 (with dilation the taps spread, so it is a start, not
-  an identity).
+  function at dilation 1 (with dilation the taps spread: a start, not an
+  identity).
 
+No random init is computed, so a full-size conversion holds the checkpoint
+and its converted copy, nothing more.
 Anything else missing, unexpected or mis-shaped raises ``ConvertError``.
 """
 
@@ -78,26 +82,37 @@ def _widen(path: str, got: np.ndarray, want: tuple) -> np.ndarray | None:
   return out
 
 
-def unet_params(state: Mapping[str, np.ndarray], abstract_params, *, init=None,
+def _new_param(path: str, shape: tuple, flat: Mapping[str, np.ndarray]) -> np.ndarray:
+  """The start of a parameter only our networks have (see the module docstring)."""
+  def same(other):
+    a = flat.get(other)
+    return np.array(a, np.float32) if a is not None and tuple(a.shape) == shape else None
+  if path.endswith("to_k_detail/kernel"):
+    copy = same(path.replace("to_k_detail/kernel", "to_k/kernel"))
+    return copy if copy is not None else np.zeros(shape, np.float32)
+  if "noise_level_embedding/linear_1/" in path:
+    copy = same(path.replace("noise_level_embedding/", "time_embedding/"))
+    return copy if copy is not None else np.zeros(shape, np.float32)
+  return np.zeros(shape, np.float32)       # to_v_detail, noise_level_embedding/linear_2
+
+
+def unet_params(state: Mapping[str, np.ndarray], abstract_params, *,
                 network: str = "unet", source: str = "checkpoint") -> tuple[dict, dict]:
   """Our ``unet`` / ``sr_unet`` params from a diffusers state dict.
 
   Args:
     state: diffusers ``UNet3DConditionModel`` tensors.
     abstract_params: unboxed ``eval_shape`` params of our network.
-    init: our concrete seeded init of the same network (for the parameters the
-      checkpoint cannot have; see the module docstring). None: none allowed.
     network: for messages.
     source: for messages.
 
   Returns:
-    ``(params, report)``; ``report`` lists the paths taken from ``init``
-    (``new``) and those widened from the checkpoint (``widened``).
+    ``(params, report)``; ``report`` lists the parameters only our network has
+    (``new``) and the kernels widened from the checkpoint's (``widened``).
   """
   from persvid_jax.convert.common import _flatten
   flat, sources = rename(state)
   expected = {k: tuple(v.shape) for k, v in _flatten(abstract_params).items()}
-  init_flat = _flatten(init) if init is not None else {}
   report = {"new": [], "widened": []}
   for path, shape in expected.items():
     if path in flat:
@@ -106,8 +121,8 @@ def unet_params(state: Mapping[str, np.ndarray], abstract_params, *, init=None,
         if wide is not None:
           flat[path] = wide
           report["widened"].append(path)
-    elif NEW_PARAMS.search(path) and path in init_flat:
-      flat[path] = np.asarray(init_flat[path], np.float32)
+    elif NEW_PARAMS.search(path):
+      flat[path] = _new_param(path, shape, flat)
       report["new"].append(path)
   params = assemble(flat, abstract_params, network=network, source=source, sources=sources)
   return params, report
