@@ -94,7 +94,9 @@ def condition_probe(model, *, examples: int = 32,
   prediction = config.diffusion.prediction
 
   @jax.jit
-  def errors(tokens, ref, ref_mask, use_ref, use_detail, t, noise):
+  def errors(params, tokens, ref, ref_mask, use_ref, use_detail, t, noise):
+    # params as an argument, not a closure: a large model is not baked into
+    # the program as constants.
     has = jnp.ones((examples,), bool)
     context, detail = stages.personalization_conditions(
         ctx, params, ref, ref_mask, has, tokens, use_ref=use_ref, use_detail=use_detail)
@@ -127,7 +129,7 @@ def condition_probe(model, *, examples: int = 32,
       for d in range(draws):
         noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1000 * d + int(t)),
                                   video.shape, jnp.float32)
-        s, b = errors(*args[case], jnp.full((examples,), int(t), jnp.int32), noise)
+        s, b = errors(params, *args[case], jnp.full((examples,), int(t), jnp.int32), noise)
         s_t.append(float(s))
         b_t.append(float(b))
       subj.append(float(np.mean(s_t)))

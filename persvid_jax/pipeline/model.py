@@ -213,8 +213,10 @@ def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True
       continue
     seen.add(w)
     if is_exported(w):   # e.g. a stage fine-tuned from an exported model: the chain ends
-      cfg, found, _ = read_exported(w)
+      cfg, found, exported_info = read_exported(w)
       source = dict(model=str(w))
+      if exported_info.get("sources"):
+        source["from"] = exported_info["sources"]   # its provenance, nested
     else:
       cfg, found, step = _workdir_params(w)
       source = dict(workdir=str(w), step=step, stage=cfg.train.stage)

@@ -75,6 +75,7 @@ def test_workdir_fine_tuned_from_an_exported_model(micro_model_dir, micro_model,
   assert sources[0] == dict(workdir=str((tmp_path / "sr").resolve()), step=7, stage="sr",
                             networks=["sr_unet"])
   assert sources[1]["model"] == str(micro_model_dir.resolve())
+  assert sources[1]["from"] == micro_model.info["sources"]      # provenance kept, nested
   assert sorted(sources[1]["networks"]) == sorted(set(NETWORKS) - {"sr_unet"})
 
 
@@ -88,5 +89,10 @@ def test_shipped_demo_model_loads_strictly():
     assert np.all(np.isfinite(leaf))
   info = json.loads((model_lib.DEMO_MODEL_DIR / model_lib.INFO_FILE).read_text())
   assert info["feature_id"] == model.feature_id
-  stages = {s.get("stage") for s in info["sources"]}
-  assert {"personalize", "sr"} <= stages
+  def stages(sources):   # along nested provenance (a stage fine-tuned from an export)
+    for s in sources:
+      yield s.get("stage")
+      yield from stages(s.get("from", []))
+  assert {"personalize", "sr"} <= set(stages(info["sources"]))
+  covered = {n for s in info["sources"] for n in s["networks"]}
+  assert covered == set(NETWORKS)
