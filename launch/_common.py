@@ -53,6 +53,18 @@ def out_dir_problem(out: pathlib.Path, flag: str = "--out") -> str | None:
   return None
 
 
+def parse_args(parser, argv) -> tuple:
+  """``(args, overrides)``: the parser's flags, plus each ``--config.KEY=VALUE`` as
+  ``KEY=VALUE`` (for ``config_lib.apply_overrides``); anything else is a usage error."""
+  args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognised argument {item!r}")
+    overrides.append(item[len("--config."):])
+  return args, overrides
+
+
 def fail(message: str) -> int:
   print(f"error: {message}", file=sys.stderr)
   return 2

@@ -53,12 +53,7 @@ def main(argv=None) -> int:
                  help="--kind unet3d: which of our generators the UNet becomes")
   p.add_argument("--tokenizer", help="--kind clip: a CLIP tokenizer directory (default: "
                                      "--src if it holds vocab.json + merges.txt)")
-  args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config."):
-      p.error(f"unrecognised argument {item!r}")
-    overrides.append(item[len("--config."):])
+  args, overrides = _common.parse_args(p, argv)
 
   def body() -> int:
     out = pathlib.Path(args.out)

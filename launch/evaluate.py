@@ -56,12 +56,7 @@ def main(argv=None) -> int:
   p.add_argument("--sheets", metavar="DIR",
                  help="also write a contact sheet per variant (first seed) into DIR")
   p.add_argument("--progress", action="store_true", help="sampler progress bars")
-  args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config."):
-      p.error(f"unrecognised argument {item!r}")
-    overrides.append(item[len("--config."):])
+  args, overrides = _common.parse_args(p, argv)
 
   def body() -> int:
     from persvid_jax import config_lib

@@ -27,13 +27,8 @@ def _parse(argv):
   parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
   parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard, samples")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-  args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config."):
-      parser.error(f"unrecognised argument {item!r}")
-    overrides.append(item[len("--config."):])
-  return args, overrides
+  from launch import _common
+  return _common.parse_args(parser, argv)
 
 
 def _maybe_initialize_distributed():

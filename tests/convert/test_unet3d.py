@@ -10,7 +10,8 @@ from persvid_jax import config_lib
 from persvid_jax.convert import ConvertError, common
 from persvid_jax.convert import unet3d as convert
 from persvid_jax.models.unet3d import UNet3D
-from tests.models.test_unet3d import _abstract, _apply_fn, _inputs, _tiny_diffusers_pair
+from tests.models.test_unet3d import (_abstract, _apply_fn, _inputs, _tiny_diffusers_pair,
+                                      diffusers_forward)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -35,11 +36,7 @@ def test_unet3d_matches_diffusers_through_safetensors(saved):
   params, report = convert.unet_params(common.read_state(d), abstract, source=str(d))
   assert report == {"new": [], "widened": []}
   out = np.asarray(_apply_fn(model)({"params": params}, inputs))
-  with torch.no_grad():
-    ref = reference(torch.from_numpy(inputs["x"]).permute(0, 4, 1, 2, 3),
-                    torch.from_numpy(inputs["t"]).long(),
-                    torch.from_numpy(inputs["context"])).sample
-  ref = ref.permute(0, 2, 3, 4, 1).numpy()
+  ref = diffusers_forward(torch, reference, inputs)
   rel = np.abs(out - ref).max() / np.abs(ref).max()
   assert rel <= 1e-4, rel
 
@@ -66,11 +63,7 @@ def test_sr_network_starts_as_the_checkpoint(saved):
   np.testing.assert_array_equal(k[1:4, 1:4], src)
 
   out = np.asarray(_apply_fn(model)({"params": params}, inputs))
-  with torch.no_grad():
-    ref = reference(torch.from_numpy(inputs["x"]).permute(0, 4, 1, 2, 3),
-                    torch.from_numpy(inputs["t"]).long(),
-                    torch.from_numpy(inputs["context"])).sample
-  ref = ref.permute(0, 2, 3, 4, 1).numpy()
+  ref = diffusers_forward(torch, reference, inputs)
   assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-4
 
 

@@ -307,6 +307,15 @@ def _tiny_diffusers_pair(torch, diffusers):
   return u, reference
 
 
+def diffusers_forward(torch, reference, inputs) -> np.ndarray:
+  """The diffusers model's output on our (channels-last) inputs, channels-last."""
+  with torch.no_grad():
+    ref = reference(torch.from_numpy(inputs["x"]).permute(0, 4, 1, 2, 3),
+                    torch.from_numpy(inputs["t"]).long(),
+                    torch.from_numpy(inputs["context"])).sample
+  return ref.permute(0, 2, 3, 4, 1).numpy()
+
+
 def test_forward_matches_diffusers():
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
@@ -326,11 +335,7 @@ def test_forward_matches_diffusers():
   assert _count(abstract) == sum(p.numel() for p in reference.parameters())
 
   out = np.asarray(_apply_fn(model)({"params": params}, inputs))
-  with torch.no_grad():
-    ref = reference(torch.from_numpy(inputs["x"]).permute(0, 4, 1, 2, 3),
-                    torch.from_numpy(inputs["t"]).long(),
-                    torch.from_numpy(inputs["context"])).sample
-  ref = ref.permute(0, 2, 3, 4, 1).numpy()
+  ref = diffusers_forward(torch, reference, inputs)
   np.testing.assert_allclose(out, ref, atol=5e-5, rtol=1e-4)
 
 
