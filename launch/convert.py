@@ -2,6 +2,7 @@
 
   python -m launch.convert --kind clip --src CLIP_DIR --out M1 [--config configs/modelscope.py]
   python -m launch.convert --kind unet3d --src UNET_DIR --out M2 --from M1 [--network sr_unet]
+  python -m launch.convert --kind vae --src VAE_DIR --out M3 --from M2
 
 ``--kind clip``: a ``transformers`` CLIP directory (``CLIPModel`` or one tower;
 ``config.json`` + safetensors) -> our text encoder (+ image encoder when the
@@ -9,6 +10,9 @@ vision tower is there); its tokenizer files, if present in ``--src`` or given
 by ``--tokenizer``, become the model's tokenizer. ``--kind unet3d``: a
 diffusers ``UNet3DConditionModel`` directory (ModelScope / Zeroscope ``unet/``)
 -> our base generator, or the SR generator with ``--network sr_unet``.
+``--kind vae``: a diffusers ``AutoencoderKL`` directory (``vae/``) -> our
+``vae`` network (``models/vae.py``) and ``config.vae``; it sits beside the
+six networks (``collect_networks(..., networks=("vae",))`` reads it).
 
 The output is a workdir-shaped directory (``checkpoints/0`` in Orbax with the
 config, plus ``convert.json``: source, networks, new and widened parameters,
@@ -33,7 +37,7 @@ import time
 
 from launch import _common
 
-KINDS = ("clip", "unet3d")
+KINDS = ("clip", "unet3d", "vae")
 
 
 def main(argv=None) -> int:
@@ -102,6 +106,12 @@ def main(argv=None) -> int:
         params["image_encoder"] = clip.image_encoder_params(state, abstract["image_encoder"],
                                                             source=str(src))
       report = {}
+    elif args.kind == "vae":
+      from persvid_jax.convert import vae
+      config.vae = vae.vae_config(hf)
+      state = common.read_state(src, vae.WEIGHTS_FILES)
+      params = {"vae": vae.vae_params(state, config.vae, source=str(src))}
+      report = {}
     else:
       from persvid_jax.convert import unet3d
       net = args.network
@@ -114,8 +124,9 @@ def main(argv=None) -> int:
       params = {net: converted}
 
     config.train.init_from = str(pathlib.Path(args.base).resolve()) if args.base else None
-    config.train.stage = "personalize" if args.kind == "clip" else (
-        "sr" if args.network == "sr_unet" else "base")
+    if args.kind != "vae":      # the VAE is no training stage's network
+      config.train.stage = "personalize" if args.kind == "clip" else (
+          "sr" if args.network == "sr_unet" else "base")
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
       manager = ckpt_lib.make_manager(tmp / "checkpoints", async_save=False)
@@ -139,7 +150,8 @@ def main(argv=None) -> int:
       if tmp.exists():
         shutil.rmtree(tmp)
     # Read back what was written (Orbax round trip), checked against the code again.
-    _, written, _ = model_lib.collect_networks([out], fill_missing=False)
+    _, written, _ = model_lib.collect_networks([out], fill_missing=False,
+                                               networks=tuple(params))
     for name in params:
       got = jax.tree.map(np.shape, written[name])
       if got != jax.tree.map(np.shape, params[name]):

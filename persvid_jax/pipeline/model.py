@@ -189,8 +189,8 @@ def _workdir_params(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, d
   return config, params, int(step)
 
 
-def collect_networks(paths: Sequence[str | os.PathLike], *, fill_missing: bool = True
-                     ) -> tuple[Any, dict, list]:
+def collect_networks(paths: Sequence[str | os.PathLike], *, fill_missing: bool = True,
+                     networks: Sequence[str] = NETWORKS) -> tuple[Any, dict, list]:
   """``(config, {network: params}, sources)`` from workdirs / exported models.
 
   Each network comes from the first of ``paths`` that holds it, then along
@@ -198,16 +198,19 @@ def collect_networks(paths: Sequence[str | os.PathLike], *, fill_missing: bool =
   ``fill_missing``: networks found nowhere get the seeded init training gives
   them (inference needs all six); otherwise they are left out (training's
   ``init_from`` keeps its own init for them). The config is the first path's.
+  ``networks``: which to collect; a converted network outside the stack
+  (``("vae",)``) is found the same way, and never filled.
   """
-  return _collect([pathlib.Path(p) for p in paths], fill_missing=fill_missing)
+  return _collect([pathlib.Path(p) for p in paths], fill_missing=fill_missing,
+                  networks=tuple(networks))
 
 
-def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True
-             ) -> tuple[Any, dict, list]:
+def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True,
+             networks: Sequence[str] = NETWORKS) -> tuple[Any, dict, list]:
   """Networks from ``workdirs`` in order, then along their ``init_from`` chains."""
   config, params, sources = None, {}, []
   queue, seen = [pathlib.Path(w) for w in workdirs], set()
-  while queue and len(params) < len(NETWORKS):
+  while queue and len(params) < len(networks):
     w = queue.pop(0).resolve()
     if w in seen:
       continue
@@ -223,11 +226,11 @@ def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True
       if cfg.train.get("init_from"):
         queue.append(pathlib.Path(cfg.train.init_from))
     config = config or cfg
-    taken = [n for n in NETWORKS if n in found and n not in params]
+    taken = [n for n in networks if n in found and n not in params]
     for n in taken:
       params[n] = found[n]
     sources.append(dict(source, networks=taken))
-  missing = [n for n in NETWORKS if n not in params]
+  missing = [n for n in networks if n not in params and n in NETWORKS]
   if missing and fill_missing:
     # A network no stage trained (e.g. the image encoder, which no stage
     # updates) keeps its seeded init: re-create it exactly as training did.

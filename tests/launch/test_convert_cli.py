@@ -1,6 +1,6 @@
-"""``launch.convert`` end to end: a tiny CLIPModel (with its tokenizer) and a tiny diffusers
-UNet3D, saved by their libraries, converted in a chain; ``--model`` loads the result and
-its networks compute what torch computes. Bad sources exit 2 with one line."""
+"""``launch.convert`` end to end: a tiny CLIPModel (with its tokenizer), a tiny diffusers
+UNet3D and AutoencoderKL, saved by their libraries, converted in a chain; ``--model`` loads
+the result and its networks compute what torch computes. Bad sources exit 2 with one line."""
 
 from __future__ import annotations
 
@@ -35,12 +35,15 @@ def sources(tmp_path_factory):
   from tests.models.test_unet3d import _tiny_diffusers_pair
   _, unet = _tiny_diffusers_pair(torch, diffusers)
   unet.save_pretrained(root / "unet")
-  return root, clip_model, unet
+  from tests.convert.test_vae import _tiny_diffusers_vae
+  vae = _tiny_diffusers_vae(torch, diffusers)
+  vae.save_pretrained(root / "vae", safe_serialization=True)
+  return root, clip_model, unet, vae
 
 
 def test_convert_chain_loads_as_a_model(tmp_path, sources):
-  root, clip_model, unet = sources
-  m1, m2 = tmp_path / "m1", tmp_path / "m2"
+  root, clip_model, unet, vae = sources
+  m1, m2, m3 = tmp_path / "m1", tmp_path / "m2", tmp_path / "m3"
   r = _run("launch.convert", "--kind", "clip", "--src", root / "clip", "--out", m1,
            "--config", "configs/tiny.py")
   assert r.returncode == 0, r.stderr[-3000:]
@@ -52,9 +55,19 @@ def test_convert_chain_loads_as_a_model(tmp_path, sources):
   info = json.loads((m2 / "convert.json").read_text())
   assert info["networks"] == ["unet"] and info["from_model"] == str(m1.resolve())
   assert info["peak_host_memory_gib"] > 0 and all("detail" in p for p in info["new"])
+  r = _run("launch.convert", "--kind", "vae", "--src", root / "vae", "--out", m3,
+           "--from", m2)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "converted vae" in r.stdout
 
   from persvid_jax.pipeline import model as model_lib
-  model = model_lib.load_model(m2)
+  # The VAE sits beside the six networks: found along the chain when asked for.
+  config, found, _ = model_lib.collect_networks([m3], networks=("vae",), fill_missing=False)
+  assert tuple(config.vae.block_out_channels) == (32, 64) and config.vae.latent_channels == 4
+  np.testing.assert_array_equal(found["vae"]["decoder"]["conv_in"]["kernel"],
+                                vae.decoder.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0))
+  model = model_lib.load_model(m3)
+  assert model.config.vae.norm_num_groups == 8
   by_network = {n: s for s in model.info["sources"] for n in s["networks"]}
   assert by_network["unet"]["workdir"] == str(m2.resolve())
   assert by_network["text_encoder"]["workdir"] == str(m1.resolve())
@@ -73,7 +86,7 @@ def test_convert_chain_loads_as_a_model(tmp_path, sources):
 
 
 def test_bad_sources_exit_2(tmp_path, sources):
-  root, _, _ = sources
+  root = sources[0]
   pickled = tmp_path / "pickled"
   pickled.mkdir()
   (pickled / "config.json").write_text('{"model_type": "clip_text_model"}')
@@ -84,6 +97,8 @@ def test_bad_sources_exit_2(tmp_path, sources):
       (["--kind", "clip", "--src", root / "clip", "--out", tmp_path / "taken"], "exists"),
       (["--kind", "unet3d", "--src", root / "clip", "--out", tmp_path / "b"],
        "not a UNet3DConditionModel"),
+      (["--kind", "vae", "--src", root / "unet", "--out", tmp_path / "d"],
+       "not an AutoencoderKL"),
       (["--kind", "clip", "--src", tmp_path / "nope", "--out", tmp_path / "c"],
        "not a directory"),
   ]
