@@ -312,10 +312,29 @@ def _ignore_stop_signals() -> None:
   the trainer then finishes its step and checkpoints, and needs its input
   workers alive until it has. They exit when the pool is shut down or the
   trainer's pipes close.
+
+  Ignoring the signals means a trainer that dies without shutting the pool
+  down (``kill -9``, the OOM killer) would leave them orphaned: a worker
+  idling in its call queue never notices. So a daemon thread watches the
+  parent and ends the worker (``os._exit``: no cleanup owed to a dead
+  parent) within about a second (``poll_s``) of it vanishing.
   """
+  import os
   import signal
+  import threading
+  import time
+  poll_s = 1.0
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def watch():
+    # Re-parented (to init or a subreaper) once the trainer is gone.
+    while os.getppid() == parent:
+      time.sleep(poll_s)
+    os._exit(0)
+
+  threading.Thread(target=watch, name="orphan-watchdog", daemon=True).start()
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,125 @@
+"""Hard faults: a trainer killed by SIGKILL mid-save, with renderer workers running.
+
+One subprocess does what a trainer does with the parts that a fault hits --
+renderer worker processes (``config.data.processes``) feeding it, and an
+asynchronous Orbax save in flight -- and is then killed with SIGKILL (no
+handler, no cleanup). After it: its workers must be gone (they ignore
+SIGTERM/SIGINT, so only their parent watchdog can end them), and a restart
+must resume from the last *complete* checkpoint, the interrupted step being
+invisible. The training loop's resume is ``manager.latest_step()`` +
+``checkpoint.restore``, the calls used here; bit-exact resume of the loop
+itself is ``tests/train/test_train.py::test_resume_is_exact``.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+# The trainer stand-in. Run as a script with a __main__ guard (spawned
+# workers re-import the main module).
+_CHILD = textwrap.dedent("""
+    import os, pathlib, signal, sys, threading
+    import numpy as np
+    from persvid_jax import checkpoint as ckpt_lib
+    from persvid_jax import config_lib
+    from persvid_jax.data import pipeline
+
+    if __name__ == "__main__":
+      workdir = pathlib.Path(sys.argv[1])
+      config = config_lib.load_config("tiny")
+      config.data.source, config.data.processes = "renderer", 2
+      batches = pipeline.make_dataset(config, "train", batch_size=2, process_index=0,
+                                      process_count=1)
+      first = threading.Thread(target=next, args=(batches,))
+      first.start()                         # the workers spawn while step 1 is saved
+      manager = ckpt_lib.make_manager(workdir, async_save=True)
+      ckpt_lib.save(manager, 1, {"w": np.full((256, 256), 1.0, np.float32)})
+      manager.wait_until_finished()
+      first.join()
+      print("workers up", flush=True)
+      sys.stdin.readline()                  # the test has listed the workers
+      state = {"w": np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)}
+      ckpt_lib.save(manager, 2, state)      # returns with the write in flight
+      in_flight = [p.name for p in workdir.iterdir() if p.name.startswith("2.")]
+      print("in flight:", in_flight, flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    """)
+
+
+def _children(pid: int) -> set[int]:
+  out = set()
+  for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+    out.update(int(c) for c in (task / "children").read_text().split())
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+  except (FileNotFoundError, ProcessLookupError):
+    return False
+  return state not in ("Z", "X")          # a zombie has exited (init reaps it late)
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_sigkill_mid_async_save_orphans_no_worker_and_resumes_last_complete(tmp_path):
+  script = tmp_path / "trainer.py"
+  script.write_text(_CHILD)
+  workdir = tmp_path / "checkpoints"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, str(script), str(workdir)], cwd=ROOT, env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+  workers: set[int] = set()
+  try:
+    line = proc.stdout.readline()
+    assert line.startswith("workers up"), proc.communicate(timeout=60)[1][-3000:]
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers       # the two renderers (+ a resource tracker)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    # Not communicate(): orphaned workers would hold the pipes open.
+    assert proc.wait(timeout=120) == -signal.SIGKILL, line
+    # The kill hit a save in flight: Orbax's temporary step-2 directory was there.
+    assert line.startswith("in flight: ['2."), line
+
+    deadline = time.time() + 8              # the watchdog polls every second
+    while any(map(_alive, workers)) and time.time() < deadline:
+      time.sleep(0.2)
+    assert not [w for w in workers if _alive(w)], "renderer workers outlived the trainer"
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    for w in workers:
+      if _alive(w):
+        os.kill(w, signal.SIGKILL)
+
+  from persvid_jax import checkpoint as ckpt_lib
+  device = jax.devices()[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  abstract = {"w": jax.ShapeDtypeStruct((256, 256), np.float32, sharding=sharding)}
+  manager = ckpt_lib.make_manager(workdir, async_save=True)
+  try:
+    assert manager.latest_step() == 1 and manager.all_steps() == [1]
+    step, state = ckpt_lib.restore(manager, abstract)
+    assert step == 1
+    np.testing.assert_array_equal(np.asarray(state["w"]), 1.0)
+    # The resumed run saves step 2 again over the debris of the killed write.
+    ckpt_lib.save(manager, 2, {"w": np.full((256, 256), 2.0, np.float32)})
+    manager.wait_until_finished()
+    step, state = ckpt_lib.restore(manager, abstract)
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(state["w"]), 2.0)
+  finally:
+    manager.close()
