@@ -1,15 +1,18 @@
 """Manage a concept database (claim 8: photos -> subject -> features -> database).
 
   python -m launch.concepts add    --db DIR --name NAME --images IMG [IMG ...] [--masks M ...]
-  python -m launch.concepts list   --db DIR [--json]
-  python -m launch.concepts remove --db DIR --name NAME
+  python -m launch.concepts list    --db DIR [--json] [--step N]
+  python -m launch.concepts remove  --db DIR --name NAME
+  python -m launch.concepts restore --db DIR --step N
 
 ``add`` segments the subject of every photo (or uses the given masks),
 encodes the reference feature and extracts the detail features with the
 model (``--model``, default the shipped demo model), and stores the averaged
 features under NAME as a new database version. Bad input (unreadable image,
 invalid or duplicate name, full database) exits with status 2 and one line
-on stderr, leaving the database as it was.
+on stderr, leaving the database as it was. ``restore`` makes an older
+version the newest again (after a damaged one: ``open`` names the last good
+version); ``list --step N`` shows any kept version.
 """
 
 from __future__ import annotations
@@ -34,9 +37,13 @@ def _parse(argv):
   ls = sub.add_parser("list", help="list the stored concepts")
   ls.add_argument("--db", required=True)
   ls.add_argument("--json", action="store_true", help="machine-readable output")
+  ls.add_argument("--step", type=int, help="a kept older version (default: the newest)")
   rm = sub.add_parser("remove", help="remove a concept")
   rm.add_argument("--db", required=True)
   rm.add_argument("--name", required=True)
+  rs = sub.add_parser("restore", help="make an older version the newest again")
+  rs.add_argument("--db", required=True)
+  rs.add_argument("--step", type=int, required=True, help="the version to restore")
   return p.parse_args(argv)
 
 
@@ -48,7 +55,7 @@ def main(argv=None) -> int:
     _common.compilation_cache()
     from persvid_jax.concepts import database as db_lib
     if args.command == "list":
-      db = db_lib.ConceptDatabase.open(args.db)
+      db = db_lib.ConceptDatabase.open(args.db, step=args.step)
       rows = db_lib.describe(db)
       if args.json:
         print(json.dumps(dict(db=str(args.db), step=db.step, capacity=db.capacity,
@@ -62,6 +69,12 @@ def main(argv=None) -> int:
       db = db_lib.ConceptDatabase.open(args.db)
       db.remove(args.name)
       print(f"removed <{args.name}> from {args.db} (version {db.step})")
+      return 0
+    if args.command == "restore":
+      db = db_lib.ConceptDatabase.open(args.db, step=args.step)
+      db.restore_as_latest()
+      print(f"restored version {args.step} of {args.db} as version {db.step} "
+            f"({len(db.concepts)} concepts)")
       return 0
 
     # add: every cheap check first, then the model.

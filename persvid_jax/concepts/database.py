@@ -14,6 +14,19 @@ version as the database, and older versions can be restored
 of the same step, so they can never disagree. ``concepts.json`` is only a
 mirror for people and tools that read JSON; the steps are the truth.
 
+**Several writers.** Every write (create, add, remove, restore) holds an
+exclusive ``flock`` on ``DIR/.lock`` and first reloads the latest step, so
+two processes adding at once both land (the second applies its change on
+top of the first's); a writer that cannot get the lock within
+``lock_timeout`` seconds is refused with ``DatabaseError`` naming the
+holder's pid. Readers take no lock: a step appears only when complete.
+
+**Damage.** ``open`` checks that the manifest and the bank agree (slots in
+range and unique, names valid, ``valid`` flags exactly the manifest's slots,
+shapes and capacity, finite features); a step that disagrees or cannot be
+read is refused with the last good version and the command that makes it
+the newest again (``python -m launch.concepts restore --db DIR --step N``).
+
 Slot ``C - 1`` of the bank is reserved for ``<image>`` (the subject of a
 target image given at generation time), so a database holds up to ``C - 1``
 concepts. Features are tied to the model that made them: the manifest
@@ -22,12 +35,15 @@ records ``Model.feature_id`` and generation refuses a database of another model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import json
 import os
 import pathlib
 import re
+import time
 from typing import Any
 
 import jax
@@ -38,6 +54,8 @@ import orbax.checkpoint as ocp
 from persvid_jax.concepts.bank import ConceptBank
 
 MANIFEST_VERSION = 1
+LOCK_FILE = ".lock"
+LOCK_TIMEOUT_S = 10.0     # a write takes ~1 s; a longer wait means a stuck writer
 MAX_NAME_LENGTH = 32
 # Names appear in prompts as <name>: letters, digits, '_' and '-', starting
 # with a letter or digit. That rules out path separators, spaces, dots
@@ -93,8 +111,74 @@ def _bank_to_numpy(bank: ConceptBank) -> dict[str, np.ndarray]:
           "valid": np.asarray(bank.valid, bool)}
 
 
+class _Damaged(Exception):
+  """A step that cannot be read or whose manifest disagrees with its bank."""
+
+
+def _check_consistent(bank: ConceptBank, manifest: dict) -> None:
+  """Raises ``_Damaged`` saying how ``manifest`` and ``bank`` disagree."""
+  c = bank.valid.shape[0]
+  if bank.ref_tokens.shape[0] != c or bank.detail_tokens.shape[0] != c:
+    raise _Damaged(f"bank arrays have {bank.ref_tokens.shape[0]} / "
+                   f"{bank.detail_tokens.shape[0]} / {c} slots")
+  if manifest.get("capacity") != c - 1:
+    raise _Damaged(f"manifest capacity {manifest.get('capacity')} != bank capacity {c - 1}")
+  slots, names = [], []
+  for entry in manifest.get("concepts", []):
+    name, slot = entry.get("name"), entry.get("slot")
+    try:
+      validate_name(name)
+    except DatabaseError:
+      raise _Damaged(f"manifest holds an invalid concept name {name!r}") from None
+    if not isinstance(slot, int) or not 0 <= slot < c - 1:
+      raise _Damaged(f"manifest puts <{name}> in slot {slot!r}, outside 0..{c - 2}")
+    slots.append(slot)
+    names.append(name)
+  if len(set(slots)) != len(slots) or len(set(names)) != len(names):
+    raise _Damaged("manifest has a slot or a name twice")
+  valid = set(np.flatnonzero(bank.valid).tolist())
+  if valid != set(slots):
+    raise _Damaged(f"manifest names slots {sorted(slots)} but the bank holds concepts in "
+                   f"slots {sorted(valid)}")
+  if not (np.all(np.isfinite(bank.ref_tokens)) and np.all(np.isfinite(bank.detail_tokens))):
+    raise _Damaged("the bank holds non-finite features")
+
+
+@contextlib.contextmanager
+def _write_lock(directory: pathlib.Path, timeout: float):
+  """Holds the database's write lock: an exclusive ``flock`` on ``DIR/.lock``.
+
+  Non-blocking attempts every 50 ms for ``timeout`` seconds, then
+  ``DatabaseError`` naming the holder's pid (written into the file by each
+  holder). The lock dies with its process, so a killed writer cannot leave
+  the database locked.
+  """
+  directory.mkdir(parents=True, exist_ok=True)
+  fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    deadline = time.monotonic() + timeout
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() >= deadline:
+          holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+          raise DatabaseError(f"database {directory} is being written by another process "
+                              f"(pid {holder}); retry when it has finished") from None
+        time.sleep(0.05)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)          # releases the lock
+
+
 class ConceptDatabase:
-  """A concept database directory (see module docstring). Not thread-safe.
+  """A concept database directory (see module docstring).
+
+  Not thread-safe (one object per thread); several processes may write the
+  same directory (the write lock serialises them).
 
   Attributes:
     directory: the database directory.
@@ -102,6 +186,7 @@ class ConceptDatabase:
     concepts: ``{name: ConceptRecord}`` in slot order.
     feature_id: the ``Model.feature_id`` the features were made with.
     step: the Orbax step this state was loaded from / last written.
+    lock_timeout: seconds a write waits for another process's write.
   """
 
   def __init__(self, directory: pathlib.Path, bank: ConceptBank, concepts: dict,
@@ -112,6 +197,7 @@ class ConceptDatabase:
     self.feature_id = feature_id
     self.step = step
     self._keep = keep
+    self.lock_timeout = LOCK_TIMEOUT_S
 
   # ---- construction -----------------------------------------------------------
 
@@ -144,7 +230,11 @@ class ConceptDatabase:
     bank = jax.tree.map(np.asarray, ConceptBank.from_config(config))
     db = cls(directory, bank, {}, feature_id, -1, keep)
     if commit:
-      db._commit()
+      with _write_lock(directory, db.lock_timeout):
+        if cls.exists(directory):     # another process was quicker
+          raise DatabaseError(f"{directory} already holds a concept database; open it "
+                              "instead")
+        db._commit()
     return db
 
   @classmethod
@@ -153,31 +243,72 @@ class ConceptDatabase:
     """Opens the latest (or a given) complete step of a database.
 
     Raises:
-      DatabaseError: no database there, or the step does not exist.
+      DatabaseError: no database there, the step does not exist, or it is
+        damaged (unreadable, or its manifest disagrees with its bank): the
+        message names the last good step and how to make it the newest.
     """
     directory = pathlib.Path(directory)
     if not cls.exists(directory):
       raise DatabaseError(f"{directory} is not a concept database; create one with "
                           "'python -m launch.concepts add --db DIR --name NAME --images ...'")
+    steps = cls._steps(directory, keep)
+    step = steps[-1] if step is None else step
+    if step not in steps:
+      raise DatabaseError(f"{directory} has no version {step}; it has {steps}")
+    try:
+      return cls._load(directory, step, keep)
+    except _Damaged as e:
+      good = None
+      for older in reversed([s for s in steps if s < step]):
+        try:
+          cls._load(directory, older, keep)
+        except (_Damaged, DatabaseError):
+          continue
+        good = older
+        break
+      hint = (f"version {good} is good: make it the newest with 'python -m launch.concepts "
+              f"restore --db {directory} --step {good}'" if good is not None else
+              "no earlier version is readable; add the concepts to a new database")
+      raise DatabaseError(f"{directory} version {step} is damaged ({e}); {hint}") from None
+
+  @classmethod
+  def _steps(cls, directory: pathlib.Path, keep: int) -> list[int]:
     manager = cls._manager(directory, keep, create=False)
     try:
-      step = manager.latest_step() if step is None else step
-      if step not in manager.all_steps():
-        raise DatabaseError(f"{directory} has no step {step}; it has {manager.all_steps()}")
+      return sorted(manager.all_steps())
+    finally:
+      manager.close()
+
+  @classmethod
+  def _load(cls, directory: pathlib.Path, step: int, keep: int) -> "ConceptDatabase":
+    """Step ``step`` as a database; ``_Damaged`` if unreadable or inconsistent."""
+    manager = cls._manager(directory, keep, create=False)
+    try:
       restored = manager.restore(step, args=ocp.args.Composite(
           bank=ocp.args.StandardRestore(), manifest=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 -- any reader failure means a damaged step
+      lines = str(e).strip().splitlines()
+      raise _Damaged(f"unreadable: {type(e).__name__}: {lines[0] if lines else ''}"[:300]
+                     ) from None
     finally:
       manager.close()
     m = restored["manifest"]
+    if not isinstance(m, dict):
+      raise _Damaged("the manifest is not a JSON object")
     if m.get("version") != MANIFEST_VERSION:
       raise DatabaseError(f"{directory} has manifest version {m.get('version')}; this code "
                           f"reads version {MANIFEST_VERSION}")
     b = restored["bank"]
-    bank = ConceptBank(ref_tokens=np.asarray(b["ref_tokens"], np.float32),
-                       detail_tokens=np.asarray(b["detail_tokens"], np.float32),
-                       valid=np.asarray(b["valid"], bool))
-    concepts = {c["name"]: ConceptRecord.from_json(c) for c in m["concepts"]}
-    return cls(directory, bank, concepts, m["feature_id"], int(step), keep)
+    try:
+      bank = ConceptBank(ref_tokens=np.asarray(b["ref_tokens"], np.float32),
+                         detail_tokens=np.asarray(b["detail_tokens"], np.float32),
+                         valid=np.asarray(b["valid"], bool))
+      _check_consistent(bank, m)
+      concepts = {c["name"]: ConceptRecord.from_json(c) for c in m["concepts"]}
+      feature_id = m["feature_id"]
+    except (KeyError, TypeError, ValueError) as e:
+      raise _Damaged(f"incomplete: {type(e).__name__}: {e}") from None
+    return cls(directory, bank, concepts, feature_id, int(step), keep)
 
   # ---- queries ----------------------------------------------------------------
 
@@ -224,29 +355,79 @@ class ConceptDatabase:
       name: a new, valid name.
       ref_tokens: ``[K, D]``; detail_tokens: ``[N, Dd]``.
       images: provenance, one ``{'file', 'sha256', 'coverage'}`` per source image.
+
+    Raises:
+      DatabaseError: the name is invalid or taken (also by another process
+        since this state was loaded), the database is full, the features are
+        not finite, or another process holds the write lock too long.
     """
+    validate_name(name)
+    if name in self.concepts or len(self.concepts) >= self.capacity:
+      self._sync()                          # perhaps stale: fail on the latest version
     self.check_new_name(name)
-    used = {c.slot for c in self.concepts.values()}
-    slot = min(s for s in range(self.capacity) if s not in used)
     ref_tokens, detail_tokens = np.asarray(ref_tokens), np.asarray(detail_tokens)
     if not (np.all(np.isfinite(ref_tokens)) and np.all(np.isfinite(detail_tokens))):
       raise DatabaseError(f"the features of <{name}> are not finite; the model is broken")
-    record = ConceptRecord(
-        name=name, slot=slot, num_images=len(images), images=tuple(images),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    bank = jax.tree.map(jnp.asarray, self.bank).set_slot(
-        slot, jnp.asarray(ref_tokens), jnp.asarray(detail_tokens))
-    concepts = dict(sorted({**self.concepts, name: record}.items(), key=lambda kv: kv[1].slot))
-    self._apply(bank, concepts)
+    with self._writing():
+      self.check_new_name(name)             # again, against the latest version
+      used = {c.slot for c in self.concepts.values()}
+      slot = min(s for s in range(self.capacity) if s not in used)
+      record = ConceptRecord(
+          name=name, slot=slot, num_images=len(images), images=tuple(images),
+          created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+      bank = jax.tree.map(jnp.asarray, self.bank).set_slot(
+          slot, jnp.asarray(ref_tokens), jnp.asarray(detail_tokens))
+      concepts = dict(sorted({**self.concepts, name: record}.items(),
+                             key=lambda kv: kv[1].slot))
+      self._apply(bank, concepts)
     return record
 
   def remove(self, name: str) -> ConceptRecord:
     """Removes concept ``name`` (its slot is zeroed and freed) and commits a new step."""
-    slot = self.slot_of(name)
-    record = self.concepts[name]
-    self._apply(jax.tree.map(jnp.asarray, self.bank).clear_slot(slot),
-                {n: c for n, c in self.concepts.items() if n != name})
+    if name not in self.concepts:
+      self._sync()                          # perhaps stale: fail on the latest version
+    self.slot_of(name)
+    with self._writing():
+      slot = self.slot_of(name)             # again, against the latest version
+      record = self.concepts[name]
+      self._apply(jax.tree.map(jnp.asarray, self.bank).clear_slot(slot),
+                  {n: c for n, c in self.concepts.items() if n != name})
     return record
+
+  def restore_as_latest(self) -> int:
+    """Commits this (older) version as the newest step, e.g. after a damaged one.
+
+    Returns the new step. The versions after this one stay on disk until
+    ``keep`` newer ones push them out.
+    """
+    with _write_lock(self.directory, self.lock_timeout):
+      self._commit()
+    return self.step
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """The write lock, with this object brought up to the latest step first.
+
+    Another process may have committed since this state was loaded; a change
+    computed on the stale state would silently drop that process's work.
+    """
+    with _write_lock(self.directory, self.lock_timeout):
+      self._sync()
+      yield
+
+  def _sync(self) -> None:
+    """Loads the latest step if it is not the one this object holds."""
+    if not self.exists(self.directory):
+      return
+    latest = self._steps(self.directory, self._keep)[-1]
+    if latest == self.step:
+      return
+    fresh = self.open(self.directory, step=latest, keep=self._keep)
+    if fresh.feature_id != self.feature_id:
+      raise DatabaseError(f"{self.directory} was built with another model (feature id "
+                          f"{fresh.feature_id}, this one {self.feature_id}); use that model "
+                          "or a new database")
+    self.bank, self.concepts, self.step = fresh.bank, fresh.concepts, fresh.step
 
   def _apply(self, bank: ConceptBank, concepts: dict) -> None:
     """Makes ``(bank, concepts)`` the state and commits it; on failure the old state stays."""
