@@ -11,6 +11,10 @@ image with ``--image-role scene`` -> concept + non-target image; plain text ->
 text; plain text + image -> text + non-target image. ``--mode`` states the
 expected mode and fails (status 2) if the request means another.
 ``--sheet`` also writes a PNG contact sheet (reference crop beside the frames).
+Bad input (an unusable image, an unknown concept, an empty prompt, steps < 1,
+a negative guidance scale, ...) exits with status 2 and one line on stderr;
+a prompt longer than the text encoder reads is truncated with a warning
+(unless a concept would be cut: then it is an error).
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ def main(argv=None) -> int:
       raise gen.GenerationError(problem)
     if args.steps is not None and args.steps < 1 or args.sr_steps is not None and args.sr_steps < 1:
       raise gen.GenerationError("--steps and --sr-steps must be >= 1")
+    if not args.prompt.strip():
+      raise gen.GenerationError("--prompt is empty; describe the video, e.g. "
+                                "\"a <my_toy> moving left on grass\"")
+    for flag, value in (("--guidance", args.guidance), ("--detail-guidance",
+                                                         args.detail_guidance)):
+      # 0 is unconditional sampling; below 0 pushes away from the prompt.
+      if value is not None and not value >= 0:
+        raise gen.GenerationError(f"{flag} {value} must be >= 0 (0 ignores the condition, "
+                                  "1 follows it without guidance)")
+    if args.scale < 1:
+      raise gen.GenerationError(f"--scale {args.scale} must be >= 1")
     image = subject_lib.load_image(args.image) if args.image else None
     mask = subject_lib.load_mask(args.mask, image.shape[:2]) if args.mask and image is not None else None
     if args.mask and image is None:

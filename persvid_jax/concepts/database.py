@@ -57,10 +57,14 @@ MANIFEST_VERSION = 1
 LOCK_FILE = ".lock"
 LOCK_TIMEOUT_S = 10.0     # a write takes ~1 s; a longer wait means a stuck writer
 MAX_NAME_LENGTH = 32
-# Names appear in prompts as <name>: letters, digits, '_' and '-', starting
-# with a letter or digit. That rules out path separators, spaces, dots
-# ('..'), and the angle brackets of the prompt syntax.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+# Names appear in prompts as <name>: ASCII letters, digits, '_' and '-',
+# starting with a letter or digit. That rules out path separators, spaces,
+# control characters, dots ('..'), and the angle brackets of the prompt
+# syntax. Non-ASCII names are refused on purpose: look-alikes ('dog' with a
+# Cyrillic 'о', fullwidth 'ｄｏｇ') and unnormalised accents would be
+# different concepts that print the same. (fullmatch: '$' alone would accept
+# a trailing newline.)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # Reserved: <image> (target-image mode) and the raw placeholders <c0>...
 _RESERVED_RE = re.compile(r"^(image|c[0-9]+)$", re.IGNORECASE)
 
@@ -76,10 +80,10 @@ def validate_name(name: str) -> str:
   if len(name) > MAX_NAME_LENGTH:
     raise DatabaseError(f"concept name {name!r} is {len(name)} characters long; use at most "
                         f"{MAX_NAME_LENGTH}")
-  if not _NAME_RE.match(name):
-    raise DatabaseError(f"concept name {name!r} is invalid; use letters, digits, '_' and '-' "
-                        "only (no spaces, path separators or brackets), starting with a "
-                        "letter or digit")
+  if not _NAME_RE.fullmatch(name):
+    raise DatabaseError(f"concept name {name!r} is invalid; use ASCII letters, digits, '_' "
+                        "and '-' only (no spaces, path separators, brackets or accents), "
+                        "starting with a letter or digit")
   if _RESERVED_RE.match(name):
     raise DatabaseError(f"concept name {name!r} is reserved (<image> and <cN> have a meaning "
                         "in prompts); choose another name")

@@ -44,8 +44,10 @@ dark clutter, miss it (twice: the ellipse). Colour and edges are all there is.
 
 **Users' files.** ``load_image`` / ``load_mask`` read a photo / a hand-made
 mask (``segment_subject(image, mask=...)`` then skips segmentation). A file
-that cannot be used (missing, a directory, not an image, truncated, tiny, an
-empty mask) raises ``ImageError`` with one line naming it and what to do.
+that cannot be used (missing, a directory, empty, not an image, truncated,
+tiny, over ``_MAX_PIXELS`` -- refused from its header, before any pixel is
+decoded --, an empty mask) raises ``ImageError`` with one line naming it and
+what to do. Of an animated GIF/WebP/APNG the first frame is used.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import warnings
 
 import cv2
 import numpy as np
@@ -65,6 +68,10 @@ _WORK_MAX = 160
 _WORK_MIN = 128
 _ITERATIONS = 3               # GrabCut iterations (more change little)
 _MIN_SIDE = 8                 # smallest image side load_image accepts
+# Largest image load_image decodes (a 108 MP phone photo fits). A header
+# claiming more is refused before decoding: a few-KB "decompression bomb"
+# can claim gigapixels. (PIL itself only warns up to 2x its own limit.)
+_MAX_PIXELS = 120_000_000
 _MIN_MASK_FRACTION = 0.005    # a user mask must cover [0.5%, 99.5%] of the image
 _BAR_TOLERANCE = 12           # letterbox bars: uniform within this (uint8, JPEG noise)
 # Colour contrast: each border strip's rarest colours (this fraction of its
@@ -104,8 +111,15 @@ def _open(path, what: str) -> Image.Image:
   if path.is_dir():
     raise ImageError(f"{what} {str(path)!r} is a directory; pass an image file "
                      f"(.jpg, .png, ...) inside it")
+  if path.stat().st_size == 0:
+    raise ImageError(f"{what} {str(path)!r} is an empty file (0 bytes); re-export or "
+                     f"re-download it")
   try:
-    img = Image.open(path)
+    with warnings.catch_warnings():
+      # Our own limit below replaces PIL's warning (which would print a
+      # multi-line warning and then decode anyway).
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      img = Image.open(path)
   except Image.UnidentifiedImageError:
     raise ImageError(f"{what} {str(path)!r} is not an image PIL can read; pass a "
                      f".jpg, .png, .webp or .bmp file") from None
@@ -115,6 +129,12 @@ def _open(path, what: str) -> Image.Image:
   except (OSError, ValueError) as e:
     raise ImageError(f"{what} {str(path)!r} cannot be opened ({e}); check the "
                      f"file and its permissions") from None
+  w, h = img.size
+  if w * h > _MAX_PIXELS:
+    img.close()
+    raise ImageError(f"{what} {str(path)!r} claims {w}x{h} pixels ({w * h / 1e6:.0f} "
+                     f"megapixels), over the {_MAX_PIXELS / 1e6:.0f}-megapixel limit; "
+                     f"downscale it first")
   try:
     # Image.open only parses the header: decode everything now, so that a
     # truncated or corrupt file fails here and not deep inside segmentation.
@@ -164,13 +184,15 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 def load_image(path) -> np.ndarray:
   """Reads a user's photo as uint8 ``[H, W, 3]`` RGB.
 
-  Grayscale and palette images are converted to RGB; an alpha channel is
-  composited over white; the EXIF orientation is applied.
+  Grayscale (8/16-bit), palette and CMYK images are converted to RGB; an
+  alpha channel is composited over white; the EXIF orientation is applied;
+  of an animated image (GIF, WebP, APNG) the first frame is used.
 
   Raises:
     ImageError: one line naming the file, for a missing file, a directory,
-      a file that is not an image, a truncated or corrupt image (it is fully
-      decoded here), or an image under 8 pixels a side.
+      an empty file, a file that is not an image, a truncated or corrupt
+      image (it is fully decoded here), an image under 8 pixels a side, or
+      one whose header claims over 120 megapixels (refused before decoding).
   """
   with _open(path, "image") as img:
     return _to_rgb(img)

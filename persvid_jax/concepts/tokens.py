@@ -22,6 +22,7 @@ Both use CLIP's specials (``<|startoftext|>``, ``<|endoftext|>``) and pad with
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Iterable, Sequence
 
@@ -38,6 +39,11 @@ UNK = "<unk>"
 # ``<c99>``: those are not tokens of the tokenizer (they would silently become
 # ``<unk>`` pieces), so they are caught here and reported.
 _PLACEHOLDER_RE = re.compile(r"<c(\d+)>")
+# Truncated prompts are logged, the first few per tokenizer: a user's prompt
+# is worth a warning, a corpus of long captions is not worth thousands.
+_MAX_TRUNCATION_WARNINGS = 5
+
+log = logging.getLogger(__name__)
 
 
 def placeholder(slot: int) -> str:
@@ -260,6 +266,7 @@ class PromptTokenizer:
     self.eos_id = int(tokenizer.eos_token_id)
     pad = tokenizer.pad_token_id
     self.pad_id = int(self.eos_id if pad is None else pad)
+    self.truncated = 0        # prompts cut to max_length so far (see encode)
 
   @classmethod
   def from_config(cls, config) -> "PromptTokenizer":
@@ -316,8 +323,10 @@ class PromptTokenizer:
     Each row is ``BOS, tokens…, EOS, pad…`` with ``L = max_length``; every
     placeholder becomes ``K`` consecutive copies of its id. A prompt longer
     than ``L`` is truncated *before* EOS (EOS always ends the text, the text
-    encoder pools there) — unless that would cut a placeholder token, which
-    is an error, since the concept would then vanish silently.
+    encoder pools there) with a logged warning (the first few times; all
+    are counted in ``self.truncated``) — unless that would cut a
+    placeholder token, which is an error, since the concept would then
+    vanish silently.
 
     Raises:
       ValueError: a placeholder index ``>= C``, or a placeholder truncated away.
@@ -342,6 +351,13 @@ class PromptTokenizer:
               f"truncated ({len(ids) + 2} tokens with each placeholder x"
               f"{self.ref_tokens}, max_length {self.max_length}); shorten the "
               "prompt or move the concept earlier")
+        self.truncated += 1
+        if self.truncated <= _MAX_TRUNCATION_WARNINGS:
+          dropped = self.tokenizer.decode([int(t) for t in cut]).strip()
+          log.warning("prompt %r has %d tokens, over the text encoder's %d: truncated, "
+                      "dropping %r%s", prompt, len(ids) + 2, self.max_length, dropped,
+                      "" if self.truncated < _MAX_TRUNCATION_WARNINGS else
+                      " (further truncations are not reported)")
         ids = ids[:body_len]
       out[row, 0] = self.bos_id
       out[row, 1:1 + len(ids)] = ids
