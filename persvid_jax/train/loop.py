@@ -7,6 +7,7 @@ Checkpoint (resume), Compile, Loop (metrics, checkpoints, samples).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -134,7 +135,8 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
   """``preview(params, batch, rng) -> (samples, reference)`` videos in [-1, 1].
 
   Conditional samples (no guidance) from the EMA params for the first
-  examples of a held-out batch: what the stage has learned so far.
+  examples of a held-out batch: what the stage has learned so far. In latent
+  space the samples are decoded by the VAE (pixels, as the targets).
   """
   stack, c = ctx.stack, ctx.config
 
@@ -144,7 +146,10 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
   @jax.jit
   def preview(params, batch, rng):
     video = batch["video"]
-    b, t_frames, h, w, ch = video.shape
+    b, t_frames = video.shape[:2]
+    ch = c.video.channels
+    to_pixels = functools.partial(stages.to_pixel_space, ctx, params)
+    base_pixels = stages.resize_video(video, *stack_lib.pixel_size(c))
     if stage == "personalize":
       tokens = batch["placeholder_caption_tokens"]
       yes = jnp.ones((b,), bool)
@@ -155,24 +160,23 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
       shape = (b, t_frames, c.video.height, c.video.width, ch)
       out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
                             cond=cond)
-      target = stages.resize_video(video, c.video.height, c.video.width)
-      return out, target
+      return to_pixels(out), base_pixels
     context, _ = stack.text_encoder.apply({"params": params["text_encoder"]},
                                           batch["caption_tokens"])
     if stage == "base":
       shape = (b, t_frames, c.video.height, c.video.width, ch)
       out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
                             cond=dict(context=context))
-      return out, stages.resize_video(video, c.video.height, c.video.width)
-    low = stages.resize_video(video, c.video.height, c.video.width)
-    up = cascade.upsample_video(low, (h, w), method=c.diffusion.resize_method,
-                                clip=c.diffusion.clip_x0)
+      return to_pixels(out), base_pixels
+    f = stack_lib.vae_factor(c)           # the SR scale in diffusion space
+    sr_size = (video.shape[2] // f, video.shape[3] // f)
+    up = stages.low_res_condition(ctx, params, video, sr_size, None)
     cond_video, level = cascade.noise_augment(ctx.schedule, up, c.diffusion.sr_noise_aug,
                                               jax.random.fold_in(rng, 1))
-    out = samplers.sample(sr_denoise, params["sr_unet"], rng, video.shape, sampler=sampler,
-                          cond=dict(context=context, cond_video=cond_video,
-                                    noise_level=level))
-    return out, video
+    out = samplers.sample(sr_denoise, params["sr_unet"], rng, (b, t_frames, *sr_size, ch),
+                          sampler=sampler, cond=dict(context=context, cond_video=cond_video,
+                                                     noise_level=level))
+    return to_pixels(out), video
 
   return preview
 
@@ -208,7 +212,7 @@ def setup(config, mesh=None) -> Setup:
   stage = tc.stage
   if stage not in stages.STAGES:
     raise ValueError(f"config.train.stage is {stage!r}; use one of {stages.STAGES}")
-  names = stages.STAGE_NETWORKS[stage]
+  names = stages.stage_networks(stage, config)
 
   # ---- Mesh ---------------------------------------------------------------
   mesh = sh.mesh_from_config(config.mesh) if mesh is None else mesh
@@ -230,6 +234,8 @@ def setup(config, mesh=None) -> Setup:
   rng = jax.random.key(config.seed)
   init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
   boxed_params = jax.eval_shape(lambda r: stack_lib.init_params(stack, names, r), init_rng)
+  if stack_lib.VAE in names:
+    _check_latent_vae(config, boxed_params)
   tx = state_lib.make_optimizer(tc, nn.meta.unbox(boxed_params))
 
   def init_state(r):
@@ -273,7 +279,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   else:
     state = s.create_state()
     if tc.get("init_from"):
-      state = _init_from(state, tc.init_from, state_shards)
+      random_vae = stack_lib.latent_enabled(config) and config.latent.get("random_vae", False)
+      state = _init_from(state, tc.init_from, state_shards, random_vae=random_vae)
     first_step = 0
 
   # ---- Input ----------------------------------------------------------------
@@ -312,15 +319,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         steps_timed += 1
         if step % tc.log_every_steps == 0 or step == tc.total_steps:
           metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          if not np.isfinite(metrics_host["loss"]):
-            raise FloatingPointError(f"loss is {metrics_host['loss']} at step {step}; the last "
-                                     f"good checkpoint is step {manager.latest_step()}")
+          _check_finite(metrics_host, step, manager)
           rate = steps_timed / (time.perf_counter() - t0)
           writer.scalars(step, dict(metrics_host, steps_per_second=rate,
                                     learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
           bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", steps_s=f"{rate:.2f}")
         bar.update(1)
         if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
+          # A diverged state must never become the newest "good" checkpoint.
+          _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
+                        manager)
           ckpt_lib.save(manager, step, state, config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
           _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
@@ -337,6 +345,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if step > first_step and not metrics_host:
           metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if manager.latest_step() != step:
+          if step > first_step:
+            _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
+                          manager)
           ckpt_lib.save(manager, step, state, config, force=True)
         log.warning("stopped by %s at step %d; checkpoint saved",
                     stop.signal or "a signal to another process", step)
@@ -354,6 +365,26 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   return result
 
 
+def _check_finite(metrics: dict, step: int, manager) -> None:
+  """Raises ``FloatingPointError`` (one line: the step, the values, the last good
+  checkpoint and what to do) if a metric of ``step`` is NaN or infinite.
+
+  Checked at every logged step and before every save. The loss is computed
+  before the update, so an infinite ``grad_norm`` / ``update_norm`` (NaN
+  params from now on) counts too.
+  """
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if not bad:
+    return
+  manager.wait_until_finished()
+  last = manager.latest_step()
+  where = (f"the last good checkpoint is step {last} in {manager.directory}; rerunning "
+           "resumes there" if last is not None else "there is no checkpoint yet")
+  values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+  raise FloatingPointError(f"training diverged at step {step} ({values}); {where}; lower "
+                           "config.train.learning_rate or config.train.grad_clip_norm")
+
+
 def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, workdir, n):
   batch = _device_batch(eval_batch, keys, batch_shards)
   samples, target = jax.device_get(preview(state.ema_params, batch, rng))
@@ -364,14 +395,33 @@ def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, wo
   media.save_gif(workdir / "samples" / f"step_{step:07d}.gif", grid, scale=4)
 
 
-def _init_from(state: state_lib.TrainState, init_from: str, state_shards):
+def _check_latent_vae(config, boxed_params) -> None:
+  """Latent space: the VAE stays frozen and has a source (raises otherwise)."""
+  vae_only = {stack_lib.VAE: nn.meta.unbox(boxed_params[stack_lib.VAE])}
+  if any(jax.tree.leaves(state_lib.trainable_mask(vae_only, config.train.trainable))):
+    raise ValueError(f"config.train.trainable={tuple(config.train.trainable)} matches VAE "
+                     f"params; the VAE of latent space is frozen, leave 'vae/' out")
+  if not config.latent.get("random_vae", False) and not config.train.get("init_from"):
+    from persvid_jax.pipeline import model as model_lib
+    raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {_VAE_FIX}")
+
+
+_VAE_FIX = ("set config.train.init_from to a model holding one (python -m launch.convert "
+            "--kind vae --src VAE_DIR --out DIR), or config.latent.random_vae=True for a "
+            "toy/test config")
+
+
+def _init_from(state: state_lib.TrainState, init_from: str, state_shards, *,
+               random_vae: bool = False):
   """Copies params of the networks another run holds into a fresh state.
 
   ``init_from`` is a training workdir (the EMA params of its latest
   checkpoint, then along its own ``init_from`` chain), an exported model
   directory (``model.safetensors``: fine-tune a shipped model) or a converted
   one (``launch.convert``). Networks the source lacks keep their init; a
-  network whose shapes differ is refused.
+  network whose shapes differ is refused. A latent-space stage takes its VAE
+  from there too; without one there, only ``config.latent.random_vae`` lets
+  it keep its seeded init.
   """
   from persvid_jax.pipeline import model as model_lib
   path = pathlib.Path(init_from)
@@ -381,13 +431,17 @@ def _init_from(state: state_lib.TrainState, init_from: str, state_shards):
                             f"{model_lib.WEIGHTS_FILE})")
   try:
     # Along the init_from chain (a converted CLIP under a converted UNet, ...).
-    _, source, _ = model_lib.collect_networks([path], fill_missing=False)
+    _, source, _ = model_lib.collect_networks([path], fill_missing=False,
+                                              networks=tuple(state.params))
   except model_lib.ModelError as e:
     if "holds no checkpoint" in str(e):
       raise FileNotFoundError(f"config.train.init_from={init_from!r} holds no checkpoint "
                               f"yet") from None
     raise
   params, ema = dict(state.params), dict(state.ema_params)
+  if stack_lib.VAE in params and stack_lib.VAE not in source and not random_vae:
+    raise model_lib.ModelError(f"config.train.init_from={init_from!r} holds no VAE for "
+                               f"latent space: {_VAE_FIX}")
   for name in params:
     if name not in source:
       continue

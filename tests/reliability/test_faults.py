@@ -123,3 +123,24 @@ def test_sigkill_mid_async_save_orphans_no_worker_and_resumes_last_complete(tmp_
     np.testing.assert_array_equal(np.asarray(state["w"]), 2.0)
   finally:
     manager.close()
+
+
+def test_a_diverged_step_names_itself_and_the_last_good_checkpoint(tmp_path):
+  """What the training loop calls at every logged step and before every save."""
+  from persvid_jax import checkpoint as ckpt_lib
+  from persvid_jax.train import loop
+  manager = ckpt_lib.make_manager(tmp_path / "checkpoints", async_save=True)
+  try:
+    with pytest.raises(FloatingPointError, match=r"diverged at step 3 \(loss=nan\); there "
+                                                 r"is no checkpoint yet"):
+      loop._check_finite({"loss": float("nan"), "grad_norm": 1.0}, 3, manager)
+    ckpt_lib.save(manager, 4, {"w": np.ones(3, np.float32)})   # in flight when it raises
+    with pytest.raises(FloatingPointError) as info:
+      # The loss is computed before the update: an infinite gradient counts too.
+      loop._check_finite({"loss": 0.5, "grad_norm": float("inf")}, 7, manager)
+    message = str(info.value)
+    assert "diverged at step 7 (grad_norm=inf)" in message and "\n" not in message
+    assert f"last good checkpoint is step 4 in {tmp_path / 'checkpoints'}" in message
+    loop._check_finite({"loss": 0.5, "grad_norm": 2.0}, 8, manager)   # finite: no error
+  finally:
+    manager.close()
