@@ -81,6 +81,13 @@ def main(argv=None) -> int:
       if name not in known:
         return _common.fail(f"--variant-model {name}: no variant needs it; known: "
                             f"{', '.join(sorted(known))}")
+    # OUT.run_record.json beside the results (and OUT.run_records/NNN.json):
+    # what produced them; a rerun into the same name warns about differences.
+    from persvid_jax import records
+    records.record_run(out.parent, config, name=f"{out.stem}.run_record",
+                       extra={"kind": "evaluate", "model": args.model or "shipped demo",
+                              "variant_models": variant_paths, "ablations": args.ablations,
+                              "dreambench": args.dreambench, "probe": args.probe})
     t0 = time.perf_counter()
     model = model_lib.load_model(args.model.split(",") if args.model else None)
     print(f"model: {model.source} ({model.config.name})", flush=True)

@@ -49,6 +49,10 @@ def main(argv=None) -> int:
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   _maybe_initialize_distributed()
+  # After the distributed init (the record reads the devices); process 0 writes
+  # WORKDIR/run_record.json and warns about what differs from the last run there.
+  from persvid_jax import records
+  records.record_run(args.workdir, config, extra={"kind": "train"})
   from persvid_jax.data import DataError
   from persvid_jax.pipeline.model import ModelError
   from persvid_jax.train import loop
