@@ -317,8 +317,11 @@ def _ignore_stop_signals() -> None:
   down (``kill -9``, the OOM killer) would leave them orphaned: a worker
   idling in its call queue never notices. So a daemon thread watches the
   parent and ends the worker (``os._exit``: no cleanup owed to a dead
-  parent) within about a second (``poll_s``) of it vanishing.
+  parent) within about a second (``poll_s``) of it vanishing -- also when
+  it vanished while this worker was still starting (the trainer's pid comes
+  from multiprocessing, not from ``getppid`` at this point).
   """
+  import multiprocessing
   import os
   import signal
   import threading
@@ -326,11 +329,12 @@ def _ignore_stop_signals() -> None:
   poll_s = 1.0
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  parent = os.getppid()
+  parent = multiprocessing.parent_process()     # None only outside multiprocessing
+  parent_pid = parent.pid if parent is not None else os.getppid()
 
   def watch():
-    # Re-parented (to init or a subreaper) once the trainer is gone.
-    while os.getppid() == parent:
+    # Gone: re-parented (to init or a subreaper), or its sentinel pipe closed.
+    while os.getppid() == parent_pid and (parent is None or parent.is_alive()):
       time.sleep(poll_s)
     os._exit(0)
 
