@@ -71,8 +71,9 @@ def _train_args(argv):
   i = argv.index("launch.train")
   assert argv[i - 1] == "-m"
   rest = argv[i + 1:]
-  return ({rest[j]: rest[j + 1] for j in range(len(rest) - 1) if rest[j] in ("--config", "--workdir")},
-          [a for a in rest if a.startswith("--config.")])
+  flags = {rest[j]: rest[j + 1] for j in range(len(rest) - 1)
+           if rest[j] in ("--config", "--workdir")}
+  return flags, [a for a in rest if a.startswith("--config.")]
 
 
 def test_slurm_dry_run_and_per_task_environment(tmp_path):

@@ -1,4 +1,4 @@
-"""``launch.sweep``: grids, print mode, user errors, and a real 2-point sweep of ``launch.train``."""
+"""``launch.sweep``: grids, print mode, user errors, a real 2-point sweep of ``launch.train``."""
 
 import json
 import os
@@ -39,8 +39,9 @@ def test_grid_parsing_and_point_names():
 
 
 def test_print_mode_and_bad_grids_exit_2(tmp_path):
-  r = _sweep("--config", "configs/tiny.py:micro", "--grid", "seed=0,1;train.learning_rate=1e-3,2e-3",
-             "--workdir", tmp_path, "--mode", "print", "--config.train.total_steps=7")
+  r = _sweep("--config", "configs/tiny.py:micro", "--grid",
+             "seed=0,1;train.learning_rate=1e-3,2e-3", "--workdir", tmp_path, "--mode", "print",
+             "--config.train.total_steps=7")
   assert r.returncode == 0, r.stderr
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 4 and not (tmp_path / "sweep.json").exists()   # print runs nothing
