@@ -116,5 +116,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
       node = node[p]
     if leaf not in node:
       raise ConfigError(f"override {item!r}: no config field {key!r}")
-    node[leaf] = _literal(value)
+    try:
+      node[leaf] = _literal(value)
+    except (TypeError, ValueError) as e:
+      # ConfigDict is typed: a float field refuses 'x' with a TypeError.
+      raise ConfigError(f"override {item!r}: {e}") from None
   return config
