@@ -22,8 +22,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("name", ["quickstart", "ablations"])
 def test_notebook_runs(name, tmp_path):
   nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-  # Headless plotting; the kernel inherits the rest of the test environment.
-  os.environ.setdefault("MPLBACKEND", "Agg")
   client = NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": str(tmp_path)}})
   t0 = time.perf_counter()
