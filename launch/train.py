@@ -34,7 +34,14 @@ def _parse(argv):
 def _maybe_initialize_distributed():
   import jax
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
-    jax.distributed.initialize()
+    # jax reads only the coordinator address from the environment; without a
+    # detected cluster the process count and id must be passed. CPU processes
+    # reduce over gloo (jax's default; JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi
+    # picks MPI).
+    env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                              ("process_id", "JAX_PROCESS_ID"))
+           if os.environ.get(v)}
+    jax.distributed.initialize(**env)
   elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES"):
     jax.distributed.initialize()   # cluster auto-detection
 
@@ -61,6 +68,11 @@ def main(argv=None) -> int:
   except (DataError, FileNotFoundError, ModelError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except FloatingPointError as e:
+    # Divergence is not bad input (exit 1, not 2); the message names the step
+    # and the last good checkpoint, a traceback would add nothing.
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   # A SIGTERM / SIGINT stop saved a checkpoint: a clean exit (status 0), so
   # a scheduler requeues the job and the next launch resumes from it.
   done = f"stopped by {result.stopped_by}" if result.stopped_by else "done"

@@ -1,0 +1,91 @@
+"""Time our train / denoise steps (and the cascade, adding a concept) against diffusers.
+
+  python -m launch.bench [--config modelscope] [--peer] [--json FILE]
+      [--which train,denoise256,denoise512,cascade,concept]
+      [--batch B --frames T --size S --text-len L] [--steps N] [--peak-tflops P]
+
+Prints a markdown table (``persvid_jax/bench.py`` says what each column
+measures). The default config is ``modelscope`` at the issue's shapes (a GPU job:
+``bash launch/bench_gpu.sh``); ``--config tiny`` runs on a CPU in seconds.
+Imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+from launch import _common
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(description="Benchmark our steps against diffusers' UNet3D.")
+  p.add_argument("--config", default="modelscope", help="configs/NAME.py[:variant] or NAME")
+  p.add_argument("--peer", action="store_true",
+                 help="also time diffusers' UNet3DConditionModel (torch) on the same inputs")
+  p.add_argument("--peer-compile", choices=("auto", "yes", "no"), default="auto",
+                 help="torch.compile the peer (auto: on a GPU only)")
+  p.add_argument("--json", help="write the results to this JSON file")
+  p.add_argument("--which", default=",".join(("train", "denoise256", "denoise512", "cascade",
+                                             "concept")),
+                 help="comma-separated works (default: all)")
+  p.add_argument("--batch", type=int, help="train batch (default 4)")
+  p.add_argument("--frames", type=int, help="frames (default config.video.frames)")
+  p.add_argument("--size", type=int, help="latent side at the base scale "
+                 "(default config.video.height; denoise512 uses twice it)")
+  p.add_argument("--text-len", type=int, help="text length (default config.text.max_length)")
+  p.add_argument("--steps", type=int, default=10, help="timed calls per row (median)")
+  p.add_argument("--sample-steps", type=int, default=25, help="cascade: base DDIM steps")
+  p.add_argument("--sr-steps", type=int, default=10, help="cascade: SR DDIM steps")
+  p.add_argument("--peak-tflops", type=float,
+                 help="peak for MFU (default by device: H100/H200 989 dense bf16; CPU: none)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = _parse(sys.argv[1:] if argv is None else argv)
+  if args.json:
+    out = pathlib.Path(args.json)
+    if not out.parent.is_dir():
+      return _common.fail(f"--json {out}: directory {out.parent} does not exist; create it first")
+  # Peer (torch) and ours share one GPU: allocate on demand, not 75% up front.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  _common.quiet()
+  from persvid_jax import bench, config_lib
+  try:
+    config = config_lib.load_config(args.config)
+    works = bench.parse_works(args.which)
+    shapes = bench.default_shapes(config, batch=args.batch, frames=args.frames,
+                                  size=args.size, text_len=args.text_len)
+  except (config_lib.ConfigError, bench.BenchError) as e:
+    return _common.fail(str(e))
+  if args.peer:
+    try:
+      import diffusers  # noqa: F401
+      import torch  # noqa: F401
+    except ImportError as e:
+      return _common.fail(f"--peer needs torch and diffusers ({e}); pip install -e '.[parity]'")
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+  def save(result):   # after every row: a run cut by a time limit keeps its rows
+    if args.json:
+      tmp = pathlib.Path(args.json + ".tmp")
+      tmp.write_text(json.dumps(result, indent=2))
+      os.replace(tmp, args.json)
+
+  try:
+    result = bench.run(config, works, shapes, steps=args.steps, peer=args.peer,
+                       peer_compile={"auto": None, "yes": True, "no": False}[args.peer_compile],
+                       peak_tflops=args.peak_tflops, sample_steps=args.sample_steps,
+                       sr_steps=args.sr_steps, log=log, on_row=save)
+  except bench.BenchError as e:
+    return _common.fail(str(e))
+  print(bench.markdown(result))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The benchmark of issue 8 on one GPU, within about 8 minutes:
+#
+#   bash launch/bench_gpu.sh [OUT_DIR]        (default: $OUT, else ./bench_out)
+#
+# Installs nothing. 1. checks the imports and the GPU (jax and torch must both
+# see it); 2. our train / denoise steps against diffusers' UNet3DConditionModel
+# at the issue's shapes (configs/modelscope.py: train 4 x 16 x 32x32x4 latents,
+# 77 x 1024 text; denoise 2 x 16 x 32x32 and 2 x 16 x 64x64), eager and
+# torch.compile, bf16; 3. end to end: adding a concept from one photo and the
+# cascade (25 DDIM steps at 256 px + 10 at 512 px, 16 frames, CFG), our side
+# only. Each phase has its own time limit and writes its JSON after every row,
+# so a phase cut by its limit still leaves the rows it finished.
+#
+# Output: OUT/bench.md (the tables), OUT/bench.json, OUT/bench_e2e.json,
+# OUT/*.log (stderr), OUT/env.txt. Environment: STEPS (timed calls per row,
+# default 10), STEPS_S / E2E_S (phase limits in seconds, default 300 / 130).
+set -uo pipefail
+
+OUT_DIR=${1:-${OUT:-bench_out}}
+STEPS=${STEPS:-10}
+STEPS_S=${STEPS_S:-300}
+E2E_S=${E2E_S:-130}
+mkdir -p "$OUT_DIR"
+# torch and jax share the GPU: jax allocates on demand instead of 75% up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+python3 - <<'EOF' 2>&1 | tee "$OUT_DIR/env.txt"
+import platform, sys
+import jax, flax, torch, diffusers
+print("python", platform.python_version(), "jax", jax.__version__, "flax", flax.__version__,
+      "torch", torch.__version__, "diffusers", diffusers.__version__)
+print("jax devices", jax.devices())
+print("torch cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+if jax.devices()[0].platform != "gpu" or not torch.cuda.is_available():
+  sys.exit("error: jax and torch must both see the GPU (pip install -U 'jax[cuda12]' and "
+           "a CUDA build of torch)")
+EOF
+[[ ${PIPESTATUS[0]} -eq 0 ]] || exit 1
+
+phase() {   # phase NAME LIMIT_S ARGS...: run launch.bench, keep what it finished
+  local name=$1 limit=$2
+  shift 2
+  echo "## $name" >>"$OUT_DIR/bench.md"
+  timeout -k 10 "$limit" python3 -m launch.bench --config modelscope --steps "$STEPS" \
+      --json "$OUT_DIR/$name.json" "$@" >"$OUT_DIR/$name.table" 2>"$OUT_DIR/$name.log"
+  local rc=$?
+  if [[ $rc -eq 0 ]]; then
+    cat "$OUT_DIR/$name.table" >>"$OUT_DIR/bench.md"
+  else
+    echo "(exit status $rc; rows finished before it:)" >>"$OUT_DIR/bench.md"
+    [[ -f "$OUT_DIR/$name.json" ]] && python3 -c "import json, sys; from persvid_jax import bench
+print(bench.markdown(json.load(open(sys.argv[1]))))" "$OUT_DIR/$name.json" >>"$OUT_DIR/bench.md"
+    tail -n 5 "$OUT_DIR/$name.log" >>"$OUT_DIR/bench.md"
+  fi
+  echo >>"$OUT_DIR/bench.md"
+}
+
+: >"$OUT_DIR/bench.md"
+phase bench "$STEPS_S" --peer --which denoise256,denoise512,train
+phase bench_e2e "$E2E_S" --which concept,cascade
+cat "$OUT_DIR/bench.md"

@@ -1,0 +1,728 @@
+"""Benchmarks: our train and denoise steps, the cascade, adding a concept; the peer.
+
+Works (``WORKS``), each one row of the table:
+
+============  ==========================================================================
+``train``     one train step of the base generator: ``[B, T, S, S, C]`` latents,
+              ``[B, L, D]`` text states, eps loss, AdamW + clipping + EMA (the project's
+              ``train.step.make_train_step``)
+``denoise256`` one forward of the base generator at batch 2 (CFG: unconditional +
+              conditional rows), ``[2, T, S, S, C]``
+``denoise512`` the same at twice the side, ``[2, T, 2S, 2S, C]``
+``cascade``   end-to-end generation of one video with ``pipeline.generate.Generator``:
+              DDIM base steps (3-branch CFG: text and detail scales) + SR steps
+``concept``   adding a concept from one photo: subject recognition, encoders, Orbax commit
+============  ==========================================================================
+
+Default shapes come from the config: ``S = config.video.height``, ``T =
+config.video.frames``, ``L = config.text.max_length``, ``C`` and ``D`` of
+``config.unet``; the train batch is 4. For ``configs/modelscope.py`` these are
+the issue's shapes (4 x 16 x 32x32x4 latents, 77 x 1024 text; 256 / 512 px after
+the VAE's 8x); ``configs/tiny.py`` shrinks them to 4 x 4 x 16x16x3, 16 x 32.
+
+The peer (``--peer``) is diffusers' ``UNet3DConditionModel`` built from the same
+generator config (``peer_kwargs``), on the same inputs, in torch: eager and
+``torch.compile``, bf16 autocast when our compute dtype is bf16 on a GPU. For the
+comparison both sides run the plain ModelScope layout: detail attention off and
+diffusers' 8 heads in ``transformer_in`` (our method's extra detail branch is
+timed in the ``cascade`` row).
+
+Measured per row: median wall time of ``steps`` calls (each waited for with
+``block_until_ready`` / ``cuda.synchronize``) after one warm-up; FLOPs from XLA's
+``cost_analysis`` of the AOT-compiled program (the peer's from torch's
+``FlopCounterMode``: matmuls, convs, attention); TFLOP/s = FLOPs / time; MFU
+against ``peak_tflops``; the device's peak memory (``memory_stats``, a
+high-water mark of the process, so rows run smallest first); compile seconds of
+``jit(...).lower(...).compile()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import statistics
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+
+WORKS = ("train", "denoise256", "denoise512", "cascade", "concept")
+PEER_WORKS = ("train", "denoise256", "denoise512")
+
+# Dense bf16 peak TFLOP/s by device kind (substring of jax's device_kind).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+# diffusers' UNet3DConditionModel on one H200 at the issue's shapes (bf16
+# autocast): (eager ms, torch.compile ms, TFLOP). The table's reference column.
+PEER_H200 = {"train": (373.0, None, 58.7), "denoise256": (71.4, 42.6, 9.8),
+             "denoise512": (201.0, None, 41.7)}
+ISSUE_SHAPES = dict(batch=4, frames=16, size=32, text_len=77, channels=4, text_width=1024)
+
+TRAIN_BATCH = 4
+CFG_BATCH = 2
+
+
+class BenchError(ValueError):
+  """Bad benchmark request (unknown work, impossible shape): a user error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """Shapes of the rows (see module docstring)."""
+  batch: int        # B of the train step
+  frames: int       # T
+  size: int         # S, the latent side of the base scale ('256 px'); '512 px' is 2S
+  text_len: int     # L
+  channels: int     # C, latent channels
+  text_width: int   # D, text state width
+
+
+def default_shapes(config, *, batch: int | None = None, frames: int | None = None,
+                   size: int | None = None, text_len: int | None = None) -> Shapes:
+  """The config's shapes (train batch 4), each overridable; raises ``BenchError``."""
+  s = Shapes(batch=batch or TRAIN_BATCH, frames=frames or config.video.frames,
+             size=size or config.video.height, text_len=text_len or config.text.max_length,
+             channels=config.unet.in_channels, text_width=config.unet.cross_attention_dim)
+  for name in ("batch", "frames", "size", "text_len"):
+    if getattr(s, name) < 1:
+      raise BenchError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+  down = 2 ** (len(config.unet.block_out_channels) - 1)
+  if s.size % down:
+    raise BenchError(f"--size {s.size} must be a multiple of {down} (the generator's "
+                     f"{down.bit_length() - 1} downsamplings halve it)")
+  return s
+
+
+def peak_tflops_of(device_kind: str) -> float | None:
+  """Dense bf16 peak of a device kind, or None (CPU, unknown: MFU is n/a)."""
+  for key, value in PEAK_TFLOPS.items():
+    if key.lower() in device_kind.lower():
+      return value
+  return None
+
+
+@dataclasses.dataclass
+class Row:
+  """One row of the table (times in ms, None where not measured)."""
+  work: str
+  shape: str
+  ours_ms: float | None = None
+  peer_eager_ms: float | None = None
+  peer_compile_ms: float | None = None
+  peer_note: str | None = None          # why a peer column is empty
+  flops: float | None = None            # ours, XLA cost analysis (per call)
+  peer_flops: float | None = None       # torch FlopCounterMode (per call)
+  peak_mem_bytes: int | None = None     # ours, device high-water mark after the row
+  peer_peak_mem_bytes: int | None = None
+  compile_s: float | None = None        # ours
+  peer_compile_s: float | None = None   # torch.compile's first call
+  program_bytes: int | None = None      # ours, memory_analysis (args + temps + outputs)
+  extra: dict = dataclasses.field(default_factory=dict)
+
+  def ratio(self) -> float | None:
+    """Best peer time / ours (> 1: ours is faster)."""
+    peer = [v for v in (self.peer_eager_ms, self.peer_compile_ms) if v]
+    return min(peer) / self.ours_ms if peer and self.ours_ms else None
+
+  def tflops_per_s(self) -> float | None:
+    return self.flops / self.ours_ms / 1e9 if self.flops and self.ours_ms else None
+
+
+# ----------------------------------------------------------------------------
+# Shared helpers.
+# ----------------------------------------------------------------------------
+
+def bench_unet_config(config):
+  """``config.unet`` in the plain diffusers layout (no detail attention, 8 heads in
+  ``transformer_in``): the network both sides of the comparison build."""
+  u = config.unet.copy_and_resolve_references()
+  u.detail_cross_attention = False
+  u.transformer_in_heads = 8         # hard-coded in diffusers
+  return u
+
+
+def peer_kwargs(u) -> dict:
+  """``UNet3DConditionModel(**kwargs)`` for a ``bench_unet_config`` (the inverse of
+  ``convert.unet3d.unet_config``)."""
+  return dict(in_channels=u.in_channels, out_channels=u.out_channels,
+              block_out_channels=tuple(u.block_out_channels),
+              down_block_types=tuple(u.down_block_types),
+              up_block_types=tuple(u.up_block_types), layers_per_block=u.layers_per_block,
+              norm_num_groups=u.norm_num_groups, norm_eps=u.norm_eps,
+              cross_attention_dim=u.cross_attention_dim, attention_head_dim=u.head_dim)
+
+
+def random_params(abstract: Any, rng: jax.Array, std: float = 0.02) -> Any:
+  """Normal(0, std) leaves of an abstract (ShapeDtypeStruct) params tree, on device.
+
+  One small jitted program instead of a model's init (whose compile includes
+  the forward pass): values only matter for timing.
+  """
+  leaves, treedef = jax.tree.flatten(abstract)
+
+  @jax.jit
+  def fill(key):
+    keys = jax.random.split(key, len(leaves))
+    return [std * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+
+  return jax.tree.unflatten(treedef, fill(rng))
+
+
+def _median_ms(times_s: Sequence[float]) -> float:
+  return 1e3 * statistics.median(times_s)
+
+
+def _cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def _program_bytes(compiled) -> int | None:
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:   # not every backend reports it
+    return None
+
+
+def device_peak_bytes() -> int | None:
+  """The first device's peak bytes in use (None where it keeps no stats, e.g. CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _compile(fn: Callable, *args, donate=()) -> tuple[Any, float]:
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def _time(call: Callable[[], Any], steps: int) -> list[float]:
+  """Seconds of ``steps`` calls after one warm-up, each waited for."""
+  jax.block_until_ready(call())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _shape_str(*dims) -> str:
+  return "x".join(str(d) for d in dims)
+
+
+def row_shapes(shapes: Shapes) -> dict[str, str]:
+  s = shapes
+  text = f"text {s.text_len}x{s.text_width}"
+  return {
+      "train": f"{_shape_str(s.batch, s.frames, s.size, s.size, s.channels)}, {text}",
+      "denoise256": f"{_shape_str(CFG_BATCH, s.frames, s.size, s.size, s.channels)}, {text}",
+      "denoise512": f"{_shape_str(CFG_BATCH, s.frames, 2 * s.size, 2 * s.size, s.channels)}"
+                    f", {text}",
+  }
+
+
+# ----------------------------------------------------------------------------
+# Ours: train and denoise steps of the base generator.
+# ----------------------------------------------------------------------------
+
+def _our_unet(config):
+  from persvid_jax.models.unet3d import UNet3D
+  return UNet3D.from_config(bench_unet_config(config), dtype=config.dtype,
+                            param_dtype=config.param_dtype,
+                            attention_impl=config.get("attention_impl"))
+
+
+def _inputs(shapes: Shapes, batch: int, size: int, rng: jax.Array):
+  """``(x [B, T, size, size, C], t [B], context [B, L, D])`` float32 / int32."""
+  k1, k2, k3 = jax.random.split(rng, 3)
+  x = jax.random.normal(k1, (batch, shapes.frames, size, size, shapes.channels))
+  t = jax.random.randint(k2, (batch,), 0, 1000)
+  context = jax.random.normal(k3, (batch, shapes.text_len, shapes.text_width))
+  return x, t, context
+
+
+def _abstract_unet_params(unet, shapes: Shapes):
+  x, t, ctx = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in
+               jax.eval_shape(lambda: _inputs(shapes, 1, shapes.size, jax.random.key(0))))
+  import flax.linen as nn
+  return nn.meta.unbox(jax.eval_shape(unet.init, jax.random.key(0), x, t, ctx))["params"]
+
+
+def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
+                 ) -> tuple[Row, Any]:
+  """One forward of the base generator at ``[2, T, size, size, C]``; returns the row
+  and the params (reused by the next denoise row)."""
+  unet = _our_unet(config)
+  if params is None:
+    params = random_params(_abstract_unet_params(unet, shapes), jax.random.key(1))
+  x, t, ctx = _inputs(shapes, CFG_BATCH, size, jax.random.key(2))
+
+  def denoise(p, x, t, ctx):
+    return unet.apply({"params": p}, x, t, ctx)
+
+  compiled, compile_s = _compile(denoise, params, x, t, ctx)
+  times = _time(lambda: compiled(params, x, t, ctx), steps)
+  row = Row(work="", shape="", ours_ms=_median_ms(times), flops=_cost_flops(compiled),
+            compile_s=compile_s, program_bytes=_program_bytes(compiled),
+            peak_mem_bytes=device_peak_bytes(),
+            extra=dict(params=int(sum(x.size for x in jax.tree.leaves(params)))))
+  return row, params
+
+
+def ours_train(config, shapes: Shapes, steps: int) -> Row:
+  """One train step (the project's ``make_train_step``: eps loss, AdamW with global-norm
+  clipping, EMA) of the base generator on ``[B, T, S, S, C]`` latents + text states."""
+  import ml_collections
+  from persvid_jax.diffusion import losses, schedules
+  from persvid_jax.train import state as state_lib
+  from persvid_jax.train import step as step_lib
+
+  unet = _our_unet(config)
+  params = {"unet": random_params(_abstract_unet_params(unet, shapes), jax.random.key(1))}
+  tc = ml_collections.ConfigDict(dict(
+      trainable=("^unet/",), learning_rate=1e-4, warmup_steps=0, total_steps=1000,
+      lr_min_ratio=1.0, weight_decay=0.0, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=1.0))
+  tx = state_lib.make_optimizer(tc, params)
+  schedule = schedules.from_config(config.diffusion)
+
+  def loss_fn(p, batch, rng):
+    drop_rng, loss_rng = jax.random.split(rng)
+
+    def denoise(q, x_t, t, context):
+      return unet.apply({"params": q}, x_t, t, context, deterministic=False,
+                        rngs={"dropout": drop_rng})
+
+    out = losses.diffusion_loss(denoise, p["unet"], batch["x0"], loss_rng,
+                                dict(context=batch["context"]), schedule=schedule,
+                                prediction="eps")
+    return out.loss, {"loss": out.loss}
+
+  train_step = step_lib.make_train_step(loss_fn, tx, ema_decay=0.999)
+  state = jax.jit(state_lib.create_state, static_argnums=1)(params, tx)
+  del params
+  x0, _, ctx = _inputs(shapes, shapes.batch, shapes.size, jax.random.key(3))
+  batch = dict(x0=x0, context=ctx)
+  rng = jax.random.key(4)
+  compiled, compile_s = _compile(train_step, state, batch, rng, donate=(0,))
+  holder = [state]
+
+  def call():
+    holder[0], metrics = compiled(holder[0], batch, rng)
+    return metrics["loss"]
+
+  times = _time(call, steps)
+  row = Row(work="", shape="", ours_ms=_median_ms(times), flops=_cost_flops(compiled),
+            compile_s=compile_s, program_bytes=_program_bytes(compiled),
+            peak_mem_bytes=device_peak_bytes(),
+            extra=dict(loss=float(jax.device_get(call()))))
+  return row
+
+
+# ----------------------------------------------------------------------------
+# The peer: diffusers' UNet3DConditionModel in torch.
+# ----------------------------------------------------------------------------
+
+def peer_compile_default() -> tuple[bool, str | None]:
+  """``(compile?, reason if not)``: ``torch.compile`` on a GPU; skipped on a CPU."""
+  import torch
+  if torch.cuda.is_available():
+    return True, None
+  return False, ("torch.compile skipped on CPU (inductor builds C++ kernels for minutes); "
+                 "--peer-compile yes forces it")
+
+
+class _Peer:
+  """The diffusers model, its inputs and timing helpers on one torch device."""
+
+  def __init__(self, config, shapes: Shapes, steps: int):
+    import diffusers
+    import torch
+    self.torch, self.shapes, self.steps = torch, shapes, steps
+    self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    self.model = diffusers.UNet3DConditionModel(
+        **peer_kwargs(bench_unet_config(config))).to(self.device)
+    bf16 = str(config.dtype) == "bfloat16" and self.device.type == "cuda"
+    self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None)
+    self.dtype_note = "bf16 autocast" if bf16 else "float32"
+
+  def _ctx(self):
+    import contextlib
+    return self.autocast if self.autocast is not None else contextlib.nullcontext()
+
+  def sync(self):
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
+
+  def inputs(self, batch: int, size: int):
+    """``(x [B, C, T, H, W], t [B], context [B, L, D])`` channels-first."""
+    torch, s = self.torch, self.shapes
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, s.channels, s.frames, size, size, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    ctx = torch.randn(batch, s.text_len, s.text_width, generator=g)
+    return x.to(self.device), t.to(self.device), ctx.to(self.device)
+
+  def _timed(self, call: Callable[[], Any]) -> list[float]:
+    call()
+    self.sync()
+    times = []
+    for _ in range(self.steps):
+      start = time.perf_counter()
+      call()
+      self.sync()
+      times.append(time.perf_counter() - start)
+    return times
+
+  def _flops(self, call: Callable[[], Any]) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+      call()
+    self.sync()
+    return float(counter.get_total_flops()) or None
+
+  def _peak(self, call: Callable[[], Any]) -> int | None:
+    if self.device.type != "cuda":
+      return None
+    self.torch.cuda.reset_peak_memory_stats()
+    call()
+    self.sync()
+    return int(self.torch.cuda.max_memory_allocated())
+
+  def denoise(self, size: int, compile_: bool) -> Row:
+    torch = self.torch
+    model = self.model.eval()
+    x, t, ctx = self.inputs(CFG_BATCH, size)
+
+    def run(m):
+      def call():
+        with torch.no_grad(), self._ctx():
+          return m(x, t, ctx).sample
+      return call
+
+    row = Row(work="", shape="")
+    row.peer_eager_ms = _median_ms(self._timed(run(model)))
+    row.peer_flops = self._flops(run(model))
+    row.peer_peak_mem_bytes = self._peak(run(model))
+    if compile_:
+      try:
+        compiled = torch.compile(model)
+        start = time.perf_counter()
+        run(compiled)()
+        self.sync()
+        row.peer_compile_s = time.perf_counter() - start
+        row.peer_compile_ms = _median_ms(self._timed(run(compiled)))
+      except Exception as e:   # noqa: BLE001 -- keep the eager numbers
+        row.peer_note = f"torch.compile failed: {type(e).__name__}: {str(e)[:200]}"
+    return row
+
+  def train(self) -> Row:
+    """fwd + bwd + global-norm clipping + AdamW + EMA, as ``ours_train``."""
+    torch = self.torch
+    model = self.model.train()
+    s = self.shapes
+    x0, _, ctx = self.inputs(s.batch, s.size)
+    params = [p for p in model.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0).float().to(self.device)
+
+    def call():
+      t = torch.randint(0, 1000, (s.batch,), device=self.device)
+      noise = torch.randn_like(x0)
+      a = abar[t].view(-1, 1, 1, 1, 1)
+      x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+      with self._ctx():
+        pred = model(x_t, t, ctx).sample
+      loss = torch.nn.functional.mse_loss(pred.float(), noise)
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(params, 1.0)
+      opt.step()
+      with torch.no_grad():
+        torch._foreach_lerp_(ema, params, 0.001)
+      return loss
+
+    row = Row(work="", shape="")
+    row.peer_eager_ms = _median_ms(self._timed(call))
+    row.peer_flops = self._flops(call)
+    row.peer_peak_mem_bytes = self._peak(call)
+    model.zero_grad(set_to_none=True)   # the optimizer state goes with this frame
+    return row
+
+  def release(self):
+    """Returns torch's cached GPU memory (ours allocates next)."""
+    if self.device.type == "cuda":
+      self.torch.cuda.empty_cache()
+
+  def close(self):
+    del self.model
+    self.release()
+
+
+# ----------------------------------------------------------------------------
+# End to end: the cascade and adding a concept (the real pipeline code).
+# ----------------------------------------------------------------------------
+
+def random_model(config, seed: int = 0):
+  """A ``pipeline.model.Model`` of ``config`` with N(0, 0.02) params (no init compile)."""
+  import flax.linen as nn
+  from persvid_jax.concepts.tokens import PromptTokenizer
+  from persvid_jax.models.stack import NETWORKS, ModelStack
+  from persvid_jax.pipeline import model as model_lib
+  tokenizer = PromptTokenizer.from_config(config)
+  stack = ModelStack.from_config(config, eos_token_id=tokenizer.eos_id)
+  abstract = {n: nn.meta.unbox(a)["params"] for n, a in stack.abstract_variables().items()}
+  params = random_params(abstract, jax.random.key(seed))
+  return model_lib.Model(config=config, stack=stack, tokenizer=tokenizer,
+                         params={n: params[n] for n in NETWORKS},
+                         source=f"random N(0, 0.02) (seed {seed})", info={})
+
+
+def _with_video_shape(config, shapes: Shapes):
+  config = config.copy_and_resolve_references()
+  config.video.frames, config.video.height, config.video.width = (
+      shapes.frames, shapes.size, shapes.size)
+  return config
+
+
+def ours_cascade(config, shapes: Shapes, steps: int, sample_steps: int, sr_steps: int,
+                 model=None) -> Row:
+  """Latency of one video: ``sample_steps`` guided base steps + ``sr_steps`` SR steps."""
+  from persvid_jax.concepts.bank import ConceptBank
+  from persvid_jax.pipeline import generate as gen
+  config = _with_video_shape(config, shapes)
+  model = model or random_model(config)
+  generator = gen.Generator(model, steps=sample_steps, sr_steps=sr_steps)
+  bank = ConceptBank.from_config(config)
+  image_slot = config.concepts.capacity - 1
+  resolved = [gen.resolve(gen.Request("a red ball moving right on snow"), {}, image_slot,
+                          config)]
+
+  def call():
+    return generator(bank, resolved, image_slot=image_slot, progress=False).video
+
+  start = time.perf_counter()
+  first = call()
+  first_s = time.perf_counter() - start
+  times = _time(call, max(1, min(steps, 3)))
+  sr = config.video.sr_factor * shapes.size
+  return Row(work="", shape="", ours_ms=_median_ms(times),
+             compile_s=max(first_s - min(times), 0.0), peak_mem_bytes=device_peak_bytes(),
+             extra=dict(first_call_s=first_s, video=list(first.shape),
+                        base=_shape_str(1, shapes.frames, shapes.size, shapes.size),
+                        sr=_shape_str(1, shapes.frames, sr, sr)))
+
+
+def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,
+                 model=None) -> Row:
+  """Adding one concept from one photo: segmentation, encoders, database commit."""
+  from persvid_jax.concepts import build
+  from persvid_jax.concepts import database as db_lib
+  from persvid_jax.pipeline import model as model_lib
+  photo = pathlib.Path(photo or model_lib.DEMO_MODEL_DIR.parent / "demo_photos" / "sub1_a.png")
+  model = model or random_model(config)
+  feature_fn = build.make_feature_fn(model)
+  parts: dict[str, list[float]] = {"features": [], "commit": []}
+
+  with tempfile.TemporaryDirectory(prefix="bench_concepts.") as tmp:
+    db = db_lib.ConceptDatabase.create(pathlib.Path(tmp) / "db", config, "bench",
+                                       commit=False)
+
+    def call():
+      start = time.perf_counter()
+      feats = build.encode_concept(model, build.load_photos([photo]), [photo], feature_fn)
+      mid = time.perf_counter()
+      db.add("bench", feats.ref_tokens, feats.detail_tokens, list(feats.provenance))
+      parts["features"].append(mid - start)
+      parts["commit"].append(time.perf_counter() - mid)
+      db.remove("bench")   # not timed: the next call adds it again
+
+    for _ in range(2 + max(1, min(steps, 5))):   # first call, warm-up, timed calls
+      call()
+  total = [a + b for a, b in zip(parts["features"], parts["commit"])]
+  timed = slice(2, None)
+  return Row(work="", shape="", ours_ms=_median_ms(total[timed]),
+             compile_s=max(total[0] - min(total[timed]), 0.0),
+             peak_mem_bytes=device_peak_bytes(),
+             extra=dict(first_call_s=total[0], photo=photo.name,
+                        features_ms=_median_ms(parts["features"][timed]),
+                        commit_ms=_median_ms(parts["commit"][timed])))
+
+
+# ----------------------------------------------------------------------------
+# The run and the table.
+# ----------------------------------------------------------------------------
+
+def parse_works(text: str) -> tuple[str, ...]:
+  works = tuple(w.strip() for w in text.split(",") if w.strip())
+  unknown = [w for w in works if w not in WORKS]
+  if unknown or not works:
+    raise BenchError(f"--which {text!r}: unknown work {unknown or '(none)'}; use a "
+                     f"comma-separated subset of {','.join(WORKS)}")
+  return works
+
+
+def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: bool = False,
+        peer_compile: bool | None = None, peak_tflops: float | None = None,
+        sample_steps: int = 25, sr_steps: int = 10, log: Callable[[str], None] = print,
+        on_row: Callable[[dict], None] | None = None) -> dict:
+  """Runs the works, smallest first, each row the peer's side then ours.
+
+  A row that fails (out of memory, a torch.compile error) records the error and
+  the run goes on. ``on_row(result)`` gets the result so far after every row
+  (to save partial results of a run a time limit may cut).
+
+  Returns:
+    ``{device, device_kind, platform, peak_tflops, config, dtype, shapes, steps,
+    peer, peer_h200_reference, rows: [Row fields + ratio, tflops_per_s, mfu]}``.
+  """
+  if steps < 1:
+    raise BenchError(f"--steps must be >= 1, got {steps}")
+  if sample_steps < 1 or sr_steps < 1:
+    raise BenchError(f"--sample-steps and --sr-steps must be >= 1, got {sample_steps}, "
+                     f"{sr_steps}")
+  device = jax.local_devices()[0]
+  kind = device.device_kind
+  peak = peak_tflops if peak_tflops is not None else peak_tflops_of(kind)
+  labels = row_shapes(shapes)
+  rows = {w: Row(work=w, shape=labels.get(w, "")) for w in WORKS if w in works}
+  reference = None
+  if dataclasses.asdict(shapes) == ISSUE_SHAPES:
+    reference = {w: dict(eager_ms=v[0], compile_ms=v[1], tflop=v[2])
+                 for w, v in PEER_H200.items()}
+  result = dict(device=str(device), device_kind=kind, platform=device.platform,
+                peak_tflops=peak, config=config.get("name", "?"), dtype=str(config.dtype),
+                shapes=dataclasses.asdict(shapes), steps=steps, jax=jax.__version__,
+                peer=None, peer_h200_reference=reference, rows=[])
+
+  def publish():
+    result["rows"] = [
+        dict(dataclasses.asdict(r), ratio=r.ratio(), tflops_per_s=r.tflops_per_s(),
+             mfu=(r.tflops_per_s() / peak if peak and r.tflops_per_s() else None))
+        for r in rows.values()]
+    if on_row is not None:
+      on_row(result)
+
+  p, do_compile, reason = None, False, None
+  if peer and any(w in PEER_WORKS for w in works):
+    import diffusers
+    import torch
+    auto, reason = peer_compile_default()
+    do_compile = auto if peer_compile is None else peer_compile
+    log("peer: building diffusers' UNet3DConditionModel ...")
+    p = _Peer(config, shapes, steps)
+    result["peer"] = dict(torch=torch.__version__, diffusers=diffusers.__version__,
+                          device=str(p.device), dtype=p.dtype_note,
+                          params=sum(x.numel() for x in p.model.parameters()))
+
+  params = None
+  for w in ("denoise256", "denoise512", "train", "concept", "cascade"):
+    if w not in works:
+      continue
+    r = rows[w]
+    size = shapes.size * (2 if w == "denoise512" else 1)
+    if p is not None and w in PEER_WORKS:
+      log(f"peer: {w} ...")
+      try:
+        got = p.train() if w == "train" else p.denoise(size, do_compile)
+        for f in ("peer_eager_ms", "peer_compile_ms", "peer_flops", "peer_peak_mem_bytes",
+                  "peer_compile_s"):
+          setattr(r, f, getattr(got, f))
+        r.peer_note = got.peer_note or ("train step: eager only" if w == "train" else
+                                        None if do_compile else reason)
+      except Exception as e:   # noqa: BLE001 -- a failed row must not lose the others
+        r.peer_note = f"peer failed: {type(e).__name__}: {str(e)[:200]}"
+      p.release()
+    log(f"ours: {w} ...")
+    try:
+      if w in ("denoise256", "denoise512"):
+        got, params = ours_denoise(config, shapes, size, steps, params)
+      elif w == "train":
+        params = None   # the train state holds its own params
+        got = ours_train(config, shapes, steps)
+      elif w == "cascade":
+        got = ours_cascade(config, shapes, steps, sample_steps, sr_steps)
+        r.shape = (f"{got.extra['base']} x{sample_steps} (3-branch CFG) + "
+                   f"{got.extra['sr']} x{sr_steps}")
+      else:
+        got = ours_concept(config, steps)
+        r.shape = f"1 photo ({got.extra['photo']})"
+      for f in ("ours_ms", "flops", "compile_s", "program_bytes", "peak_mem_bytes", "extra"):
+        setattr(r, f, getattr(got, f))
+    except Exception as e:     # noqa: BLE001
+      r.extra = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
+      params = None
+    if w in ("cascade", "concept"):
+      r.peer_note = "no peer (our pipeline only)"
+    publish()
+  if p is not None:
+    p.close()
+  publish()
+  return result
+
+
+def _fmt(value, spec: str, empty: str = "—") -> str:
+  return empty if value is None else format(value, spec)
+
+
+def _bytes(n: int | None) -> str:
+  if n is None:
+    return "n/a"
+  return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _flops_str(f: float | None) -> str:
+  if not f:
+    return "—"
+  for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+    if f >= scale:
+      return f"{f / scale:.3g} {unit}"
+  return f"{f:.3g}"
+
+
+def markdown(result: dict) -> str:
+  """The ratio table (markdown) with its notes."""
+  ref = result.get("peer_h200_reference") or {}
+  head = ("| work | shape | ours ms | peer eager ms | peer compile ms | ratio | FLOPs | "
+          "TFLOP/s | MFU | peak mem | compile s | peer H200 ref ms |")
+  lines = [f"Device: {result['device_kind']} ({result['platform']}), config "
+           f"`{result['config']}` ({result['dtype']}), median of {result['steps']} calls; "
+           f"peak {_fmt(result['peak_tflops'], '.0f', 'n/a')} TFLOP/s.", "",
+           head, "|" + "---|" * (head.count("|") - 1)]
+  notes = []
+  for r in result["rows"]:
+    mfu = r["mfu"]
+    ref_row = ref.get(r["work"])
+    ref_cell = "—" if not ref_row else " / ".join(
+        _fmt(v, ".1f") for v in (ref_row["eager_ms"], ref_row["compile_ms"]))
+    lines.append(
+        f"| {r['work']} | {r['shape']} | {_fmt(r['ours_ms'], '.2f')} | "
+        f"{_fmt(r['peer_eager_ms'], '.2f')} | {_fmt(r['peer_compile_ms'], '.2f')} | "
+        f"{_fmt(r['ratio'], '.2f')} | {_flops_str(r['flops'])} | "
+        f"{_fmt(r['tflops_per_s'], '.3g')} | "
+        f"{'n/a' if mfu is None else format(100 * mfu, '.1f') + ' %'} | "
+        f"{_bytes(r['peak_mem_bytes'])} | "
+        f"{_fmt(r['compile_s'], '.1f')} | {ref_cell} |")
+    if r.get("peer_flops"):
+      agree = (f" (ours/peer {r['flops'] / r['peer_flops']:.2f})" if r.get("flops") else "")
+      notes.append(f"- {r['work']}: peer FLOPs {_flops_str(r['peer_flops'])} "
+                   f"(torch FlopCounterMode){agree}.")
+    if r.get("peer_note"):
+      notes.append(f"- {r['work']}: {r['peer_note']}.")
+    if (r.get("extra") or {}).get("error"):
+      notes.append(f"- {r['work']}: ours failed: {r['extra']['error']}")
+  lines += ["", "ratio = best peer ms / ours ms (> 1: ours is faster). FLOPs: XLA cost "
+            "analysis of our program. peak mem: the device's high-water mark after the row "
+            "(n/a on CPU). compile s: ours, AOT lower + compile (cascade / concept: first "
+            "call minus a warm call)."] + notes
+  return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""``python -m launch.bench`` on the CPU at the tiny config's shapes, with the peer.
+
+One subprocess run times our train step and one denoise step and diffusers'
+``UNet3DConditionModel`` on the same inputs; it must print the table, write
+the JSON, import no TensorFlow (``-X importtime`` lists every import), and the
+two sides' FLOPs -- XLA's cost analysis vs torch's flop counter, counted
+independently -- must roughly agree, since both run the same network.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from persvid_jax import bench, config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _env():
+  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def test_cli_with_peer_on_cpu(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  out = tmp_path / "bench.json"
+  run = subprocess.run(
+      [sys.executable, "-X", "importtime", "-m", "launch.bench", "--config", "tiny", "--peer",
+       "--which", "train,denoise256", "--steps", "2", "--json", str(out)],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines()
+              if line.startswith("import time:")]
+  assert "jax" in imported and "diffusers" in imported       # -X importtime did list them
+  assert not [m for m in imported if m.split(".")[0] == "tensorflow"]
+
+  assert "| work | shape | ours ms | peer eager ms | peer compile ms | ratio |" in run.stdout
+  result = json.loads(out.read_text())
+  assert result["platform"] == "cpu" and result["peak_tflops"] is None
+  rows = {r["work"]: r for r in result["rows"]}
+  assert sorted(rows) == ["denoise256", "train"]
+  for work, r in rows.items():
+    assert f"| {work} | " in run.stdout
+    assert r["ours_ms"] > 0 and r["peer_eager_ms"] > 0 and r["compile_s"] > 0
+    assert r["ratio"] == pytest.approx(r["peer_eager_ms"] / r["ours_ms"])
+    assert r["mfu"] is None                                    # no peak on a CPU
+    # Same network, same shapes: XLA's count (it also counts elementwise ops)
+    # and torch's (matmuls, convs, attention) within 25 %.
+    assert 0.8 < r["flops"] / r["peer_flops"] < 1.25, (work, r["flops"], r["peer_flops"])
+  assert rows["denoise256"]["shape"] == "2x4x16x16x3, text 16x32"
+  assert rows["train"]["shape"] == "4x4x16x16x3, text 16x32"
+  # A train step is forward + backward: about 3 forwards at twice the batch.
+  assert 4 < rows["train"]["flops"] / rows["denoise256"]["flops"] < 8
+  assert rows["denoise256"]["peer_compile_ms"] is None
+  assert "torch.compile skipped on CPU" in rows["denoise256"]["peer_note"]
+  # Both sides built the same network.
+  assert rows["denoise256"]["extra"]["params"] == result["peer"]["params"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--which", "train,nope"], "unknown work ['nope']"),
+    (["--size", "7"], "--size 7 must be a multiple of 2"),
+    (["--json", "/nonexistent/dir/b.json"], "does not exist"),
+])
+def test_bad_input_exits_2(args, message):
+  run = subprocess.run([sys.executable, "-m", "launch.bench", "--config", "tiny", *args],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert message in run.stderr and "Traceback" not in run.stderr
+  assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_default_shapes_are_the_issues_for_modelscope():
+  config = config_lib.load_config("modelscope")
+  shapes = bench.default_shapes(config)
+  assert bench.dataclasses.asdict(shapes) == bench.ISSUE_SHAPES
+  assert bench.row_shapes(shapes)["denoise512"] == "2x16x64x64x4, text 77x1024"
+  assert bench.peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
+  assert bench.peak_tflops_of("cpu") is None
+  # The peer is built from the same generator config (the inverse of convert's mapping).
+  from persvid_jax.convert.unet3d import unet_config
+  kwargs = bench.peer_kwargs(bench.bench_unet_config(config))
+  back = unet_config(dict(kwargs, _class_name="UNet3DConditionModel",
+                          attention_head_dim=kwargs["attention_head_dim"]))
+  u = bench.bench_unet_config(config)
+  assert all(back[k] == (tuple(u[k]) if isinstance(back[k], tuple) else u[k]) for k in back)
