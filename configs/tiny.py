@@ -17,6 +17,11 @@ Variants (comma-separated, e.g. ``configs/tiny.py:bf16,swap_at=output``):
   detail=0       build the generators without detail cross-attention.
   sr_kernel=K    spatial kernel of the SR network (default 5).
   sr_dilation=D  spatial dilation of the SR network (default 1).
+  latent         diffusion in the latent space of TINY_VAE (a frozen VAE with
+                 random weights, factor 2: 8x8x4 base latents of 16 px frames,
+                 16x16x4 SR latents of 32 px ones; see use_latent_space).
+                 ``python -m launch.train --config configs/tiny.py:latent``
+                 trains it like any stage; the data stays in pixels.
 """
 
 import ml_collections
@@ -32,7 +37,7 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
   blocks use as the head width: heads = channels // head_dim).
   """
   c = ml_collections.ConfigDict()
-  c.in_channels = 3                 # pixels (or VAE latents, later)
+  c.in_channels = 3                 # pixels (VAE latent channels in latent space)
   c.out_channels = 3
   c.block_out_channels = (32, 64)
   c.down_block_types = ("CrossAttnDownBlock3D", "DownBlock3D")
@@ -68,6 +73,57 @@ TRAINABLE = {
 }
 
 
+# A toy AutoencoderKL (``config.vae`` fields, diffusers' names): two blocks, so
+# f = 2. Its weights are a seeded random init (``config.latent.random_vae``);
+# scaling_factor = 1 / 0.54, the std of its posterior mean on rendered frames.
+TINY_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4,
+                norm_num_groups=8, in_channels=3, out_channels=3, scaling_factor=1.8,
+                shift_factor=None, mid_block_add_attention=True, use_quant_conv=True,
+                use_post_quant_conv=True)
+
+
+def latent_config() -> ml_collections.ConfigDict:
+  """The ``config.latent`` block: pixel space (the default) or the VAE's latents."""
+  return ml_collections.ConfigDict(dict(
+      enabled=False,          # True: every stage and the cascade work on VAE latents
+      # Training encodes a posterior sample (diffusers' recipe); False: the mean.
+      sample_posterior=True,
+      # A model that holds no 'vae' network gets the seeded random init that
+      # training gives it (models.stack.init_params): toy and test configs
+      # only. Otherwise the VAE comes from the model / config.train.init_from
+      # (python -m launch.convert --kind vae), and its absence is an error.
+      random_vae=False,
+  ))
+
+
+def use_latent_space(config: ml_collections.ConfigDict, vae: dict, *,
+                     random_vae: bool = False) -> None:
+  """Puts a pixel-space config into the latent space of the VAE ``vae`` (in place).
+
+  ``config.video`` becomes what the generators denoise: sizes divided by the
+  VAE's factor ``f = 2 ** (len(block_out_channels) - 1)``, channels = latent
+  channels; the UNets' in/out channels and the SR network's conditioning
+  channels follow; x0 is no longer clipped to [-1, 1] (latents are not
+  bounded). ``config.data`` stays in pixels, so data, masks and outputs are
+  unchanged. Call it after every other change of ``config.video``.
+
+  Raises:
+    ConfigError: frame sizes not divisible by ``f``.
+  """
+  f = 2 ** (len(vae["block_out_channels"]) - 1)
+  v = config.video
+  if v.height % f or v.width % f:
+    raise config_lib.ConfigError(f"latent space: video {v.height}x{v.width} is not divisible "
+                                 f"by the VAE's factor {f}")
+  c = int(vae["latent_channels"])
+  v.update(dict(height=v.height // f, width=v.width // f, channels=c))
+  config.unet.update(dict(in_channels=c, out_channels=c))
+  config.sr_unet.update(dict(in_channels=c, out_channels=c, cond_channels=c))
+  config.diffusion.clip_x0 = False
+  config.latent.update(dict(enabled=True, random_vae=random_vae))
+  config.vae = ml_collections.ConfigDict(dict(vae))
+
+
 def train_config(stage: str = "base") -> ml_collections.ConfigDict:
   """The ``config.train`` block (optimizer, stage, cadence) at toy size."""
   if stage not in TRAINABLE:
@@ -83,7 +139,7 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
       ema_decay=0.99,
       p_drop_text=0.1, p_drop_ref=0.1, p_drop_detail=0.1,   # condition dropout (CFG)
       p_plain_caption=0.0,         # personalize: rows trained on the plain caption instead
-      sr_crop=None,                # sr: train on random crops of this side (None: full frames)
+      sr_crop=None,                # sr: random crops of this side (latent space: in latents)
       subject_loss_weight=1.0,     # base/personalize: loss weight of subject pixels (1 = off)
       log_every_steps=10,
       checkpoint_every_steps=100, keep_checkpoints=3, async_checkpoints=True,
@@ -109,7 +165,7 @@ def shrink_to_micro(config: ml_collections.ConfigDict) -> None:
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", detail=1, stage="base",
-                             micro=False,
+                             micro=False, latent=False,
                              sr_kernel=5, sr_dilation=1)
   config = ml_collections.ConfigDict()
   config.name = "tiny"
@@ -198,8 +254,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   ))
 
   config.train = train_config(arg.stage)
+  config.latent = latent_config()
   if arg.micro:
     shrink_to_micro(config)
+  if arg.latent:
+    use_latent_space(config, TINY_VAE, random_vae=True)
+    # A random VAE's posterior variance is not learned: its samples would be noise.
+    config.latent.sample_posterior = False
 
   # Mesh: -1 takes all remaining devices. Rules map logical axis names on
   # params/activations to mesh axes (persvid_jax/sharding.py).

@@ -32,7 +32,9 @@ average; ``weighted`` — ``w * stored + (1 - w) * extracted`` with
 Sampling: classifier-free guidance with separate text and detail scales on
 the base network (three branches in one batched call), then the SR network on
 the upsampled, noise-augmented base video (claim 7), conditioned on the same
-semantic feature.
+semantic feature. A latent-space model samples both scales as VAE latents
+(``config.video``) and decodes them per frame at the end (``Generator._pixels``):
+outputs are pixels either way.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from persvid_jax.concepts import build
 from persvid_jax.concepts.tokens import placeholder
 from persvid_jax.diffusion import cascade as cascade_lib
 from persvid_jax.diffusion import guidance, samplers, schedules
+from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import base_denoise_fn, sr_denoise_fn
 
 MODES = ("concept", "concept+target", "target", "concept+scene", "text", "text+scene")
@@ -218,8 +221,8 @@ def make_inputs(resolved: Sequence[Resolved], tokenizer, config, image_slot: int
 @dataclasses.dataclass
 class GenerationOutput:
   """What ``Generator.__call__`` returns (numpy)."""
-  video: np.ndarray        # [B, T, H', W', 3] in [-1, 1], the SR output
-  base: np.ndarray         # [B, T, H, W, 3] in [-1, 1], the base network's output
+  video: np.ndarray        # [B, T, H', W', 3] in [-1, 1], the SR output (pixels)
+  base: np.ndarray         # [B, T, H, W, 3] in [-1, 1], the base network's output (pixels)
   modes: tuple             # mode per row
   resolved: tuple          # Resolved per row
 
@@ -272,6 +275,14 @@ class Generator:
     self._sr_fn = sr_denoise_fn(model.stack)
     self._null_ids = jnp.asarray(model.tokenizer.encode([""]))
     self._conditions = jax.jit(self._conditions_fn)
+    self._decode = (jax.jit(lambda p, x: stack_lib.decode_latents(model.stack, p, x))
+                    if model.stack.vae is not None else None)
+
+  def _pixels(self, x) -> np.ndarray:
+    """Sampled ``[B, T, h, w, C]`` -> numpy pixel video (latent space: the VAE decodes)."""
+    if self._decode is None:
+      return np.asarray(x)
+    return np.asarray(self._decode(self.model.params[stack_lib.VAE], x))
 
   # ---- the device graph ------------------------------------------------------
 
@@ -356,7 +367,7 @@ class Generator:
       video = samplers.sample(self._base_fn, params["unet"], jax.random.key(seed), sr_shape,
                               sampler=self.sampler, cond=base_cond, progress=progress,
                               desc="base @ high res")
-      video = np.asarray(video)
+      video = self._pixels(video)
       return GenerationOutput(video=video, base=video, modes=tuple(x.mode for x in resolved),
                               resolved=tuple(resolved))
     out = cascade_lib.cascade_sample(
@@ -364,5 +375,5 @@ class Generator:
         jax.random.key(seed), (base_shape, sr_shape), base_cond, sampler=self.sampler,
         sr_sampler=self.sr_sampler, sr_cond=sr_cond, noise_aug=c.diffusion.sr_noise_aug,
         resize_method=c.diffusion.resize_method, progress=progress)
-    return GenerationOutput(video=np.asarray(out.video), base=np.asarray(out.base),
+    return GenerationOutput(video=self._pixels(out.video), base=self._pixels(out.base),
                             modes=tuple(x.mode for x in resolved), resolved=tuple(resolved))

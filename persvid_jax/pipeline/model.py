@@ -15,6 +15,12 @@ Loading is strict, as in big_vision's checkpoint merging: the tree is checked
 against ``jax.eval_shape`` of the current code's init, and any missing,
 unexpected or mis-shaped parameter raises ``ModelError`` listing them. So a
 shipped model can never go silently stale when the code changes.
+
+A latent-space model (``config.latent.enabled``) also holds its frozen VAE
+(network ``vae``): in the workdir of every stage, along ``init_from`` chains
+(``launch.convert --kind vae``) and in an export. A model without one loads
+only if ``config.latent.random_vae`` (toy and test configs): it then gets the
+seeded init training gave it (``models.stack.init_params``).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import numpy as np
 
 from persvid_jax import checkpoint as ckpt_lib
 from persvid_jax.concepts.tokens import PromptTokenizer
+from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import NETWORKS, ModelStack
 
 #: The model ``python -m launch.demo`` and every ``--model`` default use.
@@ -61,7 +68,8 @@ class Model:
     config: the model's config (as trained).
     stack: the six networks (``ModelStack``), built from ``config``.
     tokenizer: the ``PromptTokenizer`` of ``config``.
-    params: ``{network: params}`` for all of ``NETWORKS`` (float32 arrays).
+    params: ``{network: params}`` for all of ``stack.network_names`` (the six
+      ``NETWORKS``, plus ``vae`` in latent space; float32 arrays).
     source: where it was loaded from.
     info: provenance (``model.json`` of an export; workdirs + steps otherwise).
   """
@@ -190,7 +198,7 @@ def _workdir_params(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, d
 
 
 def collect_networks(paths: Sequence[str | os.PathLike], *, fill_missing: bool = True,
-                     networks: Sequence[str] = NETWORKS) -> tuple[Any, dict, list]:
+                     networks: Sequence[str] | None = None) -> tuple[Any, dict, list]:
   """``(config, {network: params}, sources)`` from workdirs / exported models.
 
   Each network comes from the first of ``paths`` that holds it, then along
@@ -198,19 +206,20 @@ def collect_networks(paths: Sequence[str | os.PathLike], *, fill_missing: bool =
   ``fill_missing``: networks found nowhere get the seeded init training gives
   them (inference needs all six); otherwise they are left out (training's
   ``init_from`` keeps its own init for them). The config is the first path's.
-  ``networks``: which to collect; a converted network outside the stack
-  (``("vae",)``) is found the same way, and never filled.
+  ``networks``: which to collect (default: the first path's config's,
+  ``models.stack.network_names``); a converted network outside the six
+  (``("vae",)``) is found the same way, and never filled here.
   """
   return _collect([pathlib.Path(p) for p in paths], fill_missing=fill_missing,
-                  networks=tuple(networks))
+                  networks=None if networks is None else tuple(networks))
 
 
 def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True,
-             networks: Sequence[str] = NETWORKS) -> tuple[Any, dict, list]:
+             networks: Sequence[str] | None = None) -> tuple[Any, dict, list]:
   """Networks from ``workdirs`` in order, then along their ``init_from`` chains."""
   config, params, sources = None, {}, []
   queue, seen = [pathlib.Path(w) for w in workdirs], set()
-  while queue and len(params) < len(networks):
+  while queue and (networks is None or len(params) < len(networks)):
     w = queue.pop(0).resolve()
     if w in seen:
       continue
@@ -226,11 +235,13 @@ def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True,
       if cfg.train.get("init_from"):
         queue.append(pathlib.Path(cfg.train.init_from))
     config = config or cfg
+    if networks is None:
+      networks = stack_lib.network_names(config)
     taken = [n for n in networks if n in found and n not in params]
     for n in taken:
       params[n] = found[n]
     sources.append(dict(source, networks=taken))
-  missing = [n for n in networks if n not in params and n in NETWORKS]
+  missing = [n for n in networks or () if n not in params and n in NETWORKS]
   if missing and fill_missing:
     # A network no stage trained (e.g. the image encoder, which no stage
     # updates) keeps its seeded init: re-create it exactly as training did.
@@ -265,9 +276,26 @@ def load_model(path: str | os.PathLike | Sequence[str | os.PathLike] | None = No
     info = dict(sources=sources)
     source = ", ".join(map(str, paths))
   stack, tokenizer = _build(config)
+  if stack.vae is not None and stack_lib.VAE not in params:
+    params[stack_lib.VAE] = _seeded_vae(stack, source)
+    info.setdefault("sources", []).append(dict(init_seed=int(config.seed),
+                                               networks=[stack_lib.VAE]))
   params = validate_params(stack, params, source)
   return Model(config=config, stack=stack, tokenizer=tokenizer, params=params,
                source=source, info=info)
+
+
+def _seeded_vae(stack: ModelStack, source: str) -> dict:
+  """The VAE training gave a latent model of a ``random_vae`` config (else ModelError)."""
+  config = stack.config
+  if not config.latent.get("random_vae", False):
+    raise ModelError(f"model {source} is a latent-space model (config.latent.enabled) but "
+                     f"holds no VAE; convert one into it (python -m launch.convert --kind vae "
+                     f"--src VAE_DIR --out DIR --from MODEL) and load DIR")
+  # The same key as training's init (loop.setup: the first of three splits).
+  init = stack_lib.init_params(stack, [stack_lib.VAE],
+                               jax.random.split(jax.random.key(config.seed), 3)[0])
+  return jax.tree.map(np.asarray, nn.meta.unbox(init[stack_lib.VAE]))
 
 
 def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> pathlib.Path:
@@ -280,7 +308,7 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
   out_dir = pathlib.Path(out_dir)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   flat = {}
-  for name in NETWORKS:
+  for name in model.stack.network_names:
     flat.update(_flatten(model.params[name], name))
   info = dict(model.info, created=datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="seconds"), parameters=int(sum(v.size for v in flat.values())),
@@ -310,7 +338,7 @@ def random_model(config, seed: int = 0) -> Model:
   stack, tokenizer = _build(config)
   rng = jax.random.key(seed)
   params = {}
-  for i, name in enumerate(NETWORKS):
+  for i, name in enumerate(stack.network_names):
     # Eagerly: compiling six init programs costs more than running them.
     variables = stack.init_fn(name)(jax.random.fold_in(rng, i))
     params[name] = jax.tree.map(np.asarray, nn.meta.unbox(variables)["params"])

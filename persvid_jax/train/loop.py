@@ -213,6 +213,10 @@ def setup(config, mesh=None) -> Setup:
   if stage not in stages.STAGES:
     raise ValueError(f"config.train.stage is {stage!r}; use one of {stages.STAGES}")
   names = stages.stage_networks(stage, config)
+  if (stack_lib.VAE in names and not config.latent.get("random_vae", False)
+      and not tc.get("init_from")):
+    from persvid_jax.pipeline import model as model_lib
+    raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {_VAE_FIX}")
 
   # ---- Mesh ---------------------------------------------------------------
   mesh = sh.mesh_from_config(config.mesh) if mesh is None else mesh
@@ -235,7 +239,7 @@ def setup(config, mesh=None) -> Setup:
   init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
   boxed_params = jax.eval_shape(lambda r: stack_lib.init_params(stack, names, r), init_rng)
   if stack_lib.VAE in names:
-    _check_latent_vae(config, boxed_params)
+    _check_vae_frozen(config, boxed_params)
   tx = state_lib.make_optimizer(tc, nn.meta.unbox(boxed_params))
 
   def init_state(r):
@@ -395,15 +399,12 @@ def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, wo
   media.save_gif(workdir / "samples" / f"step_{step:07d}.gif", grid, scale=4)
 
 
-def _check_latent_vae(config, boxed_params) -> None:
-  """Latent space: the VAE stays frozen and has a source (raises otherwise)."""
+def _check_vae_frozen(config, boxed_params) -> None:
+  """Latent space: no ``trainable`` pattern may reach the VAE (raises ValueError)."""
   vae_only = {stack_lib.VAE: nn.meta.unbox(boxed_params[stack_lib.VAE])}
   if any(jax.tree.leaves(state_lib.trainable_mask(vae_only, config.train.trainable))):
     raise ValueError(f"config.train.trainable={tuple(config.train.trainable)} matches VAE "
                      f"params; the VAE of latent space is frozen, leave 'vae/' out")
-  if not config.latent.get("random_vae", False) and not config.train.get("init_from"):
-    from persvid_jax.pipeline import model as model_lib
-    raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {_VAE_FIX}")
 
 
 _VAE_FIX = ("set config.train.init_from to a model holding one (python -m launch.convert "

@@ -24,6 +24,20 @@ metrics)`` with ``params = {network: params}`` and ``batch`` the device-side
 arrays of ``persvid_jax.data.pipeline`` (``video, frame_mask,
 caption_tokens, placeholder_caption_tokens, reference, reference_mask,
 has_reference``).
+
+Latent space (``config.latent.enabled``): every stage also holds the frozen
+VAE (network ``vae``, never trained: its params pass through
+``stop_gradient`` and no ``trainable`` pattern may name it) and encodes the
+pixel batch inside the loss (``to_diffusion_space``), so that the jitted step
+runs the VAE sharded with the batch, while data, masks, losses and previews
+stay unchanged. Inside the step rather than in the input pipeline because
+the data is rendered on the fly by numpy workers without devices (nothing
+to cache), and the VAE then follows the mesh like every other network. The
+base stage encodes the video downsampled to the base *pixel* size; the SR
+stage encodes the full video (its target) and, for its low-res condition,
+the downsampled video (the latents the base network learns to generate),
+upsampled in latent space as the cascade does at inference. The subject
+mask is resized to the latent size (``config.video``).
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import numpy as np
 from persvid_jax.concepts import bank as bank_lib
 from persvid_jax.diffusion import losses, schedules
 from persvid_jax.diffusion import cascade
+from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import ModelStack, base_denoise_fn, sr_denoise_fn
 
 STAGES = ("base", "sr", "personalize")
@@ -59,6 +74,12 @@ STAGE_BATCH_KEYS = {
 
 
 
+def stage_networks(stage: str, config) -> tuple[str, ...]:
+  """``STAGE_NETWORKS[stage]``, plus the frozen VAE in latent space."""
+  return STAGE_NETWORKS[stage] + (
+      (stack_lib.VAE,) if stack_lib.latent_enabled(config) else ())
+
+
 def batch_keys(stage: str, config) -> tuple[str, ...]:
   """The batch keys ``stage`` reads under ``config`` (``STAGE_BATCH_KEYS`` +
   the subject mask when ``config.train.subject_loss_weight`` != 1)."""
@@ -76,8 +97,9 @@ def _subject_weight(config) -> float:
 
 
 def _pixel_weight(ctx: "StageContext", batch: dict):
-  """``[B, T, h, w, 1]`` loss weights at the base scale: ``subject_loss_weight`` on
-  the subject (the renderer's mask), 1 elsewhere; None when the weight is 1.
+  """``[B, T, h, w, 1]`` loss weights at the base scale (``config.video``: latent
+  sizes in latent space): ``subject_loss_weight`` on the subject (the renderer's
+  mask), 1 elsewhere; None when the weight is 1.
 
   The subject covers ~5% of a demo frame, so with a plain mean its identity
   (colour, pattern) is a small share of the loss and the background is learnt
@@ -110,6 +132,33 @@ def resize_video(video: jax.Array, height: int, width: int) -> jax.Array:
   """``[B, T, H, W, C] -> [B, T, height, width, C]`` (antialiased linear)."""
   b, t, _, _, c = video.shape
   return jax.image.resize(video, (b, t, height, width, c), "linear", antialias=True)
+
+
+# fold_in constant of the posterior-sample keys (the stages' own splits stay as they were).
+_ENCODE_STREAM = 0x7AE
+
+
+def to_diffusion_space(ctx: StageContext, params, video: jax.Array,
+                       rng: jax.Array | None) -> jax.Array:
+  """Pixel video ``[B, T, H, W, 3]`` -> what the generators denoise.
+
+  Pixel space: ``video`` itself. Latent space: the frozen VAE's scaled latents
+  ``[B, T, H/f, W/f, C]`` of ``params['vae']``; a posterior sample drawn with
+  ``rng`` if ``config.latent.sample_posterior`` (and ``rng`` is given), else the mean.
+  """
+  if not stack_lib.latent_enabled(ctx.config):
+    return video
+  if not ctx.config.latent.get("sample_posterior", True):
+    rng = None
+  rng = None if rng is None else jax.random.fold_in(rng, _ENCODE_STREAM)
+  return stack_lib.encode_latents(ctx.stack, params[stack_lib.VAE], video, rng)
+
+
+def to_pixel_space(ctx: StageContext, params, x: jax.Array) -> jax.Array:
+  """Inverse of ``to_diffusion_space`` (the VAE's decoder, clipped), for previews."""
+  if not stack_lib.latent_enabled(ctx.config):
+    return x
+  return stack_lib.decode_latents(ctx.stack, params[stack_lib.VAE], x)
 
 
 def _drop(rng: jax.Array, p: float, batch: int) -> jax.Array:
@@ -158,7 +207,8 @@ def base_loss(ctx: StageContext) -> LossFn:
 
   def loss_fn(params, batch, rng):
     rng_drop, rng_loss = jax.random.split(rng)
-    video = resize_video(batch["video"], c.video.height, c.video.width)
+    video = to_diffusion_space(
+        ctx, params, resize_video(batch["video"], *stack_lib.pixel_size(c)), rng)
     b = video.shape[0]
     drop_text = _drop(rng_drop, c.train.p_drop_text, b)
     tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
@@ -179,11 +229,9 @@ def sr_loss(ctx: StageContext) -> LossFn:
 
   def loss_fn(params, batch, rng):
     rng_drop, rng_aug, rng_level, rng_loss, rng_crop = jax.random.split(rng, 5)
-    video = batch["video"]
+    video = to_diffusion_space(ctx, params, batch["video"], rng)
     b, _, h, w, _ = video.shape
-    low = resize_video(video, c.video.height, c.video.width)
-    up = cascade.upsample_video(low, (h, w), method=c.diffusion.resize_method,
-                                clip=c.diffusion.clip_x0)
+    up = low_res_condition(ctx, params, batch["video"], (h, w), rng_aug)
     max_level = c.diffusion.sr_noise_aug or 0
     # Train on a range of augmentation levels; inference picks one.
     level = jax.random.randint(rng_level, (b,), 0, 2 * max_level + 1, dtype=jnp.int32)
@@ -205,6 +253,22 @@ def sr_loss(ctx: StageContext) -> LossFn:
     return _loss_metrics(out)
 
   return loss_fn
+
+
+def low_res_condition(ctx: StageContext, params, video: jax.Array, size: tuple[int, int],
+                      rng: jax.Array | None) -> jax.Array:
+  """The SR network's low-res input of a pixel video, before noise augmentation.
+
+  ``video [B, T, H, W, 3]`` (SR-scale pixels) is downsampled to the base pixel
+  size, brought to diffusion space (latent space: the VAE's latents of the
+  downsampled video, posterior per ``to_diffusion_space`` with ``rng``) and
+  upsampled per frame to ``size`` (the SR scale of the diffusion space), as
+  the cascade upsamples the base network's output. Returns ``[B, T, *size, C]``.
+  """
+  c = ctx.config
+  low = to_diffusion_space(ctx, params, resize_video(video, *stack_lib.pixel_size(c)), rng)
+  return cascade.upsample_video(low, size, method=c.diffusion.resize_method,
+                                clip=c.diffusion.clip_x0)
 
 
 def personalization_conditions(ctx: StageContext, params, reference, reference_mask,
@@ -245,7 +309,8 @@ def personalize_loss(ctx: StageContext) -> LossFn:
 
   def loss_fn(params, batch, rng):
     r_text, r_ref, r_detail, r_plain, rng_loss = jax.random.split(rng, 5)
-    video = resize_video(batch["video"], c.video.height, c.video.width)
+    video = to_diffusion_space(
+        ctx, params, resize_video(batch["video"], *stack_lib.pixel_size(c)), rng)
     b = video.shape[0]
     # Rows that keep the plain caption (the subject in words, no placeholder,
     # no reference tokens): the "text" and "text + non-target image" modes
