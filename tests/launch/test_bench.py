@@ -1,6 +1,6 @@
 """``python -m launch.bench`` on the CPU at the tiny config's shapes, with the peer.
 
-One subprocess run times our train step and one denoise step and diffusers'
+One subprocess run times one denoise step of ours and of diffusers'
 ``UNet3DConditionModel`` on the same inputs; it must print the table, write
 the JSON, import no TensorFlow (``-X importtime`` lists every import), and the
 two sides' FLOPs -- XLA's cost analysis vs torch's flop counter, counted
@@ -32,8 +32,8 @@ def test_cli_with_peer_on_cpu(tmp_path):
   out = tmp_path / "bench.json"
   run = subprocess.run(
       [sys.executable, "-X", "importtime", "-m", "launch.bench", "--config", "tiny", "--peer",
-       "--which", "train,denoise256", "--steps", "2", "--json", str(out)],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+       "--which", "denoise256", "--steps", "1", "--json", str(out)],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines()
               if line.startswith("import time:")]
@@ -44,7 +44,7 @@ def test_cli_with_peer_on_cpu(tmp_path):
   result = json.loads(out.read_text())
   assert result["platform"] == "cpu" and result["peak_tflops"] is None
   rows = {r["work"]: r for r in result["rows"]}
-  assert sorted(rows) == ["denoise256", "train"]
+  assert sorted(rows) == ["denoise256"]
   for work, r in rows.items():
     assert f"| {work} | " in run.stdout
     assert r["ours_ms"] > 0 and r["peer_eager_ms"] > 0 and r["compile_s"] > 0
@@ -54,9 +54,6 @@ def test_cli_with_peer_on_cpu(tmp_path):
     # and torch's (matmuls, convs, attention) within 25 %.
     assert 0.8 < r["flops"] / r["peer_flops"] < 1.25, (work, r["flops"], r["peer_flops"])
   assert rows["denoise256"]["shape"] == "2x4x16x16x3, text 16x32"
-  assert rows["train"]["shape"] == "4x4x16x16x3, text 16x32"
-  # A train step is forward + backward: about 3 forwards at twice the batch.
-  assert 4 < rows["train"]["flops"] / rows["denoise256"]["flops"] < 8
   assert rows["denoise256"]["peer_compile_ms"] is None
   assert "torch.compile skipped on CPU" in rows["denoise256"]["peer_note"]
   # Both sides built the same network.
