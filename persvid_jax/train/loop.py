@@ -249,7 +249,9 @@ def setup(config, mesh=None) -> Setup:
   state_shards = step_lib.state_shardings(abstract_state, boxed_params, mesh)
   return Setup(config=config, mesh=mesh, tokenizer=tokenizer, stack=stack, ctx=ctx,
                loss_fn=loss_fn, tx=tx,
-               train_step=step_lib.make_train_step(loss_fn, tx, tc.ema_decay),
+               train_step=step_lib.make_train_step(
+                   loss_fn, tx, tc.ema_decay,
+                   frozen=tuple(n for n in names if n == stack_lib.VAE)),
                init_state=init_state, abstract_state=abstract_state,
                state_shards=state_shards, batch_keys=stages.batch_keys(stage, config),
                init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng)

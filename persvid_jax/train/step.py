@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    ema_decay: float) -> Callable:
-  """``train_step(state, batch, rng) -> (state, metrics)`` (pure; jit it)."""
+                    ema_decay: float, frozen: tuple[str, ...] = ()) -> Callable:
+  """``train_step(state, batch, rng) -> (state, metrics)`` (pure; jit it).
+
+  ``frozen``: networks no stage trains (the VAE of latent space); their EMA is
+  their params exactly (an EMA of a constant drifts by rounding in fused code).
+  """
 
   def train_step(state: state_lib.TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
@@ -37,6 +41,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state_lib.ema_update(state.ema_params, params, ema_decay)
+    ema = {**ema, **{name: params[name] for name in frozen}} if frozen else ema
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    update_norm=optax.tree.norm(updates))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
