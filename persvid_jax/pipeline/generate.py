@@ -103,6 +103,50 @@ class Resolved:
   reference: build.ReferenceImage | None
 
 
+def request_mode(prompt: str, concepts: dict[str, int], *, has_image: bool,
+                 image_role: str = "target") -> tuple[str, tuple]:
+  """The mode of SPEC §1 a prompt (+ optional image) asks for, without any work.
+
+  The UI shows it live while the user types; ``resolve`` uses it too.
+
+  Args:
+    prompt: text naming concepts as ``<name>`` and the image's subject as ``<image>``.
+    concepts: ``{name: slot}`` of the database.
+    has_image: whether an image comes with the prompt.
+    image_role: 'target' or 'scene'.
+
+  Returns:
+    ``(mode, slots)``: one of ``MODES`` and the bank slots of the named concepts.
+
+  Raises:
+    GenerationError: unknown concept, ``<image>`` without an image, or an image
+      role that does not fit the prompt.
+  """
+  if image_role not in IMAGE_ROLES:
+    raise GenerationError(f"image role {image_role!r}; use one of {IMAGE_ROLES}")
+  names = _NAME_RE.findall(prompt)
+  unknown = [n for n in names if n != IMAGE_TOKEN and n not in concepts]
+  if unknown:
+    known = ", ".join(f"<{n}>" for n in concepts) or "none (the database is empty)"
+    raise GenerationError(f"unknown concept <{unknown[0]}> in the prompt (known: {known}); "
+                          "add it with 'python -m launch.concepts add'")
+  has_image_token = IMAGE_TOKEN in names
+  slots = tuple(dict.fromkeys(concepts[n] for n in names if n != IMAGE_TOKEN))
+  if has_image_token and not has_image:
+    raise GenerationError("the prompt names <image> but no image was given; pass --image")
+  if has_image_token and image_role != "target":
+    raise GenerationError("<image> names the subject of a target image; use --image-role "
+                          "target (or name a stored concept instead)")
+  if has_image_token and slots:
+    raise GenerationError("a prompt names either stored concepts or <image>, not both")
+  if has_image_token:
+    return "target", slots
+  if slots:
+    return ("concept" if not has_image else
+            "concept+target" if image_role == "target" else "concept+scene"), slots
+  return ("text" if not has_image else "text+scene"), slots
+
+
 def resolve(request: Request, concepts: dict[str, int], image_slot: int, config
             ) -> Resolved:
   """Maps a request to its mode and placeholder prompt.
@@ -121,30 +165,9 @@ def resolve(request: Request, concepts: dict[str, int], image_slot: int, config
     raise GenerationError(f"image role {request.image_role!r}; use one of {IMAGE_ROLES}")
   if request.mode is not None and request.mode not in MODES:
     raise GenerationError(f"mode {request.mode!r}; use one of {MODES}")
-  names = _NAME_RE.findall(request.prompt)
-  unknown = [n for n in names if n != IMAGE_TOKEN and n not in concepts]
-  if unknown:
-    known = ", ".join(f"<{n}>" for n in concepts) or "none (the database is empty)"
-    raise GenerationError(f"unknown concept <{unknown[0]}> in the prompt (known: {known}); "
-                          "add it with 'python -m launch.concepts add'")
-  has_image_token = IMAGE_TOKEN in names
-  slots = tuple(dict.fromkeys(concepts[n] for n in names if n != IMAGE_TOKEN))
   image = request.image
-  if has_image_token and image is None:
-    raise GenerationError("the prompt names <image> but no image was given; pass --image")
-  if has_image_token and request.image_role != "target":
-    raise GenerationError("<image> names the subject of a target image; use --image-role "
-                          "target (or name a stored concept instead)")
-  if has_image_token and slots:
-    raise GenerationError("a prompt names either stored concepts or <image>, not both")
-
-  if has_image_token:
-    mode = "target"
-  elif slots:
-    mode = "concept" if image is None else (
-        "concept+target" if request.image_role == "target" else "concept+scene")
-  else:
-    mode = "text" if image is None else "text+scene"
+  mode, slots = request_mode(request.prompt, concepts, has_image=image is not None,
+                             image_role=request.image_role)
   if request.mode is not None and request.mode != mode:
     need = {"concept": "a prompt naming a stored <concept>, no image",
             "concept+target": "a prompt naming a stored <concept> and --image",
