@@ -285,6 +285,32 @@ def load_model(path: str | os.PathLike | Sequence[str | os.PathLike] | None = No
                source=source, info=info)
 
 
+def place(model: Model, mesh) -> Model:
+  """The model with its params on ``mesh``, each sharded by the networks' logical axes.
+
+  ``load_model`` and the converters read checkpoints on the host (numpy);
+  this puts every leaf straight onto the devices with its target sharding
+  (``sharding.param_shardings`` of the ``eval_shape`` of our init: kernels
+  split over ``fsdp``), so a model larger than one device's memory is never
+  gathered on one device. Values are unchanged.
+
+  Args:
+    model: a loaded ``Model`` (host params).
+    mesh: a ``('data', 'fsdp')`` mesh (``sharding.make_mesh``).
+
+  Returns:
+    A ``Model`` whose ``params`` are ``jax.Array``s sharded over ``mesh``.
+  """
+  from persvid_jax import sharding as sharding_lib
+  names = list(model.params)
+  abstract = model.stack.abstract_variables(names)
+  params = {}
+  for name in names:
+    shards = sharding_lib.param_shardings(abstract[name]["params"], mesh)
+    params[name] = jax.tree.map(jax.device_put, model.params[name], shards)
+  return dataclasses.replace(model, params=params)
+
+
 def _seeded_vae(stack: ModelStack, source: str) -> dict:
   """The VAE training gave a latent model of a ``random_vae`` config (else ModelError)."""
   config = stack.config
