@@ -81,19 +81,11 @@ def main(argv=None) -> int:
       if name not in known:
         return _common.fail(f"--variant-model {name}: no variant needs it; known: "
                             f"{', '.join(sorted(known))}")
-    # OUT.run_record.json beside the results (and OUT.run_records/NNN.json):
-    # what produced them; a rerun into the same name warns about differences.
-    from persvid_jax import records
-    records.record_run(out.parent, config, name=f"{out.stem}.run_record",
-                       extra={"kind": "evaluate", "model": args.model or "shipped demo",
-                              "variant_models": variant_paths, "ablations": args.ablations,
-                              "dreambench": args.dreambench, "probe": args.probe})
+    if args.dreambench and args.probe:
+      return _common.fail("--dreambench and --probe: choose one")
     t0 = time.perf_counter()
     model = model_lib.load_model(args.model.split(",") if args.model else None)
     print(f"model: {model.source} ({model.config.name})", flush=True)
-
-    if args.dreambench and args.probe:
-      return _common.fail("--dreambench and --probe: choose one")
     if args.probe:
       from persvid_jax.evaluate import probe
       result = probe.condition_probe(model, examples=int(config.probe.examples),
@@ -133,6 +125,14 @@ def main(argv=None) -> int:
                                                                  else argv)])
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     table += f"\n{result['wall_seconds']:.0f} s wall; command: `{result['command']}`\n"
+    # OUT.run_record.json beside the results (and OUT.run_records/NNN.json):
+    # what produced them; a rerun into the same name warns about differences.
+    # Written with the results, so a run stopped by bad input leaves nothing.
+    from persvid_jax import records
+    records.record_run(out.parent, config, name=f"{out.stem}.run_record",
+                       extra={"kind": "evaluate", "model": args.model or "shipped demo",
+                              "variant_models": variant_paths, "ablations": args.ablations,
+                              "dreambench": args.dreambench, "probe": args.probe})
     _write_atomic(out.with_suffix(".md"), table)
     _write_atomic(out, json.dumps(result, indent=2))
     print("\n" + table)
