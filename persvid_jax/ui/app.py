@@ -211,17 +211,19 @@ class Studio:
     outlined in red, beside the square crop the encoders see.
     """
     from persvid_jax.concepts import build
+    from persvid_jax.concepts import subject as subject_lib
     from PIL import Image
     if not paths:
       raise _image_error("no photos; upload one or more photos of the subject")
     if len(paths) > MAX_PHOTOS:
       raise _image_error(f"{len(paths)} photos; give at most {MAX_PHOTOS}")
     rows, side = [], 192
+    config = self.model.config
     for image, mask in build.load_photos(list(paths)):
-      ref = build.subject_reference(image, self.model.config, mask)
-      from persvid_jax.concepts import subject as subject_lib
-      seg = subject_lib.segment_subject(image, mask=mask, size=ref.crop.shape[0],
-                                        fill=self.model.config.concepts.get("subject_fill", 0.4))
+      # One segmentation gives both the full-photo mask and the encoders' crop
+      # (the arguments build.subject_reference uses).
+      seg = subject_lib.segment_subject(image, mask=mask, size=build.reference_size(config),
+                                        fill=config.concepts.get("subject_fill", 0.4))
       m = seg.mask[..., None]
       shown = (image * (0.35 + 0.65 * m)).astype(np.uint8)
       edge = (m[..., 0] > 0) & ~_eroded(m[..., 0] > 0)
@@ -229,7 +231,7 @@ class Studio:
       h, w = shown.shape[:2]
       s = side / max(h, w)
       photo = np.asarray(Image.fromarray(shown).resize((max(1, round(w * s)), max(1, round(h * s)))))
-      crop = np.asarray(Image.fromarray(ref.crop).resize((side, side), Image.Resampling.NEAREST))
+      crop = np.asarray(Image.fromarray(seg.crop).resize((side, side), Image.Resampling.NEAREST))
       row = np.full((side, 2 * side + 8, 3), 255, np.uint8)
       row[:photo.shape[0], :photo.shape[1]] = photo
       row[:, side + 8:] = crop
