@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The trainer stand-in. Run as a script with a __main__ guard (spawned
 # workers re-import the main module).
 _CHILD = textwrap.dedent("""
-    import os, pathlib, signal, sys, threading
+    import os, pathlib, signal, sys, threading, time
     import numpy as np
     from persvid_jax import checkpoint as ckpt_lib
     from persvid_jax import config_lib
@@ -48,9 +48,18 @@ _CHILD = textwrap.dedent("""
       first.join()
       print("workers up", flush=True)
       sys.stdin.readline()                  # the test has listed the workers
-      state = {"w": np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)}
+      # 64 MB, so that the write outlasts the poll below on any disk.
+      state = {"w": np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32)}
       ckpt_lib.save(manager, 2, state)      # returns with the write in flight
-      in_flight = [p.name for p in workdir.iterdir() if p.name.startswith("2.")]
+      # Orbax may create its temporary step directory from its background
+      # thread, so poll for it rather than look once; kill as soon as it is
+      # there and the final directory is not.
+      in_flight, deadline = [], time.monotonic() + 60
+      while not in_flight and time.monotonic() < deadline:
+        names = [p.name for p in workdir.iterdir()]
+        if "2" in names:
+          break                             # finished first: reported, the test retries
+        in_flight = [n for n in names if n.startswith("2.")]
       print("in flight:", in_flight, flush=True)
       os.kill(os.getpid(), signal.SIGKILL)
     """)
