@@ -134,6 +134,7 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
       init_from=None,              # earlier stage's workdir (its EMA params) or an exported model dir
       batch_size=8,                # global batch
       total_steps=200,
+      schedule_steps=None,         # cosine decay horizon; None: total_steps
       learning_rate=1e-3, warmup_steps=20, lr_min_ratio=0.1,
       weight_decay=0.0, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=1.0,
       ema_decay=0.99,
@@ -160,7 +161,9 @@ def shrink_to_micro(config: ml_collections.ConfigDict) -> None:
   config.extractor.update(dict(image_size=16, patch_size=8))
   config.data.update(dict(source="renderer", frames=2, height=16, width=16,
                           reference_size=16, workers=1))
-  config.train.update(dict(batch_size=4, log_every_steps=5))
+  # One decay horizon whatever total_steps a test picks: the train step is
+  # then one program, compiled once per persistent cache.
+  config.train.update(dict(batch_size=4, log_every_steps=5, schedule_steps=200))
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:

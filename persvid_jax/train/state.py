@@ -49,10 +49,18 @@ def trainable_mask(params: Any, patterns: Sequence[str]) -> Any:
 
 
 def learning_rate_schedule(train_config) -> optax.Schedule:
-  """Linear warmup to ``learning_rate``, then cosine decay to ``lr_min_ratio``."""
+  """Linear warmup to ``learning_rate``, then cosine decay to ``lr_min_ratio``.
+
+  The decay spans ``schedule_steps`` when set, else ``total_steps``. A fixed
+  ``schedule_steps`` lets a run be extended on resume (a larger
+  ``total_steps``) without changing the learning rate of the steps already
+  taken, and keeps the compiled train step the same program for any
+  ``total_steps`` (the schedule's constants are part of it).
+  """
   c = train_config
   warmup = max(int(c.warmup_steps), 0)
-  total = max(int(c.total_steps), warmup + 1)
+  horizon = c.get("schedule_steps") or c.total_steps
+  total = max(int(horizon), warmup + 1)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0 if warmup else c.learning_rate, peak_value=c.learning_rate,
       warmup_steps=warmup, decay_steps=total, end_value=c.learning_rate * c.lr_min_ratio)
