@@ -39,6 +39,7 @@ high-water mark of the process, so rows run smallest first); compile seconds of
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import statistics
 import tempfile
@@ -46,6 +47,8 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 WORKS = ("train", "denoise256", "denoise512", "cascade", "concept")
 PEER_WORKS = ("train", "denoise256", "denoise512")
@@ -153,20 +156,41 @@ def peer_kwargs(u) -> dict:
               cross_attention_dim=u.cross_attention_dim, attention_head_dim=u.head_dim)
 
 
-def random_params(abstract: Any, rng: jax.Array, std: float = 0.02) -> Any:
+def random_params(abstract: Any, rng: jax.Array, std: float = 0.02,
+                  chunk: int = 1 << 26) -> Any:
   """Normal(0, std) leaves of an abstract (ShapeDtypeStruct) params tree, on device.
 
-  One small jitted program instead of a model's init (whose compile includes
-  the forward pass): values only matter for timing.
+  Values only matter for timing, so they are drawn as one flat stream in
+  chunks of ``chunk`` floats by one small compiled program, split on the host
+  and put on the device leaf by leaf. Not a jitted per-leaf draw: XLA compiles
+  one kernel per random leaf (~0.1 s each on a CPU, a model's init has
+  hundreds) and its CPU compile time grows faster than linearly with their
+  number (1000 leaves: ~7 min on 2 cores). Not the model's init either,
+  whose compile includes the forward pass.
+
+  Args:
+    abstract: pytree of ``jax.ShapeDtypeStruct``.
+    rng: a PRNG key; the same key gives the same values.
+    std: standard deviation of every leaf.
+    chunk: floats per compiled draw (bounds the device buffer for big models).
+
+  Returns:
+    The pytree of ``abstract`` with device arrays of its shapes and dtypes.
   """
   leaves, treedef = jax.tree.flatten(abstract)
-
-  @jax.jit
-  def fill(key):
-    keys = jax.random.split(key, len(leaves))
-    return [std * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
-
-  return jax.tree.unflatten(treedef, fill(rng))
+  sizes = [math.prod(l.shape) for l in leaves]
+  total = sum(sizes)
+  n = max(1, min(chunk, total))
+  draw = jax.jit(lambda key: std * jax.random.normal(key, (n,), jnp.float32))
+  flat = np.empty(-(-total // n) * n, np.float32)
+  for i in range(len(flat) // n):
+    flat[i * n:(i + 1) * n] = np.asarray(draw(jax.random.fold_in(rng, i)))
+  out, offset = [], 0
+  for leaf, size in zip(leaves, sizes):
+    value = flat[offset:offset + size].reshape(leaf.shape).astype(leaf.dtype)
+    out.append(jax.device_put(value))
+    offset += size
+  return jax.tree.unflatten(treedef, out)
 
 
 def _median_ms(times_s: Sequence[float]) -> float:
@@ -474,17 +498,20 @@ class _Peer:
 # ----------------------------------------------------------------------------
 
 def random_model(config, seed: int = 0):
-  """A ``pipeline.model.Model`` of ``config`` with N(0, 0.02) params (no init compile)."""
+  """A ``pipeline.model.Model`` of ``config`` with N(0, 0.02) params (no init compile).
+
+  Every network of ``stack.network_names``: the VAE too in latent space.
+  """
   import flax.linen as nn
   from persvid_jax.concepts.tokens import PromptTokenizer
-  from persvid_jax.models.stack import NETWORKS, ModelStack
+  from persvid_jax.models.stack import ModelStack
   from persvid_jax.pipeline import model as model_lib
   tokenizer = PromptTokenizer.from_config(config)
   stack = ModelStack.from_config(config, eos_token_id=tokenizer.eos_id)
   abstract = {n: nn.meta.unbox(a)["params"] for n, a in stack.abstract_variables().items()}
   params = random_params(abstract, jax.random.key(seed))
   return model_lib.Model(config=config, stack=stack, tokenizer=tokenizer,
-                         params={n: params[n] for n in NETWORKS},
+                         params={n: params[n] for n in stack.network_names},
                          source=f"random N(0, 0.02) (seed {seed})", info={})
 
 

@@ -87,3 +87,22 @@ def test_default_shapes_are_the_issues_for_modelscope():
                           attention_head_dim=kwargs["attention_head_dim"]))
   u = bench.bench_unet_config(config)
   assert all(back[k] == (tuple(u[k]) if isinstance(back[k], tuple) else u[k]) for k in back)
+
+
+def test_random_params_and_the_latent_models_vae():
+  """N(0, std) leaves of the abstract shapes and dtypes, seeded, drawn in chunks;
+  ``random_model`` in latent space holds the VAE the cascade decodes with."""
+  import numpy as np
+  abstract = {"a": jax.ShapeDtypeStruct((3, 5), np.float32),
+              "b": {"c": jax.ShapeDtypeStruct((7,), jax.numpy.bfloat16)}}
+  p = bench.random_params(abstract, jax.random.key(0), std=0.5, chunk=4)
+  q = bench.random_params(abstract, jax.random.key(0), std=0.5, chunk=4)
+  assert p["a"].shape == (3, 5) and p["b"]["c"].dtype == jax.numpy.bfloat16
+  for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  big = bench.random_params({"w": jax.ShapeDtypeStruct((4000,), np.float32)},
+                            jax.random.key(1), std=0.5)["w"]
+  assert 0.45 < float(np.std(big)) < 0.55 and abs(float(np.mean(big))) < 0.05
+
+  model = bench.random_model(config_lib.load_config("tiny:latent"))
+  assert set(model.params) == set(model.stack.network_names) and "vae" in model.params
