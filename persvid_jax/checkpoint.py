@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -71,6 +72,31 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   restored = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
   return step, restored["state"]
+
+
+def restore_to_host(manager: ocp.CheckpointManager, step: int | None = None) -> Any:
+  """The saved ``state`` of ``step`` (default the latest) as host numpy arrays.
+
+  Needs no template and no devices: a checkpoint written by a pod or by
+  several processes (params sharded over devices this process lacks) reads
+  back on one host. Orbax would otherwise put each array back on the saved
+  shardings and refuse ("different topology"). The whole state is read
+  (params, optimizer, EMA), so expect host memory of about 4x the params.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    meta = checkpointer.metadata(pathlib.Path(manager.directory) / str(step) / "state")
+  finally:
+    checkpointer.close()
+  tree = getattr(meta, "item_metadata", meta)
+  # numpy leaves as the target: orbax restores numpy arrays, sharding-free.
+  target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), getattr(tree, "tree", tree))
+  restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+  return restored["state"]
 
 
 def restore_config(manager: ocp.CheckpointManager,

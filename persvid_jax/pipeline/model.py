@@ -187,13 +187,10 @@ def _workdir_params(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, d
     if step is None:
       raise ModelError(f"{workdir} holds no checkpoint yet")
     config = ckpt_lib.restore_config(manager, step)
-    # Restored as numpy on the host: no sharding template needed.
-    import orbax.checkpoint as ocp
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+    state = ckpt_lib.restore_to_host(manager, step)
   finally:
     manager.close()
-  params = jax.tree.map(np.asarray, dict(state["ema_params"]))
+  params = dict(state["ema_params"])
   return config, params, int(step)
 
 

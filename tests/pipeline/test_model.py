@@ -1,14 +1,19 @@
 """Model export/load: exact round trip, strict validation, the shipped demo model."""
 
 import json
+import os
+import pathlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from persvid_jax.models.stack import NETWORKS
 from persvid_jax.pipeline import model as model_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_export_load_round_trip(micro_model_dir, micro_model, tmp_path):
@@ -109,3 +114,31 @@ def test_place_shards_params_over_the_mesh(micro_model):
   for a, b in zip(jax.tree.leaves(micro_model.params), jax.tree.leaves(placed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert placed.feature_id == micro_model.feature_id
+
+
+def test_workdir_saved_on_other_devices_loads_on_the_host(tmp_path):
+  """A checkpoint written with params sharded over devices this process lacks
+  (a pod's, or the 2-process test's) still exports: the loader reads the
+  EMA params to host numpy, not onto the saved shardings."""
+  import subprocess
+  import sys
+  from persvid_jax import checkpoint as ckpt_lib
+  from persvid_jax import config_lib
+  config = config_lib.load_config("tiny:micro")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[6:8]), ("fsdp",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  w = jax.device_put(np.arange(8, dtype=np.float32), sharded)
+  state = {"params": {"unet": {"w": w}}, "ema_params": {"unet": {"w": w * 2}}}
+  manager = ckpt_lib.make_manager(tmp_path / "checkpoints", async_save=False)
+  ckpt_lib.save(manager, 5, state, config)
+  manager.close()
+  code = ("import numpy as np; from persvid_jax.pipeline import model as m; "
+          "config, params, step = m._workdir_params(__import__('pathlib').Path(%r)); "
+          "w = params['unet']['w']; assert isinstance(w, np.ndarray), type(w); "
+          "print(step, w.tolist())" % str(tmp_path))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split("\n")[0] == "5 " + str([2.0 * i for i in range(8)])

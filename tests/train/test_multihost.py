@@ -64,9 +64,8 @@ def _env(devices: int, **extra) -> dict:
 def _restore(setup, workdir: pathlib.Path):
   """``(step, TrainState)`` of a workdir's latest checkpoint, onto this process's mesh.
 
-  (``pipeline.model``'s loader refuses a checkpoint saved by 2 processes: orbax
-  wants target shardings when the devices differ; the loop's abstract state has
-  them.)
+  (The loop's abstract state gives orbax the target shardings; the export
+  path reads to host numpy instead, ``checkpoint.restore_to_host``.)
   """
   manager = ckpt_lib.make_manager(workdir / "checkpoints", async_save=False)
   try:
