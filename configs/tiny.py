@@ -142,6 +142,9 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
       p_plain_caption=0.0,         # personalize: rows trained on the plain caption instead
       sr_crop=None,                # sr: random crops of this side (latent space: in latents)
       subject_loss_weight=1.0,     # base/personalize: loss weight of subject pixels (1 = off)
+      # A NaN/Inf loss or gradient: 0 stops the run at once (naming the step and
+      # the last good checkpoint); N > 0 skips such steps (no update) up to N.
+      max_nonfinite_skips=0,
       log_every_steps=10,
       checkpoint_every_steps=100, keep_checkpoints=3, async_checkpoints=True,
       sample_every_steps=100, preview_examples=4,

@@ -251,7 +251,8 @@ def setup(config, mesh=None) -> Setup:
                loss_fn=loss_fn, tx=tx,
                train_step=step_lib.make_train_step(
                    loss_fn, tx, tc.ema_decay,
-                   frozen=tuple(n for n in names if n == stack_lib.VAE)),
+                   frozen=tuple(n for n in names if n == stack_lib.VAE),
+                   skip_nonfinite=_max_skips(tc) > 0),
                init_state=init_state, abstract_state=abstract_state,
                state_shards=state_shards, batch_keys=stages.batch_keys(stage, config),
                init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng)
@@ -315,17 +316,20 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   batch = first
   t0, steps_timed = time.perf_counter(), 0
   stop = _StopRequest()
+  skips = _SkipCounter(_max_skips(tc))
   try:
     with stop:
       while step < tc.total_steps and not stop.agreed(step, tc.log_every_steps):
         device_batch = _device_batch(batch, keys, batch_shards)
         with mesh:
           state, metrics = compiled(state, device_batch, train_rng)
+        skips.add(metrics)
         step += 1
         steps_timed += 1
         if step % tc.log_every_steps == 0 or step == tc.total_steps:
           metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          _check_finite(metrics_host, step, manager)
+          skips.check(step, manager)
+          _check_finite(_finite_part(metrics_host), step, manager)
           rate = steps_timed / (time.perf_counter() - t0)
           writer.scalars(step, dict(metrics_host, steps_per_second=rate,
                                     learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
@@ -333,8 +337,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         bar.update(1)
         if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
           # A diverged state must never become the newest "good" checkpoint.
-          _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
-                        manager)
+          skips.check(step, manager)
+          _check_finite(_finite_part({k: float(v) for k, v in jax.device_get(metrics).items()}),
+                        step, manager)
           ckpt_lib.save(manager, step, state, config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
           _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
@@ -352,8 +357,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
           metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if manager.latest_step() != step:
           if step > first_step:
-            _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
-                          manager)
+            skips.check(step, manager)
+            _check_finite(_finite_part({k: float(v) for k, v in
+                                        jax.device_get(metrics).items()}), step, manager)
           ckpt_lib.save(manager, step, state, config, force=True)
         log.warning("stopped by %s at step %d; checkpoint saved",
                     stop.signal or "a signal to another process", step)
@@ -369,6 +375,54 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   if jax.process_index() == 0:
     (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
   return result
+
+
+def _max_skips(train_config) -> int:
+  """``config.train.max_nonfinite_skips`` (0, the default: stop at the first)."""
+  n = int(train_config.get("max_nonfinite_skips", 0) or 0)
+  if n < 0:
+    raise ValueError(f"config.train.max_nonfinite_skips={n} must be >= 0")
+  return n
+
+
+class _SkipCounter:
+  """Counts the steps the train step skipped (``metrics['skipped']``) on device,
+  so that nothing is fetched per step; checked when metrics are fetched."""
+
+  def __init__(self, limit: int):
+    self.limit, self.total, self.reported = limit, None, 0
+
+  def add(self, metrics) -> None:
+    if self.limit:
+      s = metrics["skipped"]
+      self.total = s if self.total is None else self.total + s
+
+  def check(self, step: int, manager) -> None:
+    """Warns about newly skipped steps; raises past the limit (like ``_check_finite``)."""
+    if not self.limit or self.total is None:
+      return
+    total = int(jax.device_get(self.total))
+    if total > self.reported:
+      log.warning("step %d: %d non-finite step(s) skipped so far in this run (limit %d, "
+                  "config.train.max_nonfinite_skips)", step, total, self.limit)
+      self.reported = total
+    if total > self.limit:
+      manager.wait_until_finished()
+      last = manager.latest_step()
+      where = (f"the last checkpoint is step {last} in {manager.directory}"
+               if last is not None else "there is no checkpoint yet")
+      raise FloatingPointError(
+          f"training diverged: {total} steps up to step {step} had a non-finite loss or "
+          f"gradient, over config.train.max_nonfinite_skips={self.limit}; {where}; lower "
+          "config.train.learning_rate or config.train.grad_clip_norm")
+
+
+def _finite_part(metrics: dict) -> dict:
+  """The metrics that must be finite: all of them, unless the step was skipped
+  (then its loss and norms are the bad step's, and the state did not take them)."""
+  if metrics.get("skipped", 0.0) > 0:
+    return {k: v for k, v in metrics.items() if k not in ("loss", "grad_norm", "update_norm")}
+  return metrics
 
 
 def _check_finite(metrics: dict, step: int, manager) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -27,11 +28,18 @@ log = logging.getLogger(__name__)
 
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    ema_decay: float, frozen: tuple[str, ...] = ()) -> Callable:
+                    ema_decay: float, frozen: tuple[str, ...] = (),
+                    skip_nonfinite: bool = False) -> Callable:
   """``train_step(state, batch, rng) -> (state, metrics)`` (pure; jit it).
 
   ``frozen``: networks no stage trains (the VAE of latent space); their EMA is
   their params exactly (an EMA of a constant drifts by rounding in fused code).
+
+  ``skip_nonfinite``: a step whose loss or gradient norm is NaN/Inf leaves
+  params, optimizer state and EMA as they were (the step counter still
+  advances: its batch is consumed) and reports ``skipped = 1``; its other
+  metrics are the bad step's. Off, such a step is applied and the loop stops
+  the run (``config.train.max_nonfinite_skips``).
   """
 
   def train_step(state: state_lib.TrainState, batch: dict, rng: jax.Array):
@@ -44,6 +52,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     ema = {**ema, **{name: params[name] for name in frozen}} if frozen else ema
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
                    update_norm=optax.tree.norm(updates))
+    if skip_nonfinite:
+      ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+      keep = lambda new, old: jnp.where(ok, new, old)
+      params, opt_state, ema = (jax.tree.map(keep, new, old) for new, old in (
+          (params, state.params), (opt_state, state.opt_state), (ema, state.ema_params)))
+      metrics["skipped"] = jnp.where(ok, 0.0, 1.0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
     return new_state, metrics

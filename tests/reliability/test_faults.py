@@ -155,3 +155,65 @@ def test_a_diverged_step_names_itself_and_the_last_good_checkpoint(tmp_path):
     loop._check_finite({"loss": 0.5, "grad_norm": 2.0}, 8, manager)   # finite: no error
   finally:
     manager.close()
+
+
+def test_nonfinite_steps_are_skipped_by_config_up_to_a_limit(tmp_path):
+  """``config.train.max_nonfinite_skips > 0``: a NaN step changes nothing (params,
+  Adam moments, EMA) but the step counter; past the limit the run stops with
+  one line. The real train step builder with a toy loss (its compile is
+  instant; the loop wires the same functions)."""
+  import jax.numpy as jnp
+  import optax
+  from persvid_jax import checkpoint as ckpt_lib
+  from persvid_jax.train import loop
+  from persvid_jax.train import state as state_lib
+  from persvid_jax.train import step as step_lib
+
+  def loss_fn(params, batch, rng):
+    loss = jnp.sum((params["w"] * batch["x"] - 1.0) ** 2)
+    return loss, {"loss": loss}
+
+  tx = optax.adam(0.1)
+  state = state_lib.create_state({"w": jnp.array([1.0, 2.0])}, tx)
+  good, bad = {"x": jnp.array([0.5, 0.5])}, {"x": jnp.array([0.5, jnp.nan])}
+  skip = jax.jit(step_lib.make_train_step(loss_fn, tx, 0.9, skip_nonfinite=True))
+  after_good, m = skip(state, good, jax.random.key(0))
+  assert float(m["skipped"]) == 0 and int(after_good.step) == 1
+  assert not np.array_equal(np.asarray(after_good.params["w"]), [1.0, 2.0])
+  after_bad, m = skip(after_good, bad, jax.random.key(0))
+  assert float(m["skipped"]) == 1 and int(after_bad.step) == 2
+  for x, y in zip(jax.tree.leaves((after_good.params, after_good.opt_state,
+                                   after_good.ema_params)),
+                  jax.tree.leaves((after_bad.params, after_bad.opt_state,
+                                   after_bad.ema_params))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Without the option the NaN goes into the params (and the loop stops the run).
+  plain = jax.jit(step_lib.make_train_step(loss_fn, tx, 0.9))
+  assert np.isnan(np.asarray(plain(after_good, bad, jax.random.key(0))[0].params["w"])).any()
+
+  # The loop's side: a skipped step's NaN loss is not a divergence; the count is.
+  host = {k: float(v) for k, v in m.items()}
+  assert "loss" not in loop._finite_part(host)
+  manager = ckpt_lib.make_manager(tmp_path / "checkpoints", async_save=False)
+  try:
+    loop._check_finite(loop._finite_part(host), 2, manager)         # no error
+    counter = loop._SkipCounter(limit=1)
+    counter.add(m)
+    counter.check(2, manager)                                        # 1 <= 1: a warning
+    counter.add(m)
+    with pytest.raises(FloatingPointError, match=r"2 steps up to step 3 had a non-finite "
+                                                 r"loss or gradient, over config\.train\."
+                                                 r"max_nonfinite_skips=1; there is no "
+                                                 r"checkpoint yet"):
+      counter.check(3, manager)
+  finally:
+    manager.close()
+  with pytest.raises(ValueError, match="max_nonfinite_skips=-1"):
+    loop._max_skips(_train_config(max_nonfinite_skips=-1))
+
+
+def _train_config(**kw):
+  from persvid_jax import config_lib
+  config = config_lib.load_config("tiny:micro")
+  config.train.update(kw)
+  return config.train
