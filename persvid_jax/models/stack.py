@@ -108,7 +108,7 @@ class ModelStack:
   @property
   def network_names(self) -> tuple[str, ...]:
     """``network_names(self.config)``: the six, plus ``VAE`` in latent space."""
-    return NETWORKS + ((VAE,) if self.vae is not None else ())
+    return network_names(self.config)
 
   def example_inputs(self, batch: int = 1) -> dict[str, tuple[tuple, dict]]:
     """Per network, ``(args, kwargs)`` of zeros with the config's shapes.

@@ -329,7 +329,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if step % tc.log_every_steps == 0 or step == tc.total_steps:
           metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
           skips.check(step, manager)
-          _check_finite(_finite_part(metrics_host), step, manager)
+          _check_finite(metrics_host, step, manager)
           rate = steps_timed / (time.perf_counter() - t0)
           writer.scalars(step, dict(metrics_host, steps_per_second=rate,
                                     learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
@@ -338,8 +338,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
           # A diverged state must never become the newest "good" checkpoint.
           skips.check(step, manager)
-          _check_finite(_finite_part({k: float(v) for k, v in jax.device_get(metrics).items()}),
-                        step, manager)
+          _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
+                        manager)
           ckpt_lib.save(manager, step, state, config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
           _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
@@ -358,8 +358,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if manager.latest_step() != step:
           if step > first_step:
             skips.check(step, manager)
-            _check_finite(_finite_part({k: float(v) for k, v in
-                                        jax.device_get(metrics).items()}), step, manager)
+            _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
+                          manager)
           ckpt_lib.save(manager, step, state, config, force=True)
         log.warning("stopped by %s at step %d; checkpoint saved",
                     stop.signal or "a signal to another process", step)
@@ -407,14 +407,11 @@ class _SkipCounter:
                   "config.train.max_nonfinite_skips)", step, total, self.limit)
       self.reported = total
     if total > self.limit:
-      manager.wait_until_finished()
-      last = manager.latest_step()
-      where = (f"the last checkpoint is step {last} in {manager.directory}"
-               if last is not None else "there is no checkpoint yet")
       raise FloatingPointError(
           f"training diverged: {total} steps up to step {step} had a non-finite loss or "
-          f"gradient, over config.train.max_nonfinite_skips={self.limit}; {where}; lower "
-          "config.train.learning_rate or config.train.grad_clip_norm")
+          f"gradient, over config.train.max_nonfinite_skips={self.limit}; "
+          f"{_last_good(manager)}; lower config.train.learning_rate or "
+          "config.train.grad_clip_norm")
 
 
 def _finite_part(metrics: dict) -> dict:
@@ -431,18 +428,24 @@ def _check_finite(metrics: dict, step: int, manager) -> None:
 
   Checked at every logged step and before every save. The loss is computed
   before the update, so an infinite ``grad_norm`` / ``update_norm`` (NaN
-  params from now on) counts too.
+  params from now on) counts too, unless the step was skipped
+  (``_finite_part``; ``_SkipCounter`` counts those).
   """
-  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  bad = {k: v for k, v in _finite_part(metrics).items() if not np.isfinite(v)}
   if not bad:
     return
+  values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+  raise FloatingPointError(f"training diverged at step {step} ({values}); "
+                           f"{_last_good(manager)}; lower config.train.learning_rate or "
+                           "config.train.grad_clip_norm")
+
+
+def _last_good(manager) -> str:
+  """Where a diverged run resumes: its newest complete checkpoint (saves finished)."""
   manager.wait_until_finished()
   last = manager.latest_step()
-  where = (f"the last good checkpoint is step {last} in {manager.directory}; rerunning "
-           "resumes there" if last is not None else "there is no checkpoint yet")
-  values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-  raise FloatingPointError(f"training diverged at step {step} ({values}); {where}; lower "
-                           "config.train.learning_rate or config.train.grad_clip_norm")
+  return (f"the last good checkpoint is step {last} in {manager.directory}; rerunning "
+          "resumes there" if last is not None else "there is no checkpoint yet")
 
 
 def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, workdir, n):

@@ -54,9 +54,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                    update_norm=optax.tree.norm(updates))
     if skip_nonfinite:
       ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
-      keep = lambda new, old: jnp.where(ok, new, old)
-      params, opt_state, ema = (jax.tree.map(keep, new, old) for new, old in (
-          (params, state.params), (opt_state, state.opt_state), (ema, state.ema_params)))
+      params, opt_state, ema = jax.tree.map(
+          lambda new, old: jnp.where(ok, new, old), (params, opt_state, ema),
+          (state.params, state.opt_state, state.ema_params))
       metrics["skipped"] = jnp.where(ok, 0.0, 1.0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
