@@ -46,8 +46,9 @@ def main(argv=None) -> int:
                                  "(default: the shipped demo model)")
   p.add_argument("--ablations", action="store_true", help="run every variant")
   p.add_argument("--variant-model", action="append", default=[], metavar="NAME=DIR[,DIR]",
-                 help="the model trained for a variant (sr_kernel3, sr_kernel3_dil2, "
-                      "swap_input, swap_output)")
+                 help="the model trained for a variant (sr_kernel5, sr_kernel3, "
+                      "sr_kernel3_dil2, swap_input, swap_output); the variant's own "
+                      "workdir first, e.g. sr_kernel3=W/sr_kernel3,W/personalize")
   p.add_argument("--dreambench", action="store_true",
                  help="run the DreamBench protocol instead of the synthetic suite")
   p.add_argument("--probe", action="store_true",

@@ -11,14 +11,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def test_ablations_table(tmp_path, micro_model_dir):
   out = tmp_path / "ablations.json"
   r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model", micro_model_dir,
-           "--out", out, "--ablations", "--config.suite.subjects=1", "--config.suite.seeds=(0, 1)")
+           "--out", out, "--ablations", "--config.suite.subjects=1", "--config.suite.seeds=(0, 1)",
+           # A variant's own model: loaded from --variant-model, its row run.
+           "--variant-model", f"sr_kernel5={micro_model_dir}")
   assert r.returncode == 0, r.stderr[-3000:]
   result = json.loads(out.read_text())
   table = out.with_suffix(".md").read_text()
   variants = result["variants"]
   ran = [n for n, v in variants.items() if v["status"] == "ok"]
   assert ran == ["method", "removed", "described", "detail_off", "target_stored",
-                 "target_image", "target_fused", "no_cascade"]
+                 "target_image", "target_fused", "no_cascade", "sr_kernel5"]
+  assert "| sr_kernel5 | 0." in table
   assert variants["sr_kernel3"]["status"] == "not run"
   assert "sr_kernel=3" in variants["sr_kernel3"]["needs"]
   m = variants["method"]["metrics"]
