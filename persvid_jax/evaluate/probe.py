@@ -57,12 +57,16 @@ def condition_probe(model, *, examples: int = 32,
     split: the renderer split.
 
   Returns:
-    ``{"timesteps", "examples", "draws", "subject": {case: [per t]},
+    ``{"timesteps", "examples", "draws", "space", "subject": {case: [per t]},
     "background": {case: [per t]}, "reference_gain", "detail_gain",
-    "words_gain"}`` (errors are mean squared x0 errors in [-1, 1] pixel units).
+    "words_gain"}``: mean squared x0 errors of the base network's video
+    ``[examples, T, h, w, C]`` (``config.video``), in [-1, 1] pixel units, or
+    with ``space == "latent"`` in the VAE's scaled latent units, each cell
+    weighted by the subject's coverage.
   """
   from persvid_jax.data import pipeline
   from persvid_jax.diffusion import schedules
+  from persvid_jax.models import stack as stack_lib
   from persvid_jax.train import stages
 
   config = model.config.copy_and_resolve_references()
@@ -83,13 +87,21 @@ def condition_probe(model, *, examples: int = 32,
   ctx = stages.StageContext(stack=model.stack, schedule=schedule,
                             null_tokens=tok.encode([""])[0],
                             placeholder_start=tok.placeholder_start, config=config)
+  params = model.params
+  latent = stack_lib.latent_enabled(config)
+  # What the base network denoises: the base-size pixel video, or in latent
+  # space its VAE latents (posterior mean) at config.video's size.
+  pixels = stages.resize_video(jnp.asarray(batch["video"]), *stack_lib.pixel_size(config))
+  video = stages.to_diffusion_space(ctx, params, pixels, None)
   h, w = config.video.height, config.video.width
-  video = stages.resize_video(jnp.asarray(batch["video"]), h, w)
   mask = jnp.clip(stages.resize_video(jnp.asarray(batch["mask"]), h, w), 0.0, 1.0)
-  mask = (mask > 0.5).astype(jnp.float32)
+  if not latent:
+    mask = (mask > 0.5).astype(jnp.float32)   # the subject's pixels
+  # Latent space: each cell weighs by the subject's coverage (a cell spans
+  # f x f pixels, which a small subject rarely fills half of).
   frames = jnp.asarray(batch["frame_mask"], jnp.float32)[:, :, None, None, None]
   subject_w, background_w = mask * frames, (1.0 - mask) * frames
-  params = model.params
+  channels = video.shape[-1]
   denoise = stages.base_denoise_fn(model.stack)
   prediction = config.diffusion.prediction
 
@@ -104,8 +116,8 @@ def condition_probe(model, *, examples: int = 32,
     out = denoise(params["unet"], x_t, t, context=context, detail_tokens=detail)
     x0 = schedules.predict_x0(schedule, x_t, t, out, prediction)
     sq = jnp.square(x0 - video)
-    return (jnp.sum(sq * subject_w) / jnp.maximum(3 * jnp.sum(subject_w), 1.0),
-            jnp.sum(sq * background_w) / jnp.maximum(3 * jnp.sum(background_w), 1.0))
+    return (jnp.sum(sq * subject_w) / jnp.maximum(channels * jnp.sum(subject_w), 1e-6),
+            jnp.sum(sq * background_w) / jnp.maximum(channels * jnp.sum(background_w), 1e-6))
 
   placeholder = jnp.asarray(batch["placeholder_caption_tokens"])
   words = jnp.asarray(batch["caption_tokens"])
@@ -121,7 +133,7 @@ def condition_probe(model, *, examples: int = 32,
       "words": (words, ref, ref_mask, no, no),
   }
   result = {"timesteps": [int(t) for t in timesteps], "examples": examples, "draws": draws,
-            "subject": {}, "background": {}}
+            "space": "latent" if latent else "pixel", "subject": {}, "background": {}}
   for case in CASES:
     subj, back = [], []
     for t in timesteps:
@@ -148,7 +160,9 @@ def markdown(result: dict) -> str:
   """The probe's table: subject (background) x0 MSE per case and timestep."""
   ts = result["timesteps"]
   lines = [f"Denoising probe: {result['examples']} held-out examples x {result['draws']} "
-           f"noise draws per timestep; x0 MSE on subject pixels (background in brackets).",
+           f"noise draws per timestep; x0 MSE on subject "
+           f"{'latent cells (VAE latent units)' if result.get('space') == 'latent' else 'pixels'}"
+           f" (background in brackets).",
            "", "| condition | " + " | ".join(f"t={t}" for t in ts) + " | what |",
            "|---|" + "---|" * (len(ts) + 1)]
   for case in CASES:

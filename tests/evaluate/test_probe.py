@@ -8,7 +8,7 @@ from persvid_jax.evaluate import probe
 
 def test_probe_measures_every_case(micro_model):
   r = probe.condition_probe(micro_model, examples=4, timesteps=(100, 900), draws=1)
-  assert r["timesteps"] == [100, 900] and r["examples"] == 4
+  assert r["timesteps"] == [100, 900] and r["examples"] == 4 and r["space"] == "pixel"
   for part in ("subject", "background"):
     assert set(r[part]) == set(probe.CASES)
     for values in r[part].values():

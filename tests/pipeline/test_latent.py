@@ -163,3 +163,16 @@ def test_a_model_without_its_vae(base_run, exported, tmp_path):
                                                          '"random_vae": false'))
   with pytest.raises(model_lib.ModelError, match="holds no VAE.*--kind vae"):
     model_lib.load_model(exported)
+
+
+def test_probe_measures_the_latent_base_network(exported):
+  """The denoising probe in latent space: the ground truth goes through the
+  VAE, the subject mask weighs latent cells by coverage."""
+  from persvid_jax.evaluate import probe
+  model = model_lib.load_model(exported)
+  r = probe.condition_probe(model, examples=2, timesteps=(500,), draws=1)
+  assert r["space"] == "latent"
+  for part in ("subject", "background"):
+    assert all(np.isfinite(v[0]) and v[0] > 0 for v in r[part].values()), r[part]
+  assert r["subject"]["matched"] != r["subject"]["shuffled"]
+  assert "latent cells" in probe.markdown(r)
