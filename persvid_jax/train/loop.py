@@ -324,12 +324,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         with mesh:
           state, metrics = compiled(state, device_batch, train_rng)
         skips.add(metrics)
+        checked = None   # this step's host metrics, once verified (fetched at most once)
         step += 1
         steps_timed += 1
         if step % tc.log_every_steps == 0 or step == tc.total_steps:
-          metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          skips.check(step, manager)
-          _check_finite(metrics_host, step, manager)
+          metrics_host = checked = _verified(metrics, skips, step, manager)
           rate = steps_timed / (time.perf_counter() - t0)
           writer.scalars(step, dict(metrics_host, steps_per_second=rate,
                                     learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
@@ -337,9 +336,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         bar.update(1)
         if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
           # A diverged state must never become the newest "good" checkpoint.
-          skips.check(step, manager)
-          _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
-                        manager)
+          if checked is None:
+            _verified(metrics, skips, step, manager)
           ckpt_lib.save(manager, step, state, config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
           _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
@@ -353,13 +351,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
             break   # the signal reached the input pipeline too: stop here
       if step < tc.total_steps:
         # Stopped early: this step's state is saved (unless it just was).
-        if step > first_step and not metrics_host:
-          metrics_host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if step > first_step:
+          # Checked again even if this step was just saved: one scalar fetch, and a
+          # diverged state must never be force-saved.
+          fetched = _verified(metrics, skips, step, manager)
+          metrics_host = metrics_host or fetched
         if manager.latest_step() != step:
-          if step > first_step:
-            skips.check(step, manager)
-            _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step,
-                          manager)
           ckpt_lib.save(manager, step, state, config, force=True)
         log.warning("stopped by %s at step %d; checkpoint saved",
                     stop.signal or "a signal to another process", step)
@@ -375,6 +372,16 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   if jax.process_index() == 0:
     (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
   return result
+
+
+def _verified(metrics: dict, skips: "_SkipCounter", step: int, manager) -> dict:
+  """``metrics`` (a dict of device scalars, shape ``()``) fetched to the host as floats,
+  after the checks every log and save step needs: the skip limit (``_SkipCounter``)
+  and finiteness (``_check_finite``). Raises ``FloatingPointError`` if either fails."""
+  host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  skips.check(step, manager)
+  _check_finite(host, step, manager)
+  return host
 
 
 def _max_skips(train_config) -> int:
