@@ -5,7 +5,8 @@
   python -m launch.evaluate --config configs/eval.py:size=tiny ...   # the test's size
 
 ``suite``: held-out ``persvid_synthetic`` subjects x prompts x seeds (the
-spread reported is over seeds). ``variants``: what runs without
+spread reported is over seeds); ``--config.suite.scale=base`` scores the
+base network's videos instead of the cascade's. ``variants``: what runs without
 ``--ablations`` (with it: all of ``evaluate.suite.VARIANTS``).
 ``dreambench``: the DreamBench protocol (``--dreambench``): subjects
 (empty = all 30), the first ``prompts`` templates of each list, seeds.
@@ -31,7 +32,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       subjects=2 if tiny else 8, prompts=1,
       seeds=(0, 1) if tiny else (0, 1, 2), photos=2, photo_size=96,
       # 0: the model config's sampler steps.
-      steps=2 if tiny else 0, sr_steps=1 if tiny else 0, world_seed=0))
+      steps=2 if tiny else 0, sr_steps=1 if tiny else 0, world_seed=0,
+      # 'final': score the cascade's videos; 'base': the base network's, at its size.
+      scale="final"))
   config.variants = ("method", "removed")
   config.dreambench = ml_collections.ConfigDict(dict(
       root="../shared/dreambench", subjects=("backpack", "cat") if tiny else (),

@@ -84,6 +84,10 @@ def main(argv=None) -> int:
                             f"{', '.join(sorted(known))}")
     if args.dreambench and args.probe:
       return _common.fail("--dreambench and --probe: choose one")
+    try:   # before the model loads: a bad suite config is one line, at once
+      suite_cfg = suite.SuiteConfig.from_config(config.suite)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.suite: {e}") from None
     t0 = time.perf_counter()
     model = model_lib.load_model(args.model.split(",") if args.model else None)
     print(f"model: {model.source} ({model.config.name})", flush=True)
@@ -107,7 +111,7 @@ def main(argv=None) -> int:
                               max_photos=int(d.photos), progress=args.progress)
       table = _dreambench_markdown(result)
     else:
-      cfg = suite.SuiteConfig.from_config(config.suite)
+      cfg = suite_cfg
       names = None if args.ablations else list(config.variants)
       try:
         suite.variants(names)

@@ -484,6 +484,22 @@ def subject_mask(subject: Subject, size: int, supersample: int = 4) -> np.ndarra
   return alpha[0]
 
 
+def render_video(subject: Subject, direction: int, background: int, frames: int, height: int,
+                 width: int, rng: np.random.Generator, supersample: int = 4) -> np.ndarray:
+  """A video of ``subject`` moving ``DIRECTIONS[direction]`` over ``BACKGROUNDS[background]``.
+
+  Drawn as the dataset draws one (a straight track from ``rng``), for any
+  subject, motion and scene: the evaluation's ground truth for a prompt.
+
+  Returns:
+    uint8 ``[frames, height, width, 3]``.
+  """
+  track = _sample_track(rng, subject, direction, frames, height, width)
+  bg = render_background(background, height, width, rng, supersample)
+  alpha, premult = render_subject(subject, track, height, width, supersample)
+  return _to_uint8(bg[None] * (1.0 - alpha[..., None]) + premult)
+
+
 def _to_uint8(x: np.ndarray) -> np.ndarray:
   return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 

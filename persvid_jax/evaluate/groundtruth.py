@@ -164,14 +164,26 @@ def classify_background(frame: np.ndarray, mask: np.ndarray) -> int:
   return int(np.argmin(np.linalg.norm(nominal - colour, axis=-1)))
 
 
-def score_video(video: np.ndarray, target: Target, *, segment_size: int | None = None
-                ) -> dict[str, float]:
+def segment_video(video: np.ndarray, segment_size: int | None = None) -> np.ndarray:
+  """The subject of every frame of uint8 ``video [T, H, W, 3]``: bool ``[T, H, W]``.
+
+  ``segment_size`` is the segmentation's working size (default the frame height).
+  """
+  video = np.asarray(video)
+  return np.stack([subject_lib.segment_subject(f, size=segment_size or video.shape[1]).mask > 0.5
+                   for f in video])
+
+
+def score_video(video: np.ndarray, target: Target, *, segment_size: int | None = None,
+                masks: np.ndarray | None = None) -> dict[str, float]:
   """Every metric of ``METRICS`` for one video.
 
   Args:
     video: uint8 ``[T, H, W, 3]``.
     target: what the prompt asked for.
     segment_size: the segmentation's working size (default the frame size).
+    masks: bool ``[T, H, W]``, ``segment_video(video)`` if already computed
+      (scoring one video against several targets segments it once).
 
   Returns:
     ``{metric: float}`` over ``METRICS``.
@@ -179,8 +191,7 @@ def score_video(video: np.ndarray, target: Target, *, segment_size: int | None =
   video = np.asarray(video)
   t_len, h, w, _ = video.shape
   subject = target.subject
-  masks = np.stack([subject_lib.segment_subject(f, size=segment_size or h).mask > 0.5
-                    for f in video])
+  masks = segment_video(video, segment_size) if masks is None else np.asarray(masks, bool)
   colour = true_colour(subject)
   truth = synthetic.subject_mask(subject, _REFERENCE_SIZE)
   colour_err = [float(np.linalg.norm(fidelity.mean_colour(f, m) - colour))

@@ -55,6 +55,9 @@ from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import media
 
 
+SCALES = ("final", "base")
+
+
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
   """Sizes of the suite.
@@ -67,6 +70,10 @@ class SuiteConfig:
     photo_size: their size (px).
     steps, sr_steps: sampler steps (None: the model config's).
     world_seed: the ``persvid_synthetic`` world.
+    scale: which videos are scored: 'final' (the cascade's output) or 'base'
+      (the base network's, at its own size: where a subject's shape has to
+      appear first, since the SR network never sees the reference). The
+      no_cascade variant has no separate base video: its one is scored.
   """
   subjects: int = 8
   prompts: int = 1
@@ -76,6 +83,11 @@ class SuiteConfig:
   steps: int | None = None
   sr_steps: int | None = None
   world_seed: int = 0
+  scale: str = "final"
+
+  def __post_init__(self):
+    if self.scale not in SCALES:
+      raise ValueError(f"suite scale {self.scale!r}; use one of {', '.join(SCALES)}")
 
   @classmethod
   def from_config(cls, c) -> "SuiteConfig":
@@ -83,7 +95,8 @@ class SuiteConfig:
     return cls(subjects=int(c.subjects), prompts=int(c.prompts),
                seeds=tuple(int(s) for s in c.seeds), photos=int(c.photos),
                photo_size=int(c.photo_size), steps=c.get("steps") or None,
-               sr_steps=c.get("sr_steps") or None, world_seed=int(c.get("world_seed", 0)))
+               sr_steps=c.get("sr_steps") or None, world_seed=int(c.get("world_seed", 0)),
+               scale=str(c.get("scale", "final")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +242,43 @@ def _database(model, cases: Sequence[Case], directory: pathlib.Path):
   return db
 
 
+def reference_scores(cases: Sequence[Case], frames: int, height: int, width: int,
+                     world_seed: int = 0) -> dict[str, Any]:
+  """The scale of every metric on these cases, with no model in the loop.
+
+  Each case's prompt is rendered by ``persvid_synthetic`` itself
+  (``synthetic.render_video``, at the generated videos' size) and scored
+
+  * against its own subject (``truth``): the best a generator can score here
+    (segmentation and antialiasing at this size cost shape IoU);
+  * against every other held-out subject of the suite, same motion and
+    scene (``other_subject``): what a perfect video of the *wrong* subject
+    scores, i.e. chance on the identity metrics (colour error, shape IoU).
+
+  Args:
+    cases: ``make_cases`` output.
+    frames, height, width: the generated videos' size.
+    world_seed: the ``persvid_synthetic`` world.
+
+  Returns:
+    ``{'size': [T, H, W], 'truth': {metric: mean over cases}, 'other_subject':
+    {metric: mean over (case, other subject) pairs}}`` over ``groundtruth.METRICS``.
+  """
+  subjects = {c.index: c.subject for c in cases}
+  truth, other = [], []
+  for c in cases:
+    rng = np.random.default_rng([world_seed, 11, c.index, c.prompt_index])
+    video = synthetic.render_video(c.subject, c.direction, c.background, frames, height, width,
+                                   rng)
+    masks = gt.segment_video(video)
+    truth.append(gt.score_video(video, c.target, masks=masks))
+    other += [gt.score_video(video, gt.Target(s, c.direction, c.background), masks=masks)
+              for i, s in subjects.items() if i != c.index]
+  mean = lambda scores: {m: float(np.mean([s[m] for s in scores])) for m in gt.METRICS}
+  return dict(size=[frames, height, width], truth=mean(truth),
+              other_subject=mean(other) if other else {})
+
+
 def _stats(values: Sequence[float]) -> dict[str, float]:
   v = np.asarray(values, np.float64)
   return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
@@ -253,12 +303,14 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
   Returns:
     ``{'config', 'variants': {name: {'description', 'status', 'seconds',
     'metrics': {metric: {'mean', 'std'}}, 'per_seed': {metric: [..]},
-    'videos'}}, 'comparison': {...}, 'seconds'}``; means and stds are over
-    seeds (each seed's value is the mean over its cases).
+    'videos'}}, 'reference': reference_scores(...) (empty if nothing ran),
+    'comparison': {...}, 'seconds'}``; means and stds are over seeds (each
+    seed's value is the mean over its cases).
   """
   t_start = time.perf_counter()
   cases = make_cases(cfg)
   results: dict[str, Any] = {}
+  reference: dict[str, Any] = {}
   with tempfile.TemporaryDirectory() as tmp:
     dbs, generators = {}, {}
     for variant in variants(names):
@@ -288,7 +340,14 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
         out = generator(bank, resolved, image_slot=image_slot, seed=int(seed),
                         progress=progress, detail_source=variant.detail_source,
                         cascade=variant.cascade)
-        videos = media.to_uint8(out.video)
+        videos = media.to_uint8(out.base if cfg.scale == "base" else out.video)
+        if not reference:   # the metrics' scale, at the generated size (once)
+          reference = reference_scores(cases, *videos.shape[1:4], world_seed=cfg.world_seed)
+          r = reference["truth"], reference.get("other_subject") or {}
+          log(f"{'(truth)':16s} colour err {r[0]['colour_error']:.3f} shape IoU "
+              f"{r[0]['shape_iou']:.3f}; another subject: colour err "
+              f"{r[1].get('colour_error', float('nan')):.3f} shape IoU "
+              f"{r[1].get('shape_iou', float('nan')):.3f}")
         scores = [gt.score_video(v, c.target) for v, c in zip(videos, cases)]
         if sheet_dir is not None and seed == cfg.seeds[0]:
           sheet = media.contact_sheet([(c.photos[0], v) for c, v in zip(cases, videos)],
@@ -305,7 +364,7 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
       log(f"{variant.name:16s} colour err {m['colour_error']['mean']:.3f} "
           f"shape IoU {m['shape_iou']['mean']:.3f} instances {m['instances']['mean']:.2f} "
           f"({seconds:.0f} s)")
-  return dict(config=dataclasses.asdict(cfg), variants=results,
+  return dict(config=dataclasses.asdict(cfg), variants=results, reference=reference,
               comparison=compare(results), seconds=round(time.perf_counter() - t_start, 1))
 
 
@@ -358,11 +417,19 @@ _COLUMNS = (("colour_error", "colour err ↓"), ("shape_iou", "shape IoU ↑"),
             ("single_instance", "1 instance ↑"))
 
 
+# The scale rows (``reference_scores``), below the variants.
+_REFERENCE_ROWS = (
+    ("truth", "the renderer's own video of each prompt: the best score at this size"),
+    ("other_subject", "that video scored against another held-out subject: chance on identity"))
+
+
 def markdown(result: Mapping[str, Any]) -> str:
   """The suite's result as a markdown table (mean ± std over seeds) + verdicts."""
   cfg = result["config"]
+  scored = (" Scored: the base network's videos (`scale=base`), before the SR network."
+            if cfg.get("scale") == "base" else "")
   lines = [f"{cfg['subjects']} held-out subjects x {cfg['prompts']} prompts x "
-           f"{len(cfg['seeds'])} seeds per row; mean ± std over seeds.", "",
+           f"{len(cfg['seeds'])} seeds per row; mean ± std over seeds.{scored}", "",
            "| variant | " + " | ".join(h for _, h in _COLUMNS) + " | what |",
            "|---|" + "---|" * (len(_COLUMNS) + 1)]
   for name, r in result["variants"].items():
@@ -372,6 +439,11 @@ def markdown(result: Mapping[str, Any]) -> str:
       continue
     cells = [f"{r['metrics'][k]['mean']:.3f} ± {r['metrics'][k]['std']:.3f}" for k, _ in _COLUMNS]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {r['description']} |")
+  for key, what in _REFERENCE_ROWS:
+    ref = (result.get("reference") or {}).get(key)
+    if ref:
+      lines.append(f"| *{key.replace('_', ' ')}* | "
+                   + " | ".join(f"{ref[k]:.3f}" for k, _ in _COLUMNS) + f" | {what} |")
   if result.get("comparison"):
     lines += ["", "| claim | metric | method | other | margin | spread | holds |",
               "|---|---|---|---|---|---|---|"]

@@ -39,3 +39,33 @@ def test_swap_site_verdict_and_variant_training_commands():
                       ("swap_output", suite.SWAP_STEPS)):
     # The variant's own workdir first: its config (kernel, swap site) is the model's.
     assert f"steps={steps} " in needs[name] and f"{name}=W/{name}," in needs[name]
+
+
+def test_reference_scores_bracket_the_identity_metrics():
+  # The renderer's own video of each prompt is the ceiling; scored against another
+  # held-out subject it is chance. Both at the size the demo generates (8 x 32 x 32).
+  cases = suite.make_cases(suite.SuiteConfig(subjects=3, photos=1, photo_size=32))
+  ref = suite.reference_scores(cases, 8, 32, 32)
+  truth, other = ref["truth"], ref["other_subject"]
+  assert truth["motion_correct"] == 1.0 and truth["background_correct"] == 1.0
+  assert truth["single_instance"] == 1.0 and other["instances"] < 0.5
+  assert truth["colour_error"] < 0.1 < other["colour_error"]
+  assert truth["shape_iou"] > 0.75 and truth["shape_iou"] > other["shape_iou"] + 0.1
+  # The same prompt drawn again is the same video (the rows are reproducible).
+  assert suite.reference_scores(cases[:1], 8, 32, 32)["truth"] == pytest.approx(
+      suite.reference_scores(cases[:1], 8, 32, 32)["truth"])
+  table = suite.markdown(dict(config=dict(subjects=3, prompts=1, seeds=[0]), variants={},
+                              reference=ref))
+  assert f"| *truth* | {truth['colour_error']:.3f} | {truth['shape_iou']:.3f} |" in table
+
+
+def test_base_scale_scores_the_base_networks_videos(micro_model):
+  v = micro_model.config.video
+  cfg = suite.SuiteConfig(subjects=2, seeds=(0,), steps=2, sr_steps=1, scale="base")
+  result = suite.run({None: micro_model}, cfg, ["method"])
+  # The scale rows are drawn at the size of the videos scored: the base network's.
+  assert result["reference"]["size"] == [v.frames, v.height, v.width]
+  assert result["variants"]["method"]["status"] == "ok"
+  assert "before the SR network" in suite.markdown(result)
+  with pytest.raises(ValueError, match="use one of final, base"):
+    suite.SuiteConfig(scale="sr")

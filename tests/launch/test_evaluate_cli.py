@@ -30,6 +30,12 @@ def test_ablations_table(tmp_path, micro_model_dir):
   assert "personalization/colour_error" in result["comparison"]
   assert "cascade/single_instance" in result["comparison"]
   assert "| method |" in table and "| no_cascade |" in table and "±" in table
+  # The scale rows at the generated size (tiny: 2 frames of 16 px); a one-subject suite
+  # has no other subject to score against, so only the truth row.
+  ref = result["reference"]
+  assert ref["size"] == [2, 16, 16] and ref["truth"]["background_correct"] == 1.0
+  assert ref["other_subject"] == {}
+  assert "| *truth* |" in table and "| *other subject* |" not in table
   assert "wall" in table and result["wall_seconds"] > 0
 
 
@@ -74,6 +80,7 @@ def test_bad_input_exits_2(tmp_path, micro_model_dir):
        "unknown DreamBench subject"),
       (["--out", tmp_path / "r.json", "--probe", "--config.probe.examples=1"], "at least 2"),
       (["--out", tmp_path / "r.json", "--probe", "--dreambench"], "choose one"),
+      (["--out", tmp_path / "r.json", "--config.suite.scale=middle"], "use one of final, base"),
   ]
   procs = [(_start("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model",
                    micro_model_dir, *args), args, match) for args, match in cases]
