@@ -317,6 +317,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   t0, steps_timed = time.perf_counter(), 0
   stop = _StopRequest()
   skips = _SkipCounter(_max_skips(tc))
+  checked = None   # the last step's host metrics, once verified (fetched at most once)
   try:
     with stop:
       while step < tc.total_steps and not stop.agreed(step, tc.log_every_steps):
@@ -324,7 +325,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         with mesh:
           state, metrics = compiled(state, device_batch, train_rng)
         skips.add(metrics)
-        checked = None   # this step's host metrics, once verified (fetched at most once)
+        checked = None
         step += 1
         steps_timed += 1
         if step % tc.log_every_steps == 0 or step == tc.total_steps:
@@ -337,7 +338,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
           # A diverged state must never become the newest "good" checkpoint.
           if checked is None:
-            _verified(metrics, skips, step, manager)
+            checked = _verified(metrics, skips, step, manager)
           ckpt_lib.save(manager, step, state, config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
           _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
@@ -352,9 +353,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
       if step < tc.total_steps:
         # Stopped early: this step's state is saved (unless it just was).
         if step > first_step:
-          # Checked again even if this step was just saved: one scalar fetch, and a
-          # diverged state must never be force-saved.
-          fetched = _verified(metrics, skips, step, manager)
+          # A diverged state must never be force-saved: verified unless this
+          # step's metrics already were (logged or saved just now).
+          fetched = checked if checked is not None else _verified(metrics, skips, step, manager)
           metrics_host = metrics_host or fetched
         if manager.latest_step() != step:
           ckpt_lib.save(manager, step, state, config, force=True)
