@@ -343,11 +343,12 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
         videos = media.to_uint8(out.base if cfg.scale == "base" else out.video)
         if not reference:   # the metrics' scale, at the generated size (once)
           reference = reference_scores(cases, *videos.shape[1:4], world_seed=cfg.world_seed)
-          r = reference["truth"], reference.get("other_subject") or {}
-          log(f"{'(truth)':16s} colour err {r[0]['colour_error']:.3f} shape IoU "
-              f"{r[0]['shape_iou']:.3f}; another subject: colour err "
-              f"{r[1].get('colour_error', float('nan')):.3f} shape IoU "
-              f"{r[1].get('shape_iou', float('nan')):.3f}")
+          truth, other = reference["truth"], reference.get("other_subject")
+          # A one-subject suite has no other subject to score against.
+          log(f"{'(truth)':16s} colour err {truth['colour_error']:.3f} shape IoU "
+              f"{truth['shape_iou']:.3f}; " + (
+                  f"another subject: colour err {other['colour_error']:.3f} shape IoU "
+                  f"{other['shape_iou']:.3f}" if other else "no other subject in the suite"))
         scores = [gt.score_video(v, c.target) for v, c in zip(videos, cases)]
         if sheet_dir is not None and seed == cfg.seeds[0]:
           sheet = media.contact_sheet([(c.photos[0], v) for c, v in zip(cases, videos)],

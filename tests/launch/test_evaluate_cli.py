@@ -36,6 +36,9 @@ def test_ablations_table(tmp_path, micro_model_dir):
   assert ref["size"] == [2, 16, 16] and ref["truth"]["background_correct"] == 1.0
   assert ref["other_subject"] == {}
   assert "| *truth* |" in table and "| *other subject* |" not in table
+  truth_line = [l for l in (r.stdout + r.stderr).splitlines() if "(truth)" in l]
+  assert truth_line and "no other subject in the suite" in truth_line[0], truth_line
+  assert "nan" not in truth_line[0], truth_line
   assert "wall" in table and result["wall_seconds"] > 0
 
 
