@@ -6,9 +6,11 @@ import json
 import os
 import pathlib
 import struct
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
+
+from persvid_jax import params as params_lib
 
 # safetensors dtype codes -> numpy (bf16 through ml_dtypes, which jax ships).
 _FLOAT_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
@@ -141,17 +143,6 @@ def float_array(name: str, array: np.ndarray) -> np.ndarray:
   return np.asarray(array, np.float32)
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping) or hasattr(value, "items"):
-      out.update(_flatten(value, path))
-    else:
-      out[path] = value
-  return out
-
-
 def assemble(flat: Mapping[str, np.ndarray], abstract_params: Mapping, *, network: str,
              source: str, sources: Mapping[str, str] | None = None) -> dict:
   """Nested float32 params of ``network`` from ``{our/path: array}``, checked strictly.
@@ -166,30 +157,13 @@ def assemble(flat: Mapping[str, np.ndarray], abstract_params: Mapping, *, networ
   Raises:
     ConvertError: listing missing, unexpected and mis-shaped parameters.
   """
-  expected = {k: tuple(v.shape) for k, v in _flatten(nn_unbox(abstract_params)).items()}
-  sources = sources or {}
-  name = lambda k: f"{sources[k]} -> {k}" if k in sources else k
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(name(k) for k in set(flat) - set(expected))
-  shapes = sorted(f"{name(k)}: {tuple(flat[k].shape)} != {expected[k]}"
-                  for k in set(flat) & set(expected) if tuple(flat[k].shape) != expected[k])
-  problems = []
-  for label, items in (("missing", missing), ("unexpected", unexpected),
-                       ("wrong shape", shapes)):
-    if items:
-      more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
-      problems.append(f"{len(items)} {label}: {', '.join(items[:8])}{more}")
+  expected = {k: tuple(v.shape) for k, v in params_lib.flatten(nn_unbox(abstract_params)).items()}
+  problems = params_lib.mismatches(expected, {k: tuple(v.shape) for k, v in flat.items()},
+                                   names=sources, limit=8)
   if problems:
     raise ConvertError(f"{source} does not convert to our {network} for this config "
                        f"({'; '.join(problems)})")
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = np.asarray(value, np.float32)
-  return out
+  return params_lib.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
 
 def nn_unbox(tree):

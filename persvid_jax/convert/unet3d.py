@@ -33,6 +33,7 @@ from typing import Mapping
 
 import numpy as np
 
+from persvid_jax import params as params_lib
 from persvid_jax.convert.common import ConvertError, assemble, float_array, torch_layout
 
 NEW_PARAMS = re.compile(r"(^|/)(to_k_detail|to_v_detail|noise_level_embedding)(/|$)")
@@ -110,9 +111,8 @@ def unet_params(state: Mapping[str, np.ndarray], abstract_params, *,
     ``(params, report)``; ``report`` lists the parameters only our network has
     (``new``) and the kernels widened from the checkpoint's (``widened``).
   """
-  from persvid_jax.convert.common import _flatten
   flat, sources = rename(state)
-  expected = {k: tuple(v.shape) for k, v in _flatten(abstract_params).items()}
+  expected = {k: tuple(v.shape) for k, v in params_lib.flatten(abstract_params).items()}
   report = {"new": [], "widened": []}
   for path, shape in expected.items():
     if path in flat:

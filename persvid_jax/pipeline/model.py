@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from persvid_jax import checkpoint as ckpt_lib
+from persvid_jax import params as params_lib
 from persvid_jax.concepts.tokens import PromptTokenizer
 from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import NETWORKS, ModelStack
@@ -89,34 +90,11 @@ class Model:
     """
     h = hashlib.sha256()
     for name in FEATURE_NETWORKS:
-      for path, leaf in sorted(_flatten(self.params[name], name).items()):
+      for path, leaf in sorted(params_lib.flatten(self.params[name], name, np.asarray).items()):
         h.update(path.encode())
         h.update(np.ascontiguousarray(leaf, np.float32).tobytes())
     h.update(json.dumps(dict(self.config.concepts), sort_keys=True).encode())
     return h.hexdigest()[:16]
-
-
-def _flatten(tree: Any, prefix: str = "", convert: bool = True) -> dict[str, Any]:
-  """Nested dict of arrays -> ``{'a/b/c': array}`` (``convert``: as numpy)."""
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, dict) or hasattr(value, "items"):
-      out.update(_flatten(value, path, convert))
-    else:
-      out[path] = np.asarray(value) if convert else value
-  return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
 
 
 def validate_params(stack: ModelStack, params: dict, source: str) -> dict:
@@ -127,25 +105,16 @@ def validate_params(stack: ModelStack, params: dict, source: str) -> dict:
   """
   expected = {}
   for name, variables in stack.abstract_variables().items():
-    expected.update(_flatten(nn.meta.unbox(variables)["params"], name, convert=False))
+    expected.update(params_lib.flatten(nn.meta.unbox(variables)["params"], name,
+                                       lambda v: tuple(v.shape)))
   got = {}
   for name in params:
-    got.update(_flatten(params[name], name))
-  missing = sorted(set(expected) - set(got))
-  unexpected = sorted(set(got) - set(expected))
-  shapes = sorted(f"{k}: {got[k].shape} != {tuple(expected[k].shape)}"
-                  for k in set(got) & set(expected)
-                  if tuple(got[k].shape) != tuple(expected[k].shape))
-  problems = []
-  for label, items in (("missing", missing), ("unexpected", unexpected),
-                       ("wrong shape", shapes)):
-    if items:
-      more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-      problems.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
+    got.update(params_lib.flatten(params[name], name, np.asarray))
+  problems = params_lib.mismatches(expected, {k: v.shape for k, v in got.items()}, limit=5)
   if problems:
     raise ModelError(f"model {source} does not match this code's architecture for its "
                      f"config ({'; '.join(problems)}); re-export or retrain it")
-  return _unflatten({k: np.asarray(v, np.float32) for k, v in got.items()})
+  return params_lib.unflatten({k: np.asarray(v, np.float32) for k, v in got.items()})
 
 
 def _build(config) -> tuple[ModelStack, PromptTokenizer]:
@@ -172,7 +141,7 @@ def read_exported(d: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict
     info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).is_file() else {}
   except (OSError, ValueError) as e:
     raise ModelError(f"model {d} is unreadable ({e}); re-export it") from None
-  return config, _unflatten(flat), info
+  return config, params_lib.unflatten(flat), info
 
 
 def _workdir_params(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, dict, int]:
@@ -332,7 +301,7 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   flat = {}
   for name in model.stack.network_names:
-    flat.update(_flatten(model.params[name], name))
+    flat.update(params_lib.flatten(model.params[name], name, np.asarray))
   info = dict(model.info, created=datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="seconds"), parameters=int(sum(v.size for v in flat.values())),
       feature_id=model.feature_id, **extra_info)

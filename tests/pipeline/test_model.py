@@ -10,24 +10,29 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from persvid_jax import params as params_lib
 from persvid_jax.models.stack import NETWORKS
 from persvid_jax.pipeline import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _flat(tree):
+  return params_lib.flatten(tree, leaf_fn=np.asarray)
+
+
 def test_export_load_round_trip(micro_model_dir, micro_model, tmp_path):
   again = model_lib.load_model(micro_model_dir)
   assert set(again.params) == set(NETWORKS)
   for name in NETWORKS:
-    a = model_lib._flatten(micro_model.params[name])
-    b = model_lib._flatten(again.params[name])
+    a = _flat(micro_model.params[name])
+    b = _flat(again.params[name])
     assert a.keys() == b.keys()
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   assert again.feature_id == micro_model.feature_id
   info = json.loads((micro_model_dir / model_lib.INFO_FILE).read_text())
-  assert info["parameters"] == sum(v.size for v in model_lib._flatten(
+  assert info["parameters"] == sum(v.size for v in _flat(
       {n: micro_model.params[n] for n in NETWORKS}).values())
 
 
@@ -90,7 +95,7 @@ def test_shipped_demo_model_loads_strictly():
   assert model.config.name == "demo"
   weights = model_lib.DEMO_MODEL_DIR / model_lib.WEIGHTS_FILE
   assert weights.stat().st_size <= 30 * 2**20
-  for leaf in model_lib._flatten({n: model.params[n] for n in NETWORKS}).values():
+  for leaf in _flat({n: model.params[n] for n in NETWORKS}).values():
     assert np.all(np.isfinite(leaf))
   info = json.loads((model_lib.DEMO_MODEL_DIR / model_lib.INFO_FILE).read_text())
   assert info["feature_id"] == model.feature_id
