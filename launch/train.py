@@ -26,7 +26,8 @@ def _parse(argv):
       epilog="Any --config.KEY=VALUE overrides that config field.")
   parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
   parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard, samples")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--no-progress", action="store_true",
+                      help="no progress bar; a log line every log_every_steps instead")
   from launch import _common
   return _common.parse_args(parser, argv)
 

@@ -331,9 +331,13 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if step % tc.log_every_steps == 0 or step == tc.total_steps:
           metrics_host = checked = _verified(metrics, skips, step, manager)
           rate = steps_timed / (time.perf_counter() - t0)
-          writer.scalars(step, dict(metrics_host, steps_per_second=rate,
-                                    learning_rate=float(state_lib.learning_rate_schedule(tc)(step))))
+          lr = float(state_lib.learning_rate_schedule(tc)(step))
+          writer.scalars(step, dict(metrics_host, steps_per_second=rate, learning_rate=lr))
           bar.set_postfix(loss=f"{metrics_host['loss']:.4f}", steps_s=f"{rate:.2f}")
+          if bar.disable and jax.process_index() == 0:
+            # No bar (--no-progress: batch jobs, clusters): the log carries the curve.
+            log.info("step %d/%d: loss %.4f, %.2f steps/s, lr %.2e", step, tc.total_steps,
+                     metrics_host["loss"], rate, lr)
         bar.update(1)
         if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
           # A diverged state must never become the newest "good" checkpoint.

@@ -179,6 +179,11 @@ def test_launch_train_cli_writes_and_exports(tmp_path):
   out = run(20)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "done: step 20 (from 0)" in out.stdout
+  # --no-progress: the loss curve is in the log instead (micro: log_every_steps=5).
+  logged = [l for l in out.stderr.splitlines() if "persvid_jax.train.loop: step " in l]
+  steps = [l.split("step ")[1].split(":")[0] for l in logged]
+  assert steps == ["5/20", "10/20", "15/20", "20/20"], out.stderr
+  assert "loss " in logged[-1] and "steps/s" in logged[-1]
   assert (tmp_path / "checkpoints" / "20").is_dir()
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
   gif = tmp_path / "samples" / "step_0000020.gif"
