@@ -202,7 +202,7 @@ class Setup:
 
   def create_state(self):
     """The initial TrainState, sharded on the mesh."""
-    with self.mesh, nn.logical_axis_rules(sh.LOGICAL_RULES):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sh.LOGICAL_RULES):
       return jax.jit(self.init_state, out_shardings=self.state_shards)(self.init_rng)
 
 
@@ -322,8 +322,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
     with stop:
       while step < tc.total_steps and not stop.agreed(step, tc.log_every_steps):
         device_batch = _device_batch(batch, keys, batch_shards)
-        with mesh:
-          state, metrics = compiled(state, device_batch, train_rng)
+        # A compiled executable carries its shardings: no mesh context needed.
+        state, metrics = compiled(state, device_batch, train_rng)
         skips.add(metrics)
         checked = None
         step += 1

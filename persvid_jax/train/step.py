@@ -126,7 +126,7 @@ def compile_train_step(train_step: Callable, abstract_state: Any, state_shards: 
       donate_argnums=(0,))
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   start = time.perf_counter()
-  with mesh, nn.logical_axis_rules(sh.LOGICAL_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sh.LOGICAL_RULES):
     compiled = jitted.lower(abstract_state, abstract_batch, rng).compile()
   seconds = time.perf_counter() - start
   log.info("train step compiled in %.1f s", seconds)
