@@ -66,6 +66,7 @@ def parse_args(parser, argv) -> tuple:
 
 
 def fail(message: str) -> int:
+  """Prints ``error: message`` to stderr and returns exit status 2."""
   print(f"error: {message}", file=sys.stderr)
   return 2
 

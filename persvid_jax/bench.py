@@ -129,6 +129,7 @@ class Row:
     return min(peer) / self.ours_ms if peer and self.ours_ms else None
 
   def tflops_per_s(self) -> float | None:
+    """Achieved TFLOP/s of our side (XLA-counted FLOPs / our time), if both are known."""
     return self.flops / self.ours_ms / 1e9 if self.flops and self.ours_ms else None
 
 
@@ -242,6 +243,11 @@ def _shape_str(*dims) -> str:
 
 
 def row_shapes(shapes: Shapes) -> dict[str, str]:
+  """The input shapes of each work, as printed in the table's shape column.
+
+  Returns ``{work: "B x F x H x W x C, text L x D"}`` for train, denoise256 and
+  denoise512 (the SR scale doubles H and W; denoising runs the CFG batch).
+  """
   s = shapes
   text = f"text {s.text_len}x{s.text_width}"
   return {
@@ -591,6 +597,7 @@ def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,
 # ----------------------------------------------------------------------------
 
 def parse_works(text: str) -> tuple[str, ...]:
+  """``--which`` text (``"train,denoise256"``) -> the works; ``BenchError`` on unknown names."""
   works = tuple(w.strip() for w in text.split(",") if w.strip())
   unknown = [w for w in works if w not in WORKS]
   if unknown or not works:

@@ -66,6 +66,7 @@ class Point:
 
   @property
   def label(self) -> str:
+    """The point's overrides joined by commas (the table's row label)."""
     return ",".join(self.overrides)
 
 

@@ -100,11 +100,13 @@ class ConceptRecord:
   created: str             # ISO 8601, UTC
 
   def to_json(self) -> dict:
+    """The manifest entry (a JSON-serialisable dict)."""
     return dict(name=self.name, slot=self.slot, num_images=self.num_images,
                 images=list(self.images), created=self.created)
 
   @classmethod
   def from_json(cls, d: dict) -> "ConceptRecord":
+    """Inverse of ``to_json``."""
     return cls(name=d["name"], slot=int(d["slot"]), num_images=int(d["num_images"]),
                images=tuple(d["images"]), created=d["created"])
 

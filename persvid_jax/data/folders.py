@@ -54,11 +54,14 @@ class ReadStats:
 
   @property
   def skipped(self) -> int:
+    """How many listed files were not read."""
     return len(self.failures)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+  """One listed file with its caption and its ``<c0>`` caption (the caption
+  itself when the index gives no ``placeholder_caption``)."""
   path: pathlib.Path
   caption: str
   placeholder_caption: str

@@ -225,16 +225,19 @@ class SyntheticConfig:
   seed: int = 0
 
   def num_examples(self, split: str) -> int:
+    """Videos in ``split`` ("train" or "test"): subjects x videos per subject."""
     subjects = {"train": self.train_subjects, "test": self.test_subjects}[_check_split(split)]
     return subjects * self.videos_per_subject
 
   @property
   def antialias(self) -> int:
+    """Supersampling factor of the renderer (4 at <= 64 px, else 2, unless set)."""
     if self.supersample is not None:
       return self.supersample
     return 4 if max(self.height, self.width, self.reference_size) <= 64 else 2
 
   def replace(self, **changes) -> "SyntheticConfig":
+    """A copy with ``changes`` applied (``dataclasses.replace``)."""
     return dataclasses.replace(self, **changes)
 
 

@@ -126,6 +126,7 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
 
 
 def main(argv=None) -> None:
+  """``python -m persvid_jax.data --name tiny [--data_dir DIR]``: builds the dataset."""
   parser = argparse.ArgumentParser(description="Build persvid_synthetic into a TFDS data_dir.")
   parser.add_argument("--name", default="tiny", choices=sorted(synthetic.CONFIGS))
   parser.add_argument("--data_dir", default=None, help="default: TFDS's (~/tensorflow_datasets)")

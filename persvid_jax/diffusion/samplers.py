@@ -60,6 +60,7 @@ class Sampler:
 
   @property
   def num_steps(self) -> int:
+    """Number of sampling steps (network evaluations per CFG branch)."""
     return self.timesteps.shape[0]
 
 

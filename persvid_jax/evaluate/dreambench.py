@@ -49,6 +49,7 @@ class BenchSubject:
 
   @property
   def live(self) -> bool:
+    """Whether the subject is a live one (dog, cat): it gets the live prompt list."""
     return self.class_word in LIVE_CLASSES
 
 
@@ -61,6 +62,7 @@ class DreamBench:
   live_prompts: tuple[str, ...]
 
   def prompts_for(self, subject: BenchSubject) -> tuple[str, ...]:
+    """The subject's prompt templates: the live list for cats and dogs, else the object list."""
     return self.live_prompts if subject.live else self.object_prompts
 
 

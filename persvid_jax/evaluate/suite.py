@@ -112,10 +112,12 @@ class Case:
 
   @property
   def target(self) -> gt.Target:
+    """What the generated video should show (subject, motion, background)."""
     return gt.Target(self.subject, self.direction, self.background)
 
   @property
   def concept(self) -> str:
+    """The concept's name in the suite's database."""
     return f"s{self.index}"
 
   def prompt(self, kind: str) -> str:

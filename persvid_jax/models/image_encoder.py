@@ -33,6 +33,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @chex.dataclass(frozen=True)
 class ImageFeatures:
+  """The image tower's outputs for a batch of B images (D: width, P: patches)."""
   pooled: chex.Array         # [B, D] post-LayerNorm class token
   patch_tokens: chex.Array   # [B, P, D] last hidden states of the patches
   image_embeds: chex.Array | None = None  # [B, E] projected pooled (CLIP space)
@@ -72,6 +73,7 @@ class ImageEncoder(nn.Module):
 
   @property
   def num_patches(self) -> int:
+    """P: patch tokens per image."""
     return (self.image_size // self.patch_size) ** 2
 
   @nn.compact

@@ -24,6 +24,7 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a training step reads and writes (one pytree; Orbax saves it whole)."""
   step: jax.Array          # [] int32, optimizer steps taken
   params: Any              # {network: params tree}
   opt_state: Any           # optax state (moments for trainable leaves only)
