@@ -18,10 +18,10 @@ Launch (the shipped model's stages ran in pieces, resumed with a longer
 The personalize and SR stages only need the base stage (the text encoder,
 frozen after it), so they can run side by side.
 
-Runtime on a 2-core CPU: about 2.5 hours for the three stages (500 + 3600 +
-1500 steps at batch 8; README has the measured times). The shipped model ran
+Runtime on a 2-core CPU: about 3 hours for the three stages (500 + 3600 +
+1500 steps at batch 8: 25 + 110 + 54 min measured, README). The shipped model ran
 in phases (README: exactly what ran): the CPU stages with a plain-mean loss,
-11 minutes on one H200 with ``launch/continue_demo.sh`` (batch 32), then CPU
+7.5 minutes on one H200 with ``launch/continue_demo.sh`` (batch 32), then CPU
 steps of personalize with the subject-weighted loss (1050 at weight 5, then
 2600 at weight 10, the weight that is now this config's default for that
 stage: ``subject_weight``).

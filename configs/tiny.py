@@ -1,6 +1,6 @@
 """Every network of persvid_jax at toy size: the config the test suite runs on.
 
-Launch (once training exists):
+Launch:
   python -m launch.train --config configs/tiny.py --workdir /tmp/tiny
 
 Expected runtime: init + one forward of the whole stack in a few seconds on a

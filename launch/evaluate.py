@@ -11,7 +11,8 @@ model trained for them (SR kernel, swap site) run when given with
 the DreamBench protocol (CLIP-T, CLIP-I, DINO-I, temporal consistency,
 dynamic degree) over ``config.dreambench.root`` instead. ``--probe``: the
 denoising probe (``persvid_jax.evaluate.probe``): does the generator use the
-reference, the detail tokens, the words? (seconds; no sampling).
+reference, the detail tokens, the words? (about a minute on 2 CPU cores;
+no sampling).
 
 Writes ``--out`` (JSON) and the same name with ``.md`` (the table); both
 appear only when the run is complete.
@@ -53,7 +54,8 @@ def main(argv=None) -> int:
                  help="run the DreamBench protocol instead of the synthetic suite")
   p.add_argument("--probe", action="store_true",
                  help="run the denoising probe instead (does the generator use the "
-                      "reference, the detail tokens, the words? seconds, no sampling)")
+                      "reference, the detail tokens, the words? about a minute on 2 CPU "
+                      "cores, no sampling)")
   p.add_argument("--sheets", metavar="DIR",
                  help="also write a contact sheet per variant (first seed) into DIR")
   p.add_argument("--progress", action="store_true", help="sampler progress bars")

@@ -57,7 +57,8 @@ PEER_WORKS = ("train", "denoise256", "denoise512")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 # diffusers' UNet3DConditionModel on one H200 at the issue's shapes (bf16
-# autocast): (eager ms, torch.compile ms, TFLOP). The table's reference column.
+# autocast): (eager ms, torch.compile ms, TFLOP), as issue 8 states them (torch
+# 2.11, diffusers 0.42.1). The table's reference column; --peer reruns the peer.
 PEER_H200 = {"train": (373.0, None, 58.7), "denoise256": (71.4, 42.6, 9.8),
              "denoise512": (201.0, None, 41.7)}
 ISSUE_SHAPES = dict(batch=4, frames=16, size=32, text_len=77, channels=4, text_width=1024)
@@ -758,5 +759,7 @@ def markdown(result: dict) -> str:
   lines += ["", "ratio = best peer ms / ours ms (> 1: ours is faster). FLOPs: XLA cost "
             "analysis of our program. peak mem: the device's high-water mark after the row "
             "(n/a on CPU). compile s: ours, AOT lower + compile (cascade / concept: first "
-            "call minus a warm call)."] + notes
+            "call minus a warm call). peer H200 ref ms: the peer's eager / torch.compile "
+            "times that issue 8 measured on an H200 (torch 2.11, diffusers 0.42.1), shown "
+            "at the issue's shapes only; not measured by this run."] + notes
   return "\n".join(lines)

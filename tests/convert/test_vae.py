@@ -93,6 +93,7 @@ def test_vae_matches_diffusers_through_safetensors(saved):
                 video_mean=_rel(v_mean[0], _nhwc(v_post.mean)),
                 video_logvar=_rel(v_logvar[0], _nhwc(v_post.logvar)),
                 video_decode=_rel(v_decoded[0], _nhwc(ref_v_decoded)))
+  print("parity vae:", {k: f"{v:.1e}" for k, v in errors.items()})
   assert max(errors.values()) <= 1e-4, errors
 
 
