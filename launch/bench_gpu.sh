@@ -3,9 +3,10 @@
 #
 #   bash launch/bench_gpu.sh [OUT_DIR]        (default: $OUT, else ./bench_out)
 #
-# Installs nothing. 1. checks the imports and the GPU (jax and torch must both
-# see it); 2. our train / denoise steps against diffusers' UNet3DConditionModel
-# at the issue's shapes (configs/modelscope.py: train 4 x 16 x 32x32x4 latents,
+# Installs nothing but the wheels in .whl, if there (launch/gpu_wheels.sh).
+# 1. checks the imports and the GPU (jax and torch must both see it);
+# 2. our train / denoise steps against diffusers' UNet3DConditionModel at the
+# issue's shapes (configs/modelscope.py: train 4 x 16 x 32x32x4 latents,
 # 77 x 1024 text; denoise 2 x 16 x 32x32 and 2 x 16 x 64x64), eager and
 # torch.compile, bf16; 3. end to end: adding a concept from one photo and the
 # cascade (25 DDIM steps at 256 px + 10 at 512 px, 16 frames, CFG), our side
@@ -14,7 +15,8 @@
 #
 # Output: OUT/bench.md (the tables), OUT/bench.json, OUT/bench_e2e.json,
 # OUT/*.log (stderr), OUT/env.txt. Environment: STEPS (timed calls per row,
-# default 10), STEPS_S / E2E_S (phase limits in seconds, default 300 / 130).
+# default 10), STEPS_S / E2E_S (phase limits in seconds, default 300 / 130),
+# WHL (the wheel folder, default .whl beside launch/).
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-bench_out}}
@@ -22,11 +24,29 @@ STEPS=${STEPS:-10}
 STEPS_S=${STEPS_S:-300}
 E2E_S=${E2E_S:-130}
 mkdir -p "$OUT_DIR"
+# The wheels a bare GPU image lacks (launch/gpu_wheels.sh writes them to .whl;
+# ship that folder with the working tree): installed into /tmp/site, no index.
+WHL=${WHL:-$(dirname "$0")/../.whl}
+if compgen -G "$WHL/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$WHL"/*.whl || { echo "error: installing $WHL failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 # torch and jax share the GPU: jax allocates on demand instead of 75% up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 python3 - <<'EOF' 2>&1 | tee "$OUT_DIR/env.txt"
-import platform, sys
+import importlib, platform, sys
+missing = []
+for name in ("jax", "flax", "optax", "orbax.checkpoint", "chex", "ml_collections", "einops",
+             "transformers", "torch", "diffusers"):
+  try:
+    importlib.import_module(name)
+  except ImportError as e:
+    missing.append(f"{name} ({e})")
+if missing:
+  sys.exit("error: missing on this machine: " + "; ".join(missing) + ". Fetch the wheels "
+           "with `bash launch/gpu_wheels.sh` where PyPI is reachable and ship .whl along")
 import jax, flax, torch, diffusers
 print("python", platform.python_version(), "jax", jax.__version__, "flax", flax.__version__,
       "torch", torch.__version__, "diffusers", diffusers.__version__)

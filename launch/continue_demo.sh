@@ -21,6 +21,8 @@
 #   WORK    where the workdirs go [/tmp/continue_demo]; a rerun resumes them
 #   STAGES  which stages to continue ["personalize sr"]; the networks of a
 #           stage left out are exported as MODEL has them
+#   WHL     wheels to install into /tmp/site first, if any [.whl beside launch/]
+#           (launch/gpu_wheels.sh: what a GPU image without internet lacks)
 set -euo pipefail
 
 OUT=${1:?usage: bash launch/continue_demo.sh OUT_DIR [BUDGET_SECONDS]}
@@ -38,6 +40,14 @@ if [[ ! -f "$MODEL/model.safetensors" ]]; then
   echo "error: MODEL=$MODEL is not an exported model (no model.safetensors)" >&2; exit 2
 fi
 mkdir -p "$OUT" "$WORK"
+# The wheels a bare GPU image lacks (launch/gpu_wheels.sh writes them to .whl;
+# ship that folder with the working tree): installed into /tmp/site, no index.
+WHL=${WHL:-$(dirname "$0")/../.whl}
+if compgen -G "$WHL/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$WHL"/*.whl || { echo "error: installing $WHL failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 # Two trainers share the accelerator: allocate on demand, not 75% each.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
