@@ -5,7 +5,8 @@
 
 Resumes from DIR's latest checkpoint. SIGTERM / SIGINT (preemption, ``timeout``,
 Ctrl-C) finish the current step, save a checkpoint and exit with status 0;
-a second Ctrl-C interrupts at once. Multi-host: when launched as one of
+a second Ctrl-C interrupts at once. One that arrives after the last step
+(during the final save or the teardown) changes nothing: still status 0. Multi-host: when launched as one of
 several processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID`` set, or a cluster jax detects such as SLURM or a TPU pod),
 ``jax.distributed.initialize()`` runs first. ``--config.KEY=VALUE`` overrides
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 
 def _parse(argv):
@@ -30,6 +33,36 @@ def _parse(argv):
                       help="no progress bar; a log line every log_every_steps instead")
   from launch import _common
   return _common.parse_args(parser, argv)
+
+
+class _AfterRun:
+  """SIGTERM / SIGINT outside the training loop (which handles them itself).
+
+  Until the run is complete they act as by default (terminate; Ctrl-C
+  interrupts). Once it is complete and saved they are logged and ignored: a
+  budget's ``timeout`` landing in the interpreter's teardown (worker pools,
+  threads: seconds) must not turn a finished run into exit status 143, which
+  a wrapper such as ``launch/continue_demo.sh`` reads as a failed trainer.
+  """
+
+  def __init__(self):
+    self.complete = False
+
+  def install(self) -> "_AfterRun":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, self)
+    return self
+
+  def __call__(self, signum, frame):
+    if self.complete:
+      logging.getLogger("launch.train").warning(
+          "%s after the run was saved: ignored", signal.Signals(signum).name)
+      return
+    if signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _maybe_initialize_distributed():
@@ -64,6 +97,9 @@ def main(argv=None) -> int:
   from persvid_jax.data import DataError
   from persvid_jax.pipeline.model import ModelError
   from persvid_jax.train import loop
+  # Installed before the loop, so that the loop's own handlers restore these
+  # (not Python's defaults) when it returns: no gap for a late signal.
+  after = _AfterRun().install()
   try:
     result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
   except (DataError, FileNotFoundError, ModelError) as e:
@@ -74,13 +110,14 @@ def main(argv=None) -> int:
     # and the last good checkpoint, a traceback would add nothing.
     print(f"error: {e}", file=sys.stderr)
     return 1
+  after.complete = True
   # A SIGTERM / SIGINT stop saved a checkpoint: a clean exit (status 0), so
   # a scheduler requeues the job and the next launch resumes from it.
   done = f"stopped by {result.stopped_by}" if result.stopped_by else "done"
   print(f"{done}: step {result.step} (from {result.first_step}), "
         f"loss {result.last_metrics.get('loss', float('nan')):.4f}, "
         f"{result.steps_per_second:.2f} steps/s, compile {result.compile_seconds:.1f} s, "
-        f"workdir {result.workdir}")
+        f"workdir {result.workdir}", flush=True)
   return 0
 
 

@@ -318,8 +318,11 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   stop = _StopRequest()
   skips = _SkipCounter(_max_skips(tc))
   checked = None   # the last step's host metrics, once verified (fetched at most once)
-  try:
-    with stop:
+  # The signal handlers stay until the run is wholly saved: a SIGTERM during the
+  # final asynchronous save (or the result's write) only sets the flag, rather
+  # than killing the process with the last checkpoint half-written.
+  with stop:
+    try:
       while step < tc.total_steps and not stop.agreed(step, tc.log_every_steps):
         device_batch = _device_batch(batch, keys, batch_shards)
         # A compiled executable carries its shardings: no mesh context needed.
@@ -365,17 +368,19 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
           ckpt_lib.save(manager, step, state, config, force=True)
         log.warning("stopped by %s at step %d; checkpoint saved",
                     stop.signal or "a signal to another process", step)
-  finally:
-    bar.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-  rate = steps_timed / max(time.perf_counter() - t0, 1e-9)
-  result = TrainResult(step=step, first_step=first_step, last_metrics=metrics_host,
-                       compile_seconds=compile_s, steps_per_second=rate, workdir=str(workdir),
-                       stopped_by=stop.signal)
-  if jax.process_index() == 0:
-    (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    finally:
+      bar.close()
+      manager.wait_until_finished()
+      manager.close()
+      writer.close()
+    rate = steps_timed / max(time.perf_counter() - t0, 1e-9)
+    # A signal after the last step stopped nothing: the run is complete.
+    result = TrainResult(step=step, first_step=first_step, last_metrics=metrics_host,
+                         compile_seconds=compile_s, steps_per_second=rate,
+                         workdir=str(workdir),
+                         stopped_by=stop.signal if step < tc.total_steps else None)
+    if jax.process_index() == 0:
+      (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
   return result
 
 
