@@ -45,6 +45,8 @@ STEPS = {"base": 500, "personalize": 3600, "sr": 1500}
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", stage="base",
                              sr_kernel=5, sr_dilation=1, steps=0, subject_weight=-1.0)
+  # The model would refuse these only once built (a ValueError traceback).
+  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
   config = tiny.get_config(f"stage={arg.stage},swap_at={arg.swap_at}")
   config.name = "demo"
   config.dtype = "bfloat16" if arg.bf16 else "float32"

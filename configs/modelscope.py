@@ -28,6 +28,8 @@ tiny = config_lib.import_config_module("tiny")
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=True, swap_at="input", detail=1,
                              sr_kernel=3, sr_dilation=2)
+  # The model would refuse these only once built (a ValueError traceback).
+  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
   config = tiny.get_config()
   config.name = "modelscope"
   config.dtype = "bfloat16" if arg.bf16 else "float32"

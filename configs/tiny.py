@@ -184,6 +184,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", detail=1, stage="base",
                              micro=False, latent=False,
                              sr_kernel=5, sr_dilation=1)
+  # The model would refuse these only once built (a ValueError traceback).
+  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
   config = ml_collections.ConfigDict()
   config.name = "tiny"
   config.seed = 0

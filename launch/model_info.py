@@ -27,7 +27,13 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from persvid_jax.models import stack  # after arg parsing: importing jax is slow
-  counts = stack.param_counts(config)
+  try:
+    counts = stack.param_counts(config)
+  except ValueError as e:
+    # The networks' own checks (unet: ..., shapes that do not divide) on a config
+    # that loaded: still the config's fault, so one line and not a traceback.
+    print(f"error: {args.config}: {e}", file=sys.stderr)
+    return 2
   if args.json:
     print(json.dumps({"config": args.config, "params": counts}, indent=2))
     return 0

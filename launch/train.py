@@ -85,24 +85,36 @@ def main(argv=None) -> int:
   from persvid_jax import config_lib
   try:
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
+    # Before the run record, the workdir and the model: a bad number, stage,
+    # init_from, data folder or workdir is one line now, not a traceback (or a
+    # half-written workdir) after minutes of compiling.
+    config_lib.check_train_config(config)
+    problem = config_lib.workdir_problem(args.workdir)
+    if problem:
+      raise config_lib.ConfigError(problem)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   _maybe_initialize_distributed()
+  from persvid_jax.data import DataError
+  from persvid_jax.pipeline.model import ModelError
+  from persvid_jax.train import loop
+  try:
+    loop.check_mesh(config)   # needs the devices: after the distributed init
+  except config_lib.ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   # After the distributed init (the record reads the devices); process 0 writes
   # WORKDIR/run_record.json and warns about what differs from the last run there.
   from persvid_jax import records
   records.record_run(args.workdir, config, extra={"kind": "train"})
-  from persvid_jax.data import DataError
-  from persvid_jax.pipeline.model import ModelError
-  from persvid_jax.train import loop
   # Installed before the loop, so that the loop's own handlers restore these
   # (not Python's defaults) when it returns: no gap for a late signal.
   after = _AfterRun().install()
   try:
     result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
-  except (DataError, FileNotFoundError, ModelError) as e:
+  except (DataError, FileNotFoundError, ModelError, config_lib.ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except FloatingPointError as e:

@@ -144,11 +144,14 @@ def make_points(axes: Sequence[tuple[str, Sequence[str]]]) -> list[Point]:
           for i, combo in enumerate(itertools.product(*(v for _, v in axes)))]
 
 
-def resolve(config_spec: str, fixed: Sequence[str], points: Sequence[Point]) -> list[Any]:
+def resolve(config_spec: str, fixed: Sequence[str], points: Sequence[Point], *,
+            kind: str | None = None, check_paths: bool = True) -> list[Any]:
   """Each point's resolved config (the base + ``fixed`` + the point's values).
 
   Raises ``SweepError`` naming the key when a grid key is not a config field
-  or is also fixed with ``--config.``.
+  or is also fixed with ``--config.``. With ``kind='train'`` each point's
+  config must also pass ``config_lib.check_train_config`` (``check_paths``:
+  its paths too), so that a bad point is refused before any point runs.
   """
   try:
     base = config_lib.apply_overrides(config_lib.load_config(config_spec), list(fixed))
@@ -166,6 +169,11 @@ def resolve(config_spec: str, fixed: Sequence[str], points: Sequence[Point]) -> 
       raise SweepError(f"--grid: {e}") from None
     except TypeError as e:   # ConfigDict refuses a value of another type
       raise SweepError(f"--grid point {p.label!r}: {e}") from None
+    if kind == "train":
+      try:
+        config_lib.check_train_config(configs[-1], paths=check_paths)
+      except config_lib.ConfigError as e:
+        raise SweepError(f"--grid point {p.label!r}: {e}") from None
   return configs
 
 
@@ -238,7 +246,13 @@ def run(config_spec: str, grid: str, workdir, *, kind: str = "train", mode: str 
   workdir = pathlib.Path(workdir)
   axes = parse_grid(grid)
   points = make_points(axes)
-  configs = resolve(config_spec, fixed, points)
+  # Print mode: the paths are those of the machines that will run the commands.
+  configs = resolve(config_spec, fixed, points, kind=kind, check_paths=mode != "print")
+  if mode != "print":
+    # Before any point runs: a file or a read-only path would fail at the first mkdir.
+    problem = config_lib.workdir_problem(workdir)
+    if problem:
+      raise SweepError(problem)
 
   if mode == "print":
     for p in points:

@@ -23,6 +23,7 @@ import numpy as np
 import tqdm
 
 from persvid_jax import checkpoint as ckpt_lib
+from persvid_jax import config_lib
 from persvid_jax import sharding as sh
 from persvid_jax.concepts.tokens import PromptTokenizer
 from persvid_jax.diffusion import cascade, samplers, schedules
@@ -206,12 +207,34 @@ class Setup:
       return jax.jit(self.init_state, out_shardings=self.state_shards)(self.init_rng)
 
 
+def check_mesh(config, mesh=None):
+  """The mesh of ``config`` (or ``mesh``), checked against ``config.train.batch_size``.
+
+  Raises ``ConfigError`` when the mesh does not fit the devices or the batch
+  does not split over them. Cheap (no model): ``launch.train`` calls it
+  before it records the run.
+  """
+  if mesh is None:
+    try:
+      mesh = sh.mesh_from_config(config.mesh)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.mesh: {e} ({jax.device_count()} devices here)"
+                                   ) from None
+  n_data = mesh.shape[sh.DATA] * mesh.shape[sh.FSDP]
+  batch = config.train.batch_size
+  if batch % n_data or batch % jax.process_count():
+    raise config_lib.ConfigError(
+        f"config.train.batch_size={batch} must be divisible by the {n_data} data-parallel "
+        f"devices and {jax.process_count()} processes")
+  return mesh
+
+
 def setup(config, mesh=None) -> Setup:
   """Mesh, model, stage loss, optimizer and abstract sharded state of ``config``."""
   tc = config.train
   stage = tc.stage
   if stage not in stages.STAGES:
-    raise ValueError(f"config.train.stage is {stage!r}; use one of {stages.STAGES}")
+    raise config_lib.ConfigError(f"config.train.stage is {stage!r}; use one of {stages.STAGES}")
   names = stages.stage_networks(stage, config)
   if (stack_lib.VAE in names and not config.latent.get("random_vae", False)
       and not tc.get("init_from")):
@@ -219,11 +242,7 @@ def setup(config, mesh=None) -> Setup:
     raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {_VAE_FIX}")
 
   # ---- Mesh ---------------------------------------------------------------
-  mesh = sh.mesh_from_config(config.mesh) if mesh is None else mesh
-  n_data = mesh.shape[sh.DATA] * mesh.shape[sh.FSDP]
-  if tc.batch_size % n_data or tc.batch_size % jax.process_count():
-    raise ValueError(f"config.train.batch_size={tc.batch_size} must be divisible by the "
-                     f"{n_data} data-parallel devices and {jax.process_count()} processes")
+  mesh = check_mesh(config, mesh)
 
   # ---- Model --------------------------------------------------------------
   tokenizer = PromptTokenizer.from_config(config)
@@ -269,6 +288,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   """
   workdir = pathlib.Path(workdir)
   tc = config.train
+  # Before anything is built or written: a bad number or a missing init_from /
+  # data folder would otherwise surface minutes later, after checkpoints/ exists.
+  config_lib.check_train_config(config)
   s = setup(config)
   stage, mesh, keys = tc.stage, s.mesh, s.batch_keys
   abstract_state, state_shards = s.abstract_state, s.state_shards
