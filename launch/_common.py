@@ -40,17 +40,41 @@ def user_errors() -> tuple[type[BaseException], ...]:
           DreamBenchError, ProbeError, ConvertError)
 
 
+def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
+  """``path`` or its closest ancestor that exists (``.`` for a relative path)."""
+  while not path.exists() and path.parent != path:
+    path = path.parent
+  return path
+
+
 def out_dir_problem(out: pathlib.Path, flag: str = "--out") -> str | None:
-  """Why ``out``'s directory cannot take the output, or None if it can.
+  """Why ``out``'s directory cannot take the output file, or None if it can.
 
   Checked before any model is loaded or sampled, not after minutes of work.
   """
+  out = pathlib.Path(out)
+  if out.is_dir():
+    # Writing would fail only at the final rename, after all the work.
+    return f"{flag} {out} already exists and is a directory; give another path"
   parent = out.parent
   if not parent.is_dir():
+    existing = _nearest_existing(parent)
+    if existing.exists() and not existing.is_dir():
+      return f"{flag} {out}: {existing} is a file, not a directory"
     return f"{flag} {out}: directory {parent} does not exist; create it first"
-  if not os.access(parent, os.W_OK):
+  if not os.access(parent, os.W_OK | os.X_OK):
     return f"{flag} {out}: directory {parent} is not writable"
   return None
+
+
+def dir_problem(directory: pathlib.Path, flag: str = "--out") -> str | None:
+  """Why ``directory`` cannot be created (with its parents) or written into, or None.
+
+  For flags naming an output directory; checked before any model is loaded
+  (``config_lib.workdir_problem``, which the trainer and sweeps use too).
+  """
+  from persvid_jax import config_lib
+  return config_lib.workdir_problem(directory, flag)
 
 
 def parse_args(parser, argv) -> tuple:
@@ -58,9 +82,16 @@ def parse_args(parser, argv) -> tuple:
   ``KEY=VALUE`` (for ``config_lib.apply_overrides``); anything else is a usage error."""
   args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
   overrides = []
-  for item in rest:
+  for i, item in enumerate(rest):
+    previous = rest[i - 1] if i else ""
     if not item.startswith("--config."):
+      if previous.startswith("--config.") and "=" not in previous:
+        # ``--config.KEY VALUE``: argparse split what is meant as one override.
+        parser.error(f"{previous} {item}: use {previous}={item} (--config.KEY=VALUE, "
+                     "one argument)")
       parser.error(f"unrecognised argument {item!r}")
+    if "=" not in item and (i + 1 == len(rest) or rest[i + 1].startswith("--")):
+      parser.error(f"{item} has no value: use {item}=VALUE")
     overrides.append(item[len("--config."):])
   return args, overrides
 

@@ -35,6 +35,34 @@ def _parse(argv):
   return p.parse_args(argv)
 
 
+def _listen_problem(host: str, port: int) -> str | None:
+  """Why the app could not listen on ``host:port`` (unknown host, port taken), or None.
+
+  Tried with a socket before the model loads, as the server will bind it
+  (``SO_REUSEADDR``, so a port left in TIME_WAIT is not mistaken for taken).
+  """
+  import errno
+  import socket
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+  except (socket.gaierror, UnicodeError) as e:
+    return (f"--host {host}: not a known host name or address ({getattr(e, 'strerror', e)}); "
+            "use e.g. 127.0.0.1, or 0.0.0.0 for every interface")
+  with socket.socket(family, kind, proto) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(address)
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        return (f"--port {port} is in use on {host} (another server?); choose another "
+                "--port")
+      if e.errno == errno.EADDRNOTAVAIL:
+        return (f"--host {host} is not an address of this machine; use e.g. 127.0.0.1, "
+                "or 0.0.0.0 for every interface")
+      return f"--host {host} --port {port}: cannot listen there ({e.strerror or e})"
+  return None
+
+
 def main(argv=None) -> int:
   _common.quiet()
   args = _parse(sys.argv[1:] if argv is None else argv)
@@ -50,6 +78,12 @@ def main(argv=None) -> int:
     db = pathlib.Path(args.db)
     if db.exists() and not db.is_dir():
       raise GenerationError(f"--db {db} is a file; give a database directory")
+    problem = args.out_dir and _common.dir_problem(pathlib.Path(args.out_dir), "--out-dir")
+    if problem:
+      raise GenerationError(problem)
+    problem = _listen_problem(args.host, args.port)
+    if problem:
+      raise GenerationError(problem)
     _common.compilation_cache()
     from persvid_jax.pipeline import model as model_lib
     from persvid_jax.ui import app
@@ -59,7 +93,12 @@ def main(argv=None) -> int:
       print(f"warning: --host {args.host} serves the app beyond this machine", file=sys.stderr)
     print(f"persvid_jax UI on http://{args.host}:{args.port} (database {db}, "
           f"{len(studio.names())} concept(s); Ctrl-C stops)", flush=True)
-    app.launch(studio, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    try:
+      app.launch(studio, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    except OSError as e:
+      # E.g. the port was taken between the check and now: Gradio's message, one line.
+      raise GenerationError(f"cannot serve on {args.host}:{args.port}: "
+                            + " ".join(str(e).split())) from None
     return 0
 
   return _common.run(body)

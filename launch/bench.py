@@ -47,10 +47,10 @@ def _parse(argv):
 
 def main(argv=None) -> int:
   args = _parse(sys.argv[1:] if argv is None else argv)
-  if args.json:
-    out = pathlib.Path(args.json)
-    if not out.parent.is_dir():
-      return _common.fail(f"--json {out}: directory {out.parent} does not exist; create it first")
+  if args.json:   # checked now, not when the first row is saved after minutes
+    problem = _common.out_dir_problem(pathlib.Path(args.json), "--json")
+    if problem:
+      return _common.fail(problem)
   # Peer (torch) and ours share one GPU: allocate on demand, not 75% up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   _common.quiet()

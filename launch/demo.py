@@ -12,6 +12,7 @@ numbers with and without the concept in the prompt. Under 2 minutes on a
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -32,6 +33,14 @@ def main(argv=None) -> int:
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
   def body() -> int:
+    # Before anything is built or loaded (a bad flag is one line, at once).
+    for flag, value in (("--steps", args.steps), ("--sr-steps", args.sr_steps)):
+      if value is not None and value < 1:
+        return _common.fail(f"{flag} {value} must be >= 1 (omit it for the model's default)")
+    problem = (_common.dir_problem(pathlib.Path(args.make_photos), "--make-photos")
+               if args.make_photos else _common.dir_problem(pathlib.Path(args.out)))
+    if problem:
+      return _common.fail(problem)
     _common.compilation_cache()
     from persvid_jax.pipeline import demo
     if args.make_photos:

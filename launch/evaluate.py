@@ -32,8 +32,12 @@ from launch import _common
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)      # no stray temp file beside the results
+    raise
 
 
 def main(argv=None) -> int:
@@ -66,7 +70,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if out.suffix != ".json":
       return _common.fail(f"--out {out}: give a .json path (the table is written beside it)")
-    problem = _common.out_dir_problem(out)
+    # Every output place is checked here, not when it is written after the run.
+    problem = (_common.out_dir_problem(out) or _common.out_dir_problem(out.with_suffix(".md"))
+               or (args.sheets and _common.dir_problem(pathlib.Path(args.sheets), "--sheets")))
     if problem:
       return _common.fail(problem)
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)

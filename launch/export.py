@@ -5,6 +5,8 @@
 Each network is taken from the first workdir (in the order given, then along
 their ``config.train.init_from`` chains) whose checkpoint holds it (EMA
 params), validated strictly against the code, and written to DIR atomically.
+DIR must be new, empty, or an exported model (which is then replaced);
+anything else is refused before loading, never deleted.
 ``--model DIR`` of generate/concepts/demo then loads it; the shipped demo
 model (``persvid_jax/assets/demo``) was made this way.
 """
@@ -12,6 +14,8 @@ model (``persvid_jax/assets/demo``) was made this way.
 from __future__ import annotations
 
 import argparse
+import os
+import pathlib
 import sys
 
 from launch import _common
@@ -27,8 +31,20 @@ def main(argv=None) -> int:
 
   def body() -> int:
     from persvid_jax.pipeline import model as model_lib
+    out = pathlib.Path(args.out)
+    # Before loading: the new model goes to a temp sibling, then replaces OUT.
+    problem = _common.dir_problem(out)
+    if problem:
+      return _common.fail(problem)
+    if out.exists() and not os.access(out.parent, os.W_OK | os.X_OK):
+      return _common.fail(f"--out {out}: directory {out.parent} is not writable (the new "
+                          "model is written beside OUT, then swapped in)")
+    try:
+      model_lib.check_export_target(out)
+    except model_lib.ModelError as e:
+      return _common.fail(f"--out {e}")
     model = model_lib.load_model(args.workdir)
-    out = model_lib.export_model(model, args.out)
+    out = model_lib.export_model(model, out)
     n = sum(v.size for v in __import__("jax").tree.leaves(model.params))
     print(f"exported {n:,} parameters to {out} (feature id {model.feature_id})")
     for s in model.info.get("sources", []):

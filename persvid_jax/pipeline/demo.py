@@ -41,6 +41,15 @@ SCENE_BACKGROUND = "brick_wall"
 GENERIC = "object"   # what replaces a concept in the "concept removed" rows
 
 
+def _make_dir(directory: pathlib.Path) -> None:
+  """``mkdir -p``; a file in the way or no permission is a user error, not a traceback."""
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise gen.GenerationError(f"cannot create the output directory {directory}: "
+                              f"{e.strerror or e}") from None
+
+
 def make_photos(directory: str | pathlib.Path = PHOTOS_DIR) -> list[pathlib.Path]:
   """Renders the demo's photos: two per subject (other pose, other background) + a scene.
 
@@ -48,7 +57,7 @@ def make_photos(directory: str | pathlib.Path = PHOTOS_DIR) -> list[pathlib.Path
   """
   from persvid_jax.data import synthetic
   directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  _make_dir(directory)
   cfg = synthetic.CONFIGS["demo"].replace(frames=1, height=PHOTO_SIZE, width=PHOTO_SIZE,
                                           reference_size=PHOTO_SIZE)
   from PIL import Image
@@ -108,7 +117,7 @@ def run_demo(model, out_dir: str | pathlib.Path, *, photos_dir=PHOTOS_DIR, seed:
   """Runs the whole demo into ``out_dir``; returns the summary (also ``summary.json``)."""
   t_start = time.perf_counter()
   out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  _make_dir(out_dir)
   photos_dir = pathlib.Path(photos_dir)
   config = model.config
 

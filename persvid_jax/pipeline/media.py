@@ -8,6 +8,7 @@ half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import warnings
@@ -51,10 +52,24 @@ def save_gif(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
   path.parent.mkdir(parents=True, exist_ok=True)
   images = [Image.fromarray(f) for f in frames]
   tmp = path.with_name(path.name + ".tmp")
-  images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                 duration=int(round(1000 / fps)), loop=0)
-  os.replace(tmp, path)
+  with _discarded_on_error(tmp):
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                   duration=int(round(1000 / fps)), loop=0)
+    os.replace(tmp, path)
   return path
+
+
+@contextlib.contextmanager
+def _discarded_on_error(tmp: pathlib.Path):
+  """Deletes the temp file ``tmp`` if the block fails (no ``*.tmp`` left behind)."""
+  try:
+    yield
+  except BaseException:
+    try:
+      tmp.unlink(missing_ok=True)
+    except OSError:
+      pass       # the original error is the one to report
+    raise
 
 
 def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
@@ -81,15 +96,18 @@ def save_mp4(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
   writer = imageio_ffmpeg.write_frames(
       str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
       pix_fmt_out="yuv420p", quality=8, macro_block_size=1, ffmpeg_log_level="error")
-  with warnings.catch_warnings():
-    # Python warns on any fork from a multithreaded (JAX) process; subprocess
-    # execs ffmpeg right after the fork, which is safe.
-    warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
-    writer.send(None)
-  for f in frames:
-    writer.send(np.ascontiguousarray(f))
-  writer.close()
-  os.replace(tmp, path)
+  with _discarded_on_error(tmp):
+    try:
+      with warnings.catch_warnings():
+        # Python warns on any fork from a multithreaded (JAX) process; subprocess
+        # execs ffmpeg right after the fork, which is safe.
+        warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
+        writer.send(None)
+      for f in frames:
+        writer.send(np.ascontiguousarray(f))
+    finally:
+      writer.close()      # ffmpeg exits (and closes tmp) before tmp is renamed or deleted
+    os.replace(tmp, path)
   return path
 
 
@@ -144,6 +162,7 @@ def save_png(path: str | os.PathLike, image) -> pathlib.Path:
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  with _discarded_on_error(tmp):
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
   return path

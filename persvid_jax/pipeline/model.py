@@ -230,6 +230,9 @@ def load_model(path: str | os.PathLike | Sequence[str | os.PathLike] | None = No
       [path] if isinstance(path, (str, os.PathLike)) else list(path))
   paths = [pathlib.Path(p) for p in paths]
   for p in paths:
+    if p.exists() and not p.is_dir():
+      raise ModelError(f"{p} is a file, not a model directory (give the directory holding "
+                       f"{WEIGHTS_FILE}, or a training workdir)")
     if not p.is_dir():
       hint = (" (the demo model ships inside the package; reinstall it)"
               if p == DEMO_MODEL_DIR else "")
@@ -290,14 +293,34 @@ def _seeded_vae(stack: ModelStack, source: str) -> dict:
   return jax.tree.map(np.asarray, nn.meta.unbox(init[stack_lib.VAE]))
 
 
+def check_export_target(out_dir: str | os.PathLike) -> None:
+  """Raises ModelError unless ``export_model`` may write ``out_dir``.
+
+  It may be new, empty, or an exported model (``model.safetensors`` +
+  ``model.json``: replaced). Anything else is refused rather than deleted.
+  """
+  out_dir = pathlib.Path(out_dir)
+  if not out_dir.exists():
+    return
+  if not out_dir.is_dir():
+    raise ModelError(f"{out_dir} is a file; give a new directory for the model")
+  if any(out_dir.iterdir()) and not ((out_dir / WEIGHTS_FILE).is_file()
+                                     and (out_dir / INFO_FILE).is_file()):
+    raise ModelError(f"{out_dir} is neither empty nor an exported model (no {WEIGHTS_FILE} + "
+                     f"{INFO_FILE}); nothing was written: give a new or empty directory")
+
+
 def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> pathlib.Path:
   """Writes ``model`` as an exported model directory (atomically: temp dir + rename).
 
   Files: ``config.json``, ``model.safetensors`` (float32), ``model.json``
   (provenance: sources, parameter count, feature id, creation time, ``extra_info``).
+  An existing exported model at ``out_dir`` is replaced; any other non-empty
+  directory is refused (``check_export_target``), never deleted.
   """
   from safetensors.numpy import save_file
   out_dir = pathlib.Path(out_dir)
+  check_export_target(out_dir)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   flat = {}
   for name in model.stack.network_names:
@@ -305,7 +328,8 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
   info = dict(model.info, created=datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="seconds"), parameters=int(sum(v.size for v in flat.values())),
       feature_id=model.feature_id, **extra_info)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  old = None
   try:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
               str(tmp / WEIGHTS_FILE))
@@ -316,12 +340,26 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
     os.chmod(tmp, 0o755)
     for f in tmp.iterdir():
       os.chmod(f, 0o644)
+    check_export_target(out_dir)      # again: it may have changed while we wrote
     if out_dir.exists():
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+      # Move the old model aside, put the new one in, then delete the old:
+      # at every moment one complete model exists (out_dir, or old if the
+      # swap is cut), never a half-deleted one.
+      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+      os.replace(out_dir, old)
+      try:
+        os.replace(tmp, out_dir)
+      except BaseException:
+        os.replace(old, out_dir)
+        old = None
+        raise
+    else:
+      os.replace(tmp, out_dir)
   finally:
     if tmp.exists():
       shutil.rmtree(tmp)
+    if old is not None and old.exists():
+      shutil.rmtree(old)
   return out_dir
 
 

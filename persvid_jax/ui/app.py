@@ -113,7 +113,11 @@ class Studio:
     self.model = model
     self.db_dir = pathlib.Path(db_dir)
     self.out_dir = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="persvid_ui_"))
-    self.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+      self.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:    # a file in the way, no permission: the user's to fix
+      raise gen.GenerationError(f"cannot create the output directory {self.out_dir}: "
+                                f"{e.strerror or e}") from None
     self.scale = int(scale)
     self.generator = gen.Generator(model, steps=steps, sr_steps=sr_steps)
     self._feature_fn = build.make_feature_fn(model)
