@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     from persvid_jax.concepts import build
     from persvid_jax.pipeline import model as model_lib
     db_lib.validate_name(args.name)
+    # A --db that is a file or read-only would otherwise fail only at the
+    # commit, after the model has loaded and encoded the photos.
+    db_lib.check_writable(args.db)
     exists = db_lib.ConceptDatabase.exists(args.db)
     db = db_lib.ConceptDatabase.open(args.db) if exists else None
     if db is not None:

@@ -20,6 +20,7 @@ a prompt longer than the text encoder reads is truncated with a warning
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 import time
@@ -65,7 +66,11 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
       raise gen.GenerationError(f"--out {out} must end in .mp4 or .gif")
-    problem = _common.out_dir_problem(out)
+    sheet = None
+    if args.sheet is not None:
+      sheet = pathlib.Path(args.sheet) if args.sheet else out.with_suffix(".png")
+    problem = _common.out_dir_problem(out) or (
+        sheet is not None and _common.out_dir_problem(sheet, "--sheet"))
     if problem:
       raise gen.GenerationError(problem)
     if args.steps is not None and args.steps < 1 or args.sr_steps is not None and args.sr_steps < 1:
@@ -76,9 +81,9 @@ def main(argv=None) -> int:
     for flag, value in (("--guidance", args.guidance), ("--detail-guidance",
                                                          args.detail_guidance)):
       # 0 is unconditional sampling; below 0 pushes away from the prompt.
-      if value is not None and not value >= 0:
-        raise gen.GenerationError(f"{flag} {value} must be >= 0 (0 ignores the condition, "
-                                  "1 follows it without guidance)")
+      if value is not None and not (math.isfinite(value) and value >= 0):
+        raise gen.GenerationError(f"{flag} {value} must be >= 0 and finite (0 ignores the "
+                                  "condition, 1 follows it without guidance)")
     if args.scale < 1:
       raise gen.GenerationError(f"--scale {args.scale} must be >= 1")
     image = subject_lib.load_image(args.image) if args.image else None
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
     request = gen.Request(prompt=args.prompt, image=image, image_role=args.image_role,
                           mask=mask, mode=args.mode)
     # Unknown concepts etc. are reported before the model is loaded.
-    names = [n for n in gen._NAME_RE.findall(args.prompt) if n != gen.IMAGE_TOKEN]
+    names = [n for n in gen.concept_names(args.prompt) if n != gen.IMAGE_TOKEN]
     if names and db is None:
       raise gen.GenerationError(f"the prompt names <{names[0]}> but no --db was given")
 
@@ -114,8 +119,7 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     media.save_video(out, result.video[0], scale=args.scale)
     written = [str(out)]
-    if args.sheet is not None:
-      sheet = pathlib.Path(args.sheet) if args.sheet else out.with_suffix(".png")
+    if sheet is not None:
       ref = resolved.reference.crop if resolved.reference is not None else None
       media.save_png(sheet, media.contact_sheet([(ref, result.video[0])], scale=args.scale // 2 or 1))
       written.append(str(sheet))

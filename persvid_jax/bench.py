@@ -84,9 +84,14 @@ class Shapes:
 
 def default_shapes(config, *, batch: int | None = None, frames: int | None = None,
                    size: int | None = None, text_len: int | None = None) -> Shapes:
-  """The config's shapes (train batch 4), each overridable; raises ``BenchError``."""
-  s = Shapes(batch=batch or TRAIN_BATCH, frames=frames or config.video.frames,
-             size=size or config.video.height, text_len=text_len or config.text.max_length,
+  """The config's shapes (train batch 4), each overridable; raises ``BenchError``.
+
+  Only None means "the default": an explicit 0 is refused, not silently replaced.
+  """
+  pick = lambda value, default: default if value is None else value
+  s = Shapes(batch=pick(batch, TRAIN_BATCH), frames=pick(frames, config.video.frames),
+             size=pick(size, config.video.height),
+             text_len=pick(text_len, config.text.max_length),
              channels=config.unet.in_channels, text_width=config.unet.cross_attention_dim)
   for name in ("batch", "frames", "size", "text_len"):
     if getattr(s, name) < 1:

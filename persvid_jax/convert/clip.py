@@ -21,7 +21,8 @@ from typing import Mapping
 
 import numpy as np
 
-from persvid_jax.convert.common import ConvertError, assemble, float_array, torch_layout
+from persvid_jax.convert.common import (ConvertError, assemble, config_float, config_int,
+                                        config_str, float_array, torch_layout)
 
 IGNORED = re.compile(r"^(logit_scale|text_projection\.weight|"
                      r"(text|vision)_model\.embeddings\.position_ids)$")
@@ -112,11 +113,15 @@ def image_encoder_params(state: Mapping[str, np.ndarray], abstract_params, *,
                   sources=sources)
 
 
-def _sub(hf: dict, key: str, model_type: str) -> dict:
+def _sub(hf: dict, key: str, model_type: str) -> tuple[dict, str]:
+  """``(tower config, its name in messages)``: ``hf[key]`` or ``hf`` itself."""
   if key in hf:                               # CLIPModel: nested configs
-    return hf[key]
+    if not isinstance(hf[key], dict):
+      raise ConvertError(f"config.json: {key} is not an object of architecture fields; fix "
+                         "the source's config.json")
+    return hf[key], key
   if hf.get("model_type") == model_type:      # a single tower's config
-    return hf
+    return hf, ""
   raise ConvertError(f"config.json has no {key} and is not a {model_type} config "
                      f"(model_type {hf.get('model_type')!r})")
 
@@ -125,24 +130,37 @@ def text_config(hf: dict, num_placeholders: int = 0) -> dict:
   """``config.text`` fields from a transformers CLIP(Text) ``config.json``.
 
   ``vocab_size`` includes ``num_placeholders`` concept tokens on top.
+
+  Raises:
+    ConvertError: no text config, or a field of the wrong type (named).
   """
-  t = _sub(hf, "text_config", "clip_text_model")
-  return dict(vocab_size=int(t.get("vocab_size", 49408)) + num_placeholders,
-              max_length=int(t.get("max_position_embeddings", 77)),
-              width=int(t.get("hidden_size", 512)), layers=int(t.get("num_hidden_layers", 12)),
-              heads=int(t.get("num_attention_heads", 8)),
-              mlp_dim=int(t.get("intermediate_size", 2048)),
-              act=str(t.get("hidden_act", "quick_gelu")),
-              layer_norm_eps=float(t.get("layer_norm_eps", 1e-5)))
+  t, where = _sub(hf, "text_config", "clip_text_model")
+  num = lambda key, default: config_int(t, key, default, section=where)
+  return dict(vocab_size=num("vocab_size", 49408) + num_placeholders,
+              max_length=num("max_position_embeddings", 77),
+              width=num("hidden_size", 512), layers=num("num_hidden_layers", 12),
+              heads=num("num_attention_heads", 8),
+              mlp_dim=num("intermediate_size", 2048),
+              act=config_str(t, "hidden_act", "quick_gelu", section=where),
+              layer_norm_eps=config_float(t, "layer_norm_eps", 1e-5, section=where))
 
 
 def image_config(hf: dict, projection: bool = True) -> dict:
-  """``config.image`` fields from a transformers CLIP(Vision) ``config.json``."""
-  v = _sub(hf, "vision_config", "clip_vision_model")
-  proj = int(hf.get("projection_dim", v.get("projection_dim", 0))) if projection else 0
-  return dict(image_size=int(v.get("image_size", 224)), patch_size=int(v.get("patch_size", 32)),
-              width=int(v.get("hidden_size", 768)), layers=int(v.get("num_hidden_layers", 12)),
-              heads=int(v.get("num_attention_heads", 12)),
-              mlp_dim=int(v.get("intermediate_size", 3072)),
-              act=str(v.get("hidden_act", "quick_gelu")),
-              layer_norm_eps=float(v.get("layer_norm_eps", 1e-5)), projection_dim=proj)
+  """``config.image`` fields from a transformers CLIP(Vision) ``config.json``.
+
+  Raises:
+    ConvertError: no vision config, or a field of the wrong type (named).
+  """
+  v, where = _sub(hf, "vision_config", "clip_vision_model")
+  num = lambda key, default: config_int(v, key, default, section=where)
+  proj = 0
+  if projection:    # CLIPModel keeps it at the top, a vision tower's config in itself
+    proj = config_int(hf, "projection_dim", config_int(v, "projection_dim", 0, minimum=0,
+                                                       section=where), minimum=0)
+  return dict(image_size=num("image_size", 224), patch_size=num("patch_size", 32),
+              width=num("hidden_size", 768), layers=num("num_hidden_layers", 12),
+              heads=num("num_attention_heads", 12),
+              mlp_dim=num("intermediate_size", 3072),
+              act=config_str(v, "hidden_act", "quick_gelu", section=where),
+              layer_norm_eps=config_float(v, "layer_norm_eps", 1e-5, section=where),
+              projection_dim=proj)

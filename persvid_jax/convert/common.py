@@ -125,14 +125,92 @@ def read_state(src: str | os.PathLike, names: Iterable[str] = ()) -> dict[str, n
 
 
 def read_config(src: str | os.PathLike) -> dict:
-  """``src/config.json`` (HF / diffusers) as a dict."""
+  """``src/config.json`` (HF / diffusers) as a dict.
+
+  Raises:
+    ConvertError: no such file, not JSON, or JSON that is not an object.
+  """
   path = pathlib.Path(src) / "config.json"
   if not path.is_file():
     raise ConvertError(f"{path} not found: a transformers/diffusers model directory has one")
   try:
-    return json.loads(path.read_text())
+    hf = json.loads(path.read_text())
   except ValueError as e:
     raise ConvertError(f"{path} is not JSON ({e})") from None
+  if not isinstance(hf, dict):
+    raise ConvertError(f"{path} holds a JSON {type(hf).__name__}, not an object of "
+                       "architecture fields; give the model's own config.json")
+  return hf
+
+
+# Architecture fields of a source config.json. A missing field takes the
+# library's default (as transformers / diffusers do: old files omit newer
+# keys); a present one must have the right type, since null, "512" or 1.5
+# would otherwise become a TypeError deep in the conversion, or a wrong shape.
+# ``section`` names a nested config (CLIP's ``text_config``) in the message.
+
+def _field(section: str, key: str, value) -> str:
+  shown = json.dumps(value)
+  return f"config.json: {section}{'.' if section else ''}{key}=" + (
+      shown if len(shown) <= 60 else shown[:57] + "...")
+
+
+def config_int(hf: Mapping, key: str, default: int, *, minimum: int = 1,
+               section: str = "") -> int:
+  """``hf[key]`` as an int >= ``minimum`` (``default`` if absent); else ``ConvertError``."""
+  value = hf.get(key, default)
+  # 512.0 is what some exporters write for 512; bool is an int in Python, refused.
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConvertError(f"{_field(section, key, value)}: it must be an integer >= {minimum}; "
+                       "fix the source's config.json")
+  return value
+
+
+def config_float(hf: Mapping, key: str, default: float | None, *, optional: bool = False,
+                 section: str = "") -> float | None:
+  """``hf[key]`` as a finite float (``default`` if absent; null too if ``optional``)."""
+  value = hf.get(key, default)
+  if value is None and optional:
+    return None
+  if (isinstance(value, bool) or not isinstance(value, (int, float))
+      or not np.isfinite(value)):
+    raise ConvertError(f"{_field(section, key, value)}: it must be a finite number; fix the "
+                       "source's config.json")
+  return float(value)
+
+
+def config_bool(hf: Mapping, key: str, default: bool, *, section: str = "") -> bool:
+  """``hf[key]`` as a bool (``default`` if absent); else ``ConvertError`` (not truthiness:
+  ``"false"`` is truthy)."""
+  value = hf.get(key, default)
+  if not isinstance(value, bool):
+    raise ConvertError(f"{_field(section, key, value)}: it must be true or false; fix the "
+                       "source's config.json")
+  return value
+
+
+def config_str(hf: Mapping, key: str, default: str, *, section: str = "") -> str:
+  """``hf[key]`` as a str (``default`` if absent); else ``ConvertError``."""
+  value = hf.get(key, default)
+  if not isinstance(value, str):
+    raise ConvertError(f"{_field(section, key, value)}: it must be a string; fix the "
+                       "source's config.json")
+  return value
+
+
+def config_list(hf: Mapping, key: str, default: tuple, *, of: type,
+                section: str = "") -> tuple:
+  """``hf[key]`` as a tuple of ``of`` (ints: each >= 1; ``default`` if absent)."""
+  value = hf.get(key, default)
+  if (isinstance(value, (list, tuple))
+      and all(isinstance(v, of) and not isinstance(v, bool) for v in value)
+      and (of is not int or all(v >= 1 for v in value))):
+    return tuple(value)
+  kind = "positive integers" if of is int else "strings"
+  raise ConvertError(f"{_field(section, key, value)}: it must be a list of {kind}; fix the "
+                     "source's config.json")
 
 
 def float_array(name: str, array: np.ndarray) -> np.ndarray:

@@ -34,7 +34,8 @@ from typing import Mapping
 import numpy as np
 
 from persvid_jax import params as params_lib
-from persvid_jax.convert.common import ConvertError, assemble, float_array, torch_layout
+from persvid_jax.convert.common import (ConvertError, assemble, config_float, config_int,
+                                        config_list, float_array, torch_layout)
 
 NEW_PARAMS = re.compile(r"(^|/)(to_k_detail|to_v_detail|noise_level_embedding)(/|$)")
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -129,21 +130,30 @@ def unet_params(state: Mapping[str, np.ndarray], abstract_params, *,
 
 
 def unet_config(hf: dict) -> dict:
-  """``config.unet`` fields from a diffusers ``UNet3DConditionModel`` ``config.json``."""
+  """``config.unet`` fields from a diffusers ``UNet3DConditionModel`` ``config.json``.
+
+  Raises:
+    ConvertError: not a JSON object, another model class, per-block head
+      widths, or a field of the wrong type (named).
+  """
+  if not isinstance(hf, Mapping):
+    raise ConvertError(f"config.json holds a JSON {type(hf).__name__}, not an object of "
+                       "architecture fields")
   if hf.get("_class_name") != "UNet3DConditionModel":
     raise ConvertError(f"config.json is a {hf.get('_class_name') or 'model without _class_name'}"
                        f", not a UNet3DConditionModel (diffusers writes _class_name)")
-  head = hf.get("attention_head_dim", 64)
-  if not isinstance(head, int):
-    raise ConvertError(f"attention_head_dim={head!r}: only one head width for all blocks "
-                       f"is supported")
-  return dict(in_channels=int(hf.get("in_channels", 4)),
-              out_channels=int(hf.get("out_channels", 4)),
-              block_out_channels=tuple(hf.get("block_out_channels", (320, 640, 1280, 1280))),
-              down_block_types=tuple(hf.get("down_block_types", ())),
-              up_block_types=tuple(hf.get("up_block_types", ())),
-              layers_per_block=int(hf.get("layers_per_block", 2)),
-              norm_num_groups=int(hf.get("norm_num_groups", 32)),
-              norm_eps=float(hf.get("norm_eps", 1e-5)),
-              cross_attention_dim=int(hf.get("cross_attention_dim", 1024)),
+  if isinstance(hf.get("attention_head_dim"), (list, tuple)):
+    raise ConvertError(f"attention_head_dim={hf['attention_head_dim']!r}: only one head width "
+                       f"for all blocks is supported")
+  head = config_int(hf, "attention_head_dim", 64)
+  return dict(in_channels=config_int(hf, "in_channels", 4),
+              out_channels=config_int(hf, "out_channels", 4),
+              block_out_channels=config_list(hf, "block_out_channels", (320, 640, 1280, 1280),
+                                             of=int),
+              down_block_types=config_list(hf, "down_block_types", (), of=str),
+              up_block_types=config_list(hf, "up_block_types", (), of=str),
+              layers_per_block=config_int(hf, "layers_per_block", 2),
+              norm_num_groups=config_int(hf, "norm_num_groups", 32),
+              norm_eps=config_float(hf, "norm_eps", 1e-5),
+              cross_attention_dim=config_int(hf, "cross_attention_dim", 1024),
               head_dim=head, transformer_in_heads=8)   # diffusers hard-codes 8

@@ -16,7 +16,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from persvid_jax.convert.common import ConvertError, assemble, float_array, torch_layout
+from persvid_jax.convert.common import (ConvertError, assemble, config_bool, config_float,
+                                        config_int, config_list, config_str, float_array,
+                                        torch_layout)
 from persvid_jax.convert.unet3d import diffusers_path
 
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -37,20 +39,25 @@ def vae_config(hf: Mapping[str, Any]) -> dict:
   """``config.vae`` fields from a diffusers ``AutoencoderKL`` ``config.json``.
 
   Raises:
-    ConvertError: another model class, or an option we do not implement (named).
+    ConvertError: not a JSON object, another model class, an option we do not
+      implement, or a field of the wrong type (named).
   """
+  if not isinstance(hf, Mapping):
+    raise ConvertError(f"config.json holds a JSON {type(hf).__name__}, not an object of "
+                       "architecture fields")
   if hf.get("_class_name") != "AutoencoderKL":
     raise ConvertError(f"config.json is a {hf.get('_class_name') or 'model without _class_name'}"
                        f", not an AutoencoderKL (diffusers writes _class_name)")
   unsupported = []
-  n = len(hf.get("block_out_channels", _DEFAULTS["block_out_channels"]))
+  n = len(config_list(hf, "block_out_channels", _DEFAULTS["block_out_channels"], of=int))
   for key, want in (("down_block_types", "DownEncoderBlock2D"),
                     ("up_block_types", "UpDecoderBlock2D")):
-    got = tuple(hf.get(key, (want,) * n))
+    got = config_list(hf, key, (want,) * n, of=str)
     if got != (want,) * n:
       unsupported.append(f"{key}={list(got)} (only {n} x {want} is implemented)")
-  if hf.get("act_fn", "silu") not in ("silu", "swish"):
-    unsupported.append(f"act_fn={hf['act_fn']!r} (only silu)")
+  act = config_str(hf, "act_fn", "silu")
+  if act not in ("silu", "swish"):
+    unsupported.append(f"act_fn={act!r} (only silu)")
   for key in ("latents_mean", "latents_std"):
     if hf.get(key) is not None:
       unsupported.append(f"{key} (per-channel latent normalisation)")
@@ -61,17 +68,15 @@ def vae_config(hf: Mapping[str, Any]) -> dict:
   if unsupported:
     raise ConvertError(f"AutoencoderKL config.json has options we do not convert: "
                        f"{'; '.join(unsupported)}")
-  out = {k: hf.get(k, default) for k, default in _DEFAULTS.items()}
-  out["block_out_channels"] = tuple(int(c) for c in out["block_out_channels"])
-  for k in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
-            "norm_num_groups"):
-    out[k] = int(out[k])
+  out = {k: config_int(hf, k, _DEFAULTS[k]) for k in (
+      "in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups")}
+  out["block_out_channels"] = config_list(hf, "block_out_channels",
+                                          _DEFAULTS["block_out_channels"], of=int)
   for k in ("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv"):
-    out[k] = bool(out[k])
-  out["scaling_factor"] = float(out["scaling_factor"])
-  if out["shift_factor"] is not None:
-    out["shift_factor"] = float(out["shift_factor"])
-  return out
+    out[k] = config_bool(hf, k, _DEFAULTS[k])
+  out["scaling_factor"] = config_float(hf, "scaling_factor", _DEFAULTS["scaling_factor"])
+  out["shift_factor"] = config_float(hf, "shift_factor", None, optional=True)
+  return {k: out[k] for k in _DEFAULTS}      # the field order of before
 
 
 def rename(state: Mapping[str, np.ndarray]) -> tuple[dict, dict]:

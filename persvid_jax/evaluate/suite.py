@@ -56,6 +56,7 @@ from persvid_jax.pipeline import media
 
 
 SCALES = ("final", "base")
+_MIN_PHOTO_SIZE = 8      # the smallest image side a concept photo may have (load_image's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +89,23 @@ class SuiteConfig:
   def __post_init__(self):
     if self.scale not in SCALES:
       raise ValueError(f"suite scale {self.scale!r}; use one of {', '.join(SCALES)}")
+    # Checked here, before any model loads: zero subjects or photos fail deep
+    # in the tokenizer / np.stack, and zero seeds "succeed" with a NaN table.
+    most = synthetic.CONFIGS["demo"].test_subjects      # make_cases renders from it
+    if not 1 <= self.subjects <= most:
+      raise ValueError(f"subjects={self.subjects}; use 1 to {most} (the held-out test "
+                       "subjects of persvid_synthetic)")
+    for name in ("prompts", "photos"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)}; use at least 1")
+    if not self.seeds:
+      raise ValueError("seeds=(); give at least one seed, e.g. (0,)")
+    if self.photo_size < _MIN_PHOTO_SIZE:
+      raise ValueError(f"photo_size={self.photo_size}; use at least {_MIN_PHOTO_SIZE} px")
+    for name in ("steps", "sr_steps"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"{name}={value}; use at least 1 (or 0 for the model config's)")
 
   @classmethod
   def from_config(cls, c) -> "SuiteConfig":

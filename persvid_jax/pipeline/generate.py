@@ -103,6 +103,37 @@ class Resolved:
   reference: build.ReferenceImage | None
 
 
+def check_brackets(prompt: str) -> None:
+  """Raises ``GenerationError`` at the first ``<`` or ``>`` that is not part of a ``<name>``.
+
+  A stray bracket is almost always a mistyped concept (``a <my_dog moving``):
+  read as plain text it would silently generate in text mode, without the
+  concept the user asked for.
+  """
+  # The <name>s blanked out (same length: positions stay the prompt's).
+  rest = _NAME_RE.sub(lambda m: " " * len(m.group(0)), prompt)
+  i = next((k for k, ch in enumerate(rest) if ch in "<>"), None)
+  if i is None:
+    return
+  if rest[i] == "<":
+    fragment = prompt[i:i + 24] + ("..." if len(prompt) > i + 24 else "")
+    raise GenerationError(f"unclosed '<' at character {i + 1} of the prompt: {fragment!r}; "
+                          "write a concept as <name> (no spaces inside), or remove the '<'")
+  fragment = ("..." if i > 23 else "") + prompt[max(0, i - 23):i + 1]
+  raise GenerationError(f"unmatched '>' at character {i + 1} of the prompt: {fragment!r}; "
+                        "write a concept as <name>, or remove the '>'")
+
+
+def concept_names(prompt: str) -> list[str]:
+  """The ``<name>``s of a prompt in order (``<image>`` included), brackets checked.
+
+  Raises:
+    GenerationError: a ``<`` or ``>`` outside a ``<name>`` (``check_brackets``).
+  """
+  check_brackets(prompt)
+  return _NAME_RE.findall(prompt)
+
+
 def request_mode(prompt: str, concepts: dict[str, int], *, has_image: bool,
                  image_role: str = "target") -> tuple[str, tuple]:
   """The mode of SPEC §1 a prompt (+ optional image) asks for, without any work.
@@ -119,12 +150,12 @@ def request_mode(prompt: str, concepts: dict[str, int], *, has_image: bool,
     ``(mode, slots)``: one of ``MODES`` and the bank slots of the named concepts.
 
   Raises:
-    GenerationError: unknown concept, ``<image>`` without an image, or an image
-      role that does not fit the prompt.
+    GenerationError: unknown concept, a stray ``<`` or ``>``, ``<image>`` without
+      an image, or an image role that does not fit the prompt.
   """
   if image_role not in IMAGE_ROLES:
     raise GenerationError(f"image role {image_role!r}; use one of {IMAGE_ROLES}")
-  names = _NAME_RE.findall(prompt)
+  names = concept_names(prompt)
   unknown = [n for n in names if n != IMAGE_TOKEN and n not in concepts]
   if unknown:
     known = ", ".join(f"<{n}>" for n in concepts) or "none (the database is empty)"
@@ -250,6 +281,31 @@ class GenerationOutput:
   resolved: tuple          # Resolved per row
 
 
+def sampler_steps(steps: int | None, sr_steps: int | None, diffusion) -> tuple[int, int]:
+  """``(base steps, SR steps)``: the arguments, or where None the config's defaults.
+
+  Args:
+    steps, sr_steps: the requested steps; None (only None: 0 is not "default")
+      takes ``diffusion.sample_steps`` / ``diffusion.sr_sample_steps`` (or ``steps``).
+    diffusion: ``config.diffusion``.
+
+  Raises:
+    GenerationError: a requested count below 1, named.
+  """
+  for name, value in (("steps", steps), ("sr_steps", sr_steps)):
+    if value is not None and not value >= 1:
+      raise GenerationError(f"{name}={value!r}: sampler steps must be >= 1 (or None for "
+                            "the model config's)")
+  steps = int(diffusion.sample_steps if steps is None else steps)
+  # The config's sr_sample_steps may be 0 / None on purpose: "as many as the base".
+  sr_steps = int((diffusion.get("sr_sample_steps") or steps) if sr_steps is None
+                 else sr_steps)
+  if steps < 1 or sr_steps < 1:
+    raise GenerationError(f"the model config's sampler steps are {steps} / {sr_steps}; "
+                          "pass steps >= 1")
+  return steps, sr_steps
+
+
 class Generator:
   """Serves every mode with one compiled graph per (batch size, steps).
 
@@ -283,10 +339,7 @@ class Generator:
     self.text_scale = float(d.guidance_text if text_scale is None else text_scale)
     detail = d.guidance_detail if detail_scale is None else detail_scale
     self.detail_scale = float(self.text_scale if detail is None else detail)
-    steps = int(steps or d.sample_steps)
-    sr_steps = int(sr_steps or d.get("sr_sample_steps") or steps)
-    if steps < 1 or sr_steps < 1:
-      raise GenerationError(f"steps must be >= 1, got {steps} / {sr_steps}")
+    steps, sr_steps = sampler_steps(steps, sr_steps, d)
     schedule = schedules.from_config(d)
     mk = lambda n: samplers.make_sampler(
         schedule, d.sampler, n, eta=d.eta, prediction=d.prediction, clip_x0=d.clip_x0,
