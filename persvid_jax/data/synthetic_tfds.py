@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import pathlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from persvid_jax import config_lib
 from persvid_jax.data import synthetic
 
 _DESCRIPTION = """\
@@ -127,31 +126,14 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   return builder
 
 
-def data_dir_problem(data_dir: str | os.PathLike) -> str | None:
-  """Why ``data_dir`` cannot be created or written (a file in the way, no permission), or None.
-
-  ``main`` checks it before rendering: TFDS would fail with a traceback.
-  """
-  path = pathlib.Path(data_dir)
-  if path.exists() and not path.is_dir():
-    return f"--data_dir {path} is a file; give a directory"
-  existing = path
-  while not existing.exists() and existing.parent != existing:
-    existing = existing.parent
-  if not existing.is_dir():
-    return f"--data_dir {path}: {existing} is a file, not a directory"
-  if not os.access(existing, os.W_OK | os.X_OK):
-    return f"--data_dir {path}: directory {existing} is not writable"
-  return None
-
-
 def main(argv=None) -> None:
   """``python -m persvid_jax.data --name tiny [--data_dir DIR]``: builds the dataset."""
   parser = argparse.ArgumentParser(description="Build persvid_synthetic into a TFDS data_dir.")
   parser.add_argument("--name", default="tiny", choices=sorted(synthetic.CONFIGS))
   parser.add_argument("--data_dir", default=None, help="default: TFDS's (~/tensorflow_datasets)")
   args = parser.parse_args(argv)
-  problem = args.data_dir and data_dir_problem(args.data_dir)
+  # Before rendering: TFDS would fail with a traceback.
+  problem = args.data_dir and config_lib.workdir_problem(args.data_dir, "--data_dir")
   if problem:
     parser.exit(2, f"error: {problem}\n")     # one line, status 2, no traceback
   builder = prepare(args.name, args.data_dir)
