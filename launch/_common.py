@@ -7,11 +7,24 @@ line ``error: ...`` on stderr and exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pathlib
 import sys
 from typing import Callable
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """``argparse.ArgumentParser`` whose usage errors follow the house rule.
+
+  argparse prints its usage block (several lines) before the error; here a
+  wrong or missing flag is one line, ``error: ... (see PROG --help)``, and
+  exit status 2, like every other bad input. Subcommand parsers inherit it.
+  """
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def quiet() -> None:

@@ -11,7 +11,6 @@ or a database built by another model exit with status 2 and one line.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
@@ -22,7 +21,7 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 def _parse(argv):
   from persvid_jax.ui.app import DEFAULT_DB
-  p = argparse.ArgumentParser(prog="python -m launch.app", description="persvid_jax web UI.")
+  p = _common.ArgumentParser(prog="python -m launch.app", description="persvid_jax web UI.")
   p.add_argument("--host", default="127.0.0.1",
                  help="interface to bind (default loopback; 0.0.0.0 exposes it to the network)")
   p.add_argument("--port", type=int, default=7860)

@@ -12,7 +12,6 @@ Imports no TensorFlow.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -22,7 +21,8 @@ from launch import _common
 
 
 def _parse(argv):
-  p = argparse.ArgumentParser(description="Benchmark our steps against diffusers' UNet3D.")
+  p = _common.ArgumentParser(
+      prog="python -m launch.bench", description="Benchmark our steps against diffusers' UNet3D.")
   p.add_argument("--config", default="modelscope", help="configs/NAME.py[:variant] or NAME")
   p.add_argument("--peer", action="store_true",
                  help="also time diffusers' UNet3DConditionModel (torch) on the same inputs")

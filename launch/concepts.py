@@ -17,7 +17,6 @@ version); ``list --step N`` shows any kept version.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -25,7 +24,7 @@ from launch import _common
 
 
 def _parse(argv):
-  p = argparse.ArgumentParser(prog="python -m launch.concepts",
+  p = _common.ArgumentParser(prog="python -m launch.concepts",
                               description="Manage a persvid_jax concept database.")
   sub = p.add_subparsers(dest="command", required=True)
   add = sub.add_parser("add", help="register a concept from one or more photos")

@@ -25,7 +25,6 @@ rest (concept capacity, detail attention, video size) from ``--config`` or the
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import pathlib
@@ -42,7 +41,7 @@ KINDS = ("clip", "unet3d", "vae")
 
 def main(argv=None) -> int:
   _common.quiet()
-  p = argparse.ArgumentParser(prog="python -m launch.convert",
+  p = _common.ArgumentParser(prog="python -m launch.convert",
                               description=__doc__.split("\n")[0],
                               epilog="Any --config.KEY=VALUE overrides that config field.")
   p.add_argument("--kind", required=True, choices=KINDS, help="the source format")

@@ -11,7 +11,6 @@ numbers with and without the concept in the prompt. Under 2 minutes on a
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 import time
@@ -21,7 +20,7 @@ from launch import _common
 
 def main(argv=None) -> int:
   _common.quiet()           # before any library import (transformers logs on import)
-  p = argparse.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n")[0])
+  p = _common.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n")[0])
   p.add_argument("--out", default="outputs", help="output directory (default ./outputs)")
   p.add_argument("--model", help="exported model or training workdir (default: the demo model)")
   p.add_argument("--seed", type=int, default=0)

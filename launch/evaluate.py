@@ -20,7 +20,6 @@ appear only when the run is complete.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -42,7 +41,7 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
 
 def main(argv=None) -> int:
   _common.quiet()
-  p = argparse.ArgumentParser(prog="python -m launch.evaluate",
+  p = _common.ArgumentParser(prog="python -m launch.evaluate",
                               description=__doc__.split("\n")[0],
                               epilog="Any --config.KEY=VALUE overrides that config field.")
   p.add_argument("--out", required=True, help="results JSON (the table goes next to it as .md)")

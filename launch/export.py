@@ -13,7 +13,6 @@ model (``persvid_jax/assets/demo``) was made this way.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -23,7 +22,7 @@ from launch import _common
 
 def main(argv=None) -> int:
   _common.quiet()           # before any library import (transformers logs on import)
-  p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
+  p = _common.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", action="append", required=True,
                  help="a training workdir (repeat; earlier ones win)")
   p.add_argument("--out", required=True, help="the model directory to write")

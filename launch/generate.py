@@ -19,7 +19,6 @@ a prompt longer than the text encoder reads is truncated with a warning
 
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import sys
@@ -30,7 +29,7 @@ from launch import _common
 
 def _parse(argv):
   from persvid_jax.pipeline.generate import FUSIONS, IMAGE_ROLES, MODES
-  p = argparse.ArgumentParser(prog="python -m launch.generate",
+  p = _common.ArgumentParser(prog="python -m launch.generate",
                               description="Generate a personalized video.")
   p.add_argument("--db", help="concept database directory (needed for <name> prompts)")
   p.add_argument("--prompt", required=True, help='e.g. "a <my_dog> moving left on grass"')

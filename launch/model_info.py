@@ -8,15 +8,16 @@ seconds on a laptop.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from launch import _common
 from persvid_jax import config_lib
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+  parser = _common.ArgumentParser(
+      prog="python -m launch.model_info", description=__doc__.strip().splitlines()[0])
   parser.add_argument("--config", default="configs/tiny.py",
                       help="configs/NAME.py[:variant] (default: %(default)s)")
   parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

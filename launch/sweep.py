@@ -15,14 +15,13 @@ grid or flag. See ``persvid_jax/sweep.py``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from launch import _common
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n")[0],
+  p = _common.ArgumentParser(prog="python -m launch.sweep", description=__doc__.split("\n")[0],
                               epilog="Any --config.KEY=VALUE overrides that field in every point.")
   p.add_argument("--config", required=True, help="configs/NAME.py[:variant] of every point")
   p.add_argument("--grid", required=True, help="'key=v1,v2;other=a,b' (values: Python literals)")

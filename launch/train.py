@@ -15,7 +15,6 @@ any config field (``ml_collections`` dotted names; values are Python literals).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -24,14 +23,15 @@ import threading
 
 
 def _parse(argv):
-  parser = argparse.ArgumentParser(
+  from launch import _common
+  parser = _common.ArgumentParser(
+      prog="python -m launch.train",
       description="Train one stage of persvid_jax (resumes from --workdir).",
       epilog="Any --config.KEY=VALUE overrides that config field.")
   parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
   parser.add_argument("--workdir", required=True, help="checkpoints, TensorBoard, samples")
   parser.add_argument("--no-progress", action="store_true",
                       help="no progress bar; a log line every log_every_steps instead")
-  from launch import _common
   return _common.parse_args(parser, argv)
 
 

@@ -200,3 +200,19 @@ def test_sweep_refuses_bad_points_and_workdirs_before_running(files, capsys, arg
   code = sweep_cli.main(["--config", "configs/tiny.py:micro"] + argv)
   _one_line(capsys, code, words, t0)
   assert _listing(files) == before
+
+
+# ---- usage errors: one line too ------------------------------------------------------
+
+@pytest.mark.parametrize("module", ["app", "bench", "concepts", "convert", "demo", "evaluate",
+                                    "export", "generate", "model_info", "sweep", "train"])
+def test_a_mistyped_flag_is_one_line_naming_help(module, capsys):
+  """argparse would print its usage block first; every CLI says it in one line."""
+  import importlib
+  cli = importlib.import_module(f"launch.{module}")
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--bogus-flag"])
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert info.value.code == 2
+  assert len(err) == 1 and err[0].startswith("error: "), err
+  assert f"(see python -m launch.{module} --help)" in err[0]
