@@ -30,6 +30,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                              sr_kernel=3, sr_dilation=2)
   # The model would refuse these only once built (a ValueError traceback).
   config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
+  config_lib.choice_option(arg, "swap_at", ("input", "output"))
   config = tiny.get_config()
   config.name = "modelscope"
   config.dtype = "bfloat16" if arg.bf16 else "float32"

@@ -186,6 +186,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                              sr_kernel=5, sr_dilation=1)
   # The model would refuse these only once built (a ValueError traceback).
   config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
+  config_lib.choice_option(arg, "swap_at", ("input", "output"))
   config = ml_collections.ConfigDict()
   config.name = "tiny"
   config.seed = 0

@@ -34,8 +34,9 @@ def _parse(argv):
   p.add_argument("--db", help="concept database directory (needed for <name> prompts)")
   p.add_argument("--prompt", required=True, help='e.g. "a <my_dog> moving left on grass"')
   p.add_argument("--image", help="a target photo of the subject, or a scene image")
-  p.add_argument("--image-role", choices=IMAGE_ROLES, default="target",
-                 help="target: the image shows the subject; scene: a non-target image")
+  p.add_argument("--image-role", choices=IMAGE_ROLES,
+                 help="target (default): the image shows the subject; scene: a non-target "
+                      "image")
   p.add_argument("--mask", help="subject mask of --image (else it is segmented)")
   p.add_argument("--mode", choices=MODES, help="fail unless the request is this mode")
   p.add_argument("--seed", type=int, default=0)
@@ -87,11 +88,15 @@ def main(argv=None) -> int:
       raise gen.GenerationError(f"--scale {args.scale} must be >= 1")
     image = subject_lib.load_image(args.image) if args.image else None
     mask = subject_lib.load_mask(args.mask, image.shape[:2]) if args.mask and image is not None else None
-    if args.mask and image is None:
-      raise gen.GenerationError("--mask needs --image")
+    # Options of an image that is not there: refused, not silently ignored.
+    for flag, value in (("--mask", args.mask), ("--image-role", args.image_role),
+                        ("--fusion", args.fusion)):
+      if value is not None and image is None:
+        raise gen.GenerationError(f"{flag} needs --image")
     db = db_lib.ConceptDatabase.open(args.db) if args.db else None
     concepts = {n: r.slot for n, r in db.concepts.items()} if db else {}
-    request = gen.Request(prompt=args.prompt, image=image, image_role=args.image_role,
+    request = gen.Request(prompt=args.prompt, image=image,
+                          image_role=args.image_role or "target",
                           mask=mask, mode=args.mode)
     # Unknown concepts etc. are reported before the model is loaded.
     names = [n for n in gen.concept_names(args.prompt) if n != gen.IMAGE_TOKEN]

@@ -117,6 +117,12 @@ def positive_int_options(arg: ml_collections.ConfigDict, *keys: str) -> None:
       raise ConfigError(f"config option {key}={arg[key]} must be >= 1")
 
 
+def choice_option(arg: ml_collections.ConfigDict, key: str, choices: tuple) -> None:
+  """Raises ``ConfigError`` unless variant option ``key`` of ``arg`` is one of ``choices``."""
+  if arg[key] not in choices:
+    raise ConfigError(f"config option {key}={arg[key]!r}; use one of {', '.join(choices)}")
+
+
 def known_configs() -> list[str]:
   """The names of the configs in the repository's ``configs/`` folder."""
   return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if p.stem != "__init__")

@@ -216,3 +216,14 @@ def test_a_mistyped_flag_is_one_line_naming_help(module, capsys):
   assert info.value.code == 2
   assert len(err) == 1 and err[0].startswith("error: "), err
   assert f"(see python -m launch.{module} --help)" in err[0]
+
+
+@pytest.mark.parametrize("spec", ["tiny:swap_at=middle", "modelscope:swap_at=inptu",
+                                  "demo:swap_at=Output"])
+def test_an_unknown_swap_site_is_refused_by_the_config(spec):
+  """The swap site is 'input' or 'output'; anything else used to reach the model."""
+  from persvid_jax import config_lib
+  with pytest.raises(config_lib.ConfigError, match="swap_at=.*use one of input, output"):
+    config_lib.load_config(spec)
+  for good in ("input", "output"):
+    config_lib.load_config(spec.split(":")[0] + f":swap_at={good}")

@@ -242,3 +242,17 @@ def test_dataset_builder_refuses_a_bad_data_dir(places, capsys, data_dir, words)
   _one_line(capsys, lambda: synthetic_tfds.main(
       ["--name", "tiny", "--data_dir", data_dir.format(tmp=places)]), words)
   assert (places / "afile").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--image-role", "scene"], "--image-role needs --image"),
+    (["--fusion", "mean"], "--fusion needs --image"),
+])
+def test_image_options_without_an_image_are_refused(tmp_path, capsys, flags, words):
+  """They used to be ignored silently (and the video made without what they asked)."""
+  from launch import generate as generate_cli
+  code = generate_cli.main(["--model", str(tmp_path / "no_model"), "--prompt", "a red star",
+                            "--out", str(tmp_path / "v.gif")] + flags)
+  err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+  assert code == 2 and len(err) == 1 and words in err[0], err
+  assert not (tmp_path / "v.gif").exists()
