@@ -53,13 +53,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
           DreamBenchError, ProbeError, ConvertError)
 
 
-def _nearest_existing(path: pathlib.Path) -> pathlib.Path:
-  """``path`` or its closest ancestor that exists (``.`` for a relative path)."""
-  while not path.exists() and path.parent != path:
-    path = path.parent
-  return path
-
-
 def out_dir_problem(out: pathlib.Path, flag: str = "--out") -> str | None:
   """Why ``out``'s directory cannot take the output file, or None if it can.
 
@@ -71,7 +64,8 @@ def out_dir_problem(out: pathlib.Path, flag: str = "--out") -> str | None:
     return f"{flag} {out} already exists and is a directory; give another path"
   parent = out.parent
   if not parent.is_dir():
-    existing = _nearest_existing(parent)
+    from persvid_jax import config_lib
+    existing = config_lib.nearest_existing(parent)
     if existing.exists() and not existing.is_dir():
       return f"{flag} {out}: {existing} is a file, not a directory"
     return f"{flag} {out}: directory {parent} does not exist; create it first"

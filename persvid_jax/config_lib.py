@@ -237,7 +237,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
 # run recorded: a stage that fails after minutes of compiling, or one that
 # "trains" 0 steps and exits 0, must not be what tells the user.
 
-# persvid_jax.train.stages.STAGES (a test pins them equal); here without jax.
+# The training stages (persvid_jax.train.stages.STAGES is this tuple); defined
+# here so that configs are checked without importing jax.
 TRAIN_STAGES = ("base", "sr", "personalize")
 # persvid_jax.pipeline.model.WEIGHTS_FILE: what an exported model directory holds.
 _MODEL_WEIGHTS = "model.safetensors"
@@ -327,6 +328,14 @@ def check_train_config(config: ml_collections.ConfigDict, *, paths: bool = True)
                         f"set it to a folder of videos/images with their captions")
 
 
+def nearest_existing(path: str | os.PathLike) -> pathlib.Path:
+  """``path`` or its closest ancestor that exists (``.`` ends a relative path)."""
+  path = pathlib.Path(path)
+  while not path.exists() and path.parent != path:
+    path = path.parent
+  return path
+
+
 def workdir_problem(workdir, flag: str = "--workdir") -> str | None:
   """Why the directory ``workdir`` cannot be created or written, or None if it can.
 
@@ -337,9 +346,7 @@ def workdir_problem(workdir, flag: str = "--workdir") -> str | None:
   path = pathlib.Path(workdir).expanduser()
   if path.exists() and not path.is_dir():
     return f"{flag} {workdir} is a file; give a directory"
-  existing = path
-  while not existing.exists() and existing.parent != existing:
-    existing = existing.parent
+  existing = nearest_existing(path)
   if not existing.is_dir():
     return f"{flag} {workdir} cannot be created: {existing} is a file, not a directory"
   if not os.access(existing, os.W_OK | os.X_OK):

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from persvid_jax import config_lib
 from persvid_jax.concepts.bank import ConceptBank
 
 MANIFEST_VERSION = 1
@@ -179,9 +180,7 @@ def check_writable(directory: str | os.PathLike) -> None:
                             "writable directory for --db, or fix its permissions")
     return
   # A new database: its nearest existing ancestor must be a writable directory.
-  parent = directory.parent
-  while not parent.exists() and parent != parent.parent:
-    parent = parent.parent
+  parent = config_lib.nearest_existing(directory.parent)
   if not parent.is_dir():
     raise DatabaseError(f"database {directory} cannot be created: {parent} is a file, not "
                         "a directory")

@@ -49,13 +49,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persvid_jax import config_lib
 from persvid_jax.concepts import bank as bank_lib
 from persvid_jax.diffusion import losses, schedules
 from persvid_jax.diffusion import cascade
 from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import ModelStack, base_denoise_fn, sr_denoise_fn
 
-STAGES = ("base", "sr", "personalize")
+# Defined in config_lib, which checks configs before jax is imported.
+STAGES = config_lib.TRAIN_STAGES
 
 # Networks each stage runs (and therefore holds in its TrainState).
 STAGE_NETWORKS = {
