@@ -29,7 +29,7 @@ stage: ``subject_weight``).
 Variants: ``stage=base|personalize|sr``, ``bf16``, ``swap_at=input|output``,
 ``sr_kernel=K``, ``sr_dilation=D``, ``steps=N`` (this stage's length instead of ``STEPS``),
 ``subject_weight=W`` (loss weight of subject pixels in base/personalize; 1 = off;
-default 10 for personalize, 1 for base).
+default 10 for personalize, 1 for base), ``attention=auto|xla|cudnn`` (as in tiny).
 """
 
 import ml_collections
@@ -44,10 +44,11 @@ STEPS = {"base": 500, "personalize": 3600, "sr": 1500}
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", stage="base",
-                             sr_kernel=5, sr_dilation=1, steps=0, subject_weight=-1.0)
+                             sr_kernel=5, sr_dilation=1, steps=0, subject_weight=-1.0,
+                             attention="auto")
   # The model would refuse these only once built (a ValueError traceback).
   config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
-  config = tiny.get_config(f"stage={arg.stage},swap_at={arg.swap_at}")
+  config = tiny.get_config(f"stage={arg.stage},swap_at={arg.swap_at},attention={arg.attention}")
   config.name = "demo"
   config.dtype = "bfloat16" if arg.bf16 else "float32"
 

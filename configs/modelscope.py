@@ -15,7 +15,8 @@ parameter table, 1411.23 M for the base generator.
 
 Variants: ``bf16``, ``detail=0`` (plain ModelScope layout), ``swap_at=...``,
 ``sr_kernel=K`` and ``sr_dilation=D`` (the SR network's spatial kernel; default
-3 at dilation 2, the base network's is 3 at dilation 1: claim 7).
+3 at dilation 2, the base network's is 3 at dilation 1: claim 7),
+``attention=auto|xla|cudnn`` (default auto: cuDNN's fused attention on a CUDA GPU).
 """
 
 import ml_collections
@@ -27,11 +28,11 @@ tiny = config_lib.import_config_module("tiny")
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=True, swap_at="input", detail=1,
-                             sr_kernel=3, sr_dilation=2)
+                             sr_kernel=3, sr_dilation=2, attention="auto")
   # The model would refuse these only once built (a ValueError traceback).
   config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
   config_lib.choice_option(arg, "swap_at", ("input", "output"))
-  config = tiny.get_config()
+  config = tiny.get_config(f"attention={arg.attention}")
   config.name = "modelscope"
   config.dtype = "bfloat16" if arg.bf16 else "float32"
 

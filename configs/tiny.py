@@ -17,6 +17,9 @@ Variants (comma-separated, e.g. ``configs/tiny.py:bf16,swap_at=output``):
   detail=0       build the generators without detail cross-attention.
   sr_kernel=K    spatial kernel of the SR network (default 5).
   sr_dilation=D  spatial dilation of the SR network (default 1).
+  attention=A    'auto' (default: cuDNN's fused attention on a CUDA GPU in
+                 bf16, XLA's elsewhere), 'xla' or 'cudnn' (see
+                 persvid_jax/models/attention.py).
   latent         diffusion in the latent space of TINY_VAE (a frozen VAE with
                  random weights, factor 2: 8x8x4 base latents of 16 px frames,
                  16x16x4 SR latents of 32 px ones; see use_latent_space).
@@ -183,16 +186,19 @@ def shrink_to_micro(config: ml_collections.ConfigDict) -> None:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", detail=1, stage="base",
                              micro=False, latent=False,
-                             sr_kernel=5, sr_dilation=1)
+                             sr_kernel=5, sr_dilation=1, attention="auto")
   # The model would refuse these only once built (a ValueError traceback).
   config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
   config_lib.choice_option(arg, "swap_at", ("input", "output"))
+  config_lib.choice_option(arg, "attention", config_lib.ATTENTION_IMPLS)
   config = ml_collections.ConfigDict()
   config.name = "tiny"
   config.seed = 0
   config.dtype = "bfloat16" if arg.bf16 else "float32"   # compute dtype
   config.param_dtype = "float32"
-  config.attention_impl = "xla"   # jax.nn.dot_product_attention implementation
+  # jax.nn.dot_product_attention's implementation; 'auto' resolves per call
+  # (a runtime choice: the weights are the same for every value).
+  config.attention_impl = arg.attention
 
   # Base (low-res) video and the SR scale. [B, T, H, W, C], values in [-1, 1].
   config.video = ml_collections.ConfigDict(dict(

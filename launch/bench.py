@@ -1,7 +1,7 @@
 """Time our train / denoise steps (and the cascade, adding a concept) against diffusers.
 
   python -m launch.bench [--config modelscope] [--peer] [--json FILE]
-      [--which train,denoise256,denoise512,cascade,concept]
+      [--which train,denoise256,denoise512,cascade,concept,attention]
       [--batch B --frames T --size S --text-len L] [--steps N] [--peak-tflops P]
 
 Prints a markdown table (``persvid_jax/bench.py`` says what each column
@@ -31,7 +31,8 @@ def _parse(argv):
   p.add_argument("--json", help="write the results to this JSON file")
   p.add_argument("--which", default=",".join(("train", "denoise256", "denoise512", "cascade",
                                              "concept")),
-                 help="comma-separated works (default: all)")
+                 help="comma-separated works (default: all but attention, which times "
+                 "attention alone, XLA's kernel against cuDNN's)")
   p.add_argument("--batch", type=int, help="train batch (default 4)")
   p.add_argument("--frames", type=int, help="frames (default config.video.frames)")
   p.add_argument("--size", type=int, help="latent side at the base scale "

@@ -1,28 +1,34 @@
 #!/usr/bin/env bash
-# The benchmark of issue 8 on one GPU, within about 8 minutes:
+# The benchmark of issue 8 on one GPU, within about 9.5 minutes:
 #
 #   bash launch/bench_gpu.sh [OUT_DIR]        (default: $OUT, else ./bench_out)
 #
 # Installs nothing but the wheels in .whl, if there (launch/gpu_wheels.sh).
 # 1. checks the imports and the GPU (jax and torch must both see it);
-# 2. our train / denoise steps against diffusers' UNet3DConditionModel at the
+# 2. attention alone at the generator's widest level: XLA's kernel against
+# cuDNN's fused one (time, TFLOP/s, forward + backward, their difference);
+# 3. our train / denoise steps against diffusers' UNet3DConditionModel at the
 # issue's shapes (configs/modelscope.py: train 4 x 16 x 32x32x4 latents,
 # 77 x 1024 text; denoise 2 x 16 x 32x32 and 2 x 16 x 64x64), eager and
-# torch.compile, bf16; 3. end to end: adding a concept from one photo and the
-# cascade (25 DDIM steps at 256 px + 10 at 512 px, 16 frames, CFG), our side
-# only. Each phase has its own time limit and writes its JSON after every row,
+# torch.compile, bf16 (attention 'auto': cuDNN's where it can run); 4. end to
+# end: adding a concept from one photo and the cascade (25 DDIM steps at 256 px
+# + 10 at 512 px, 16 frames, CFG), our side only; 5. the denoise step at 256 px
+# again with XLA's attention (what cuDNN's kernel is worth in the whole
+# network). Each phase has its own time limit and writes its JSON after every row,
 # so a phase cut by its limit still leaves the rows it finished.
 #
-# Output: OUT/bench.md (the tables), OUT/bench.json, OUT/bench_e2e.json,
+# Output: OUT/bench.md (the tables), OUT/{attention,bench,bench_e2e,bench_xla_attention}.json,
 # OUT/*.log (stderr), OUT/env.txt. Environment: STEPS (timed calls per row,
-# default 10), STEPS_S / E2E_S (phase limits in seconds, default 300 / 130),
-# WHL (the wheel folder, default .whl beside launch/).
+# default 10), ATT_S / STEPS_S / E2E_S / XLA_S (phase limits in seconds, default
+# 45 / 300 / 130 / 75), WHL (the wheel folder, default .whl beside launch/).
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-bench_out}}
 STEPS=${STEPS:-10}
+ATT_S=${ATT_S:-45}
 STEPS_S=${STEPS_S:-300}
 E2E_S=${E2E_S:-130}
+XLA_S=${XLA_S:-75}
 mkdir -p "$OUT_DIR"
 # The wheels a bare GPU image lacks (launch/gpu_wheels.sh writes them to .whl;
 # ship that folder with the working tree): installed into /tmp/site, no index.
@@ -78,6 +84,8 @@ print(bench.markdown(json.load(open(sys.argv[1]))))" "$OUT_DIR/$name.json" >>"$O
 }
 
 : >"$OUT_DIR/bench.md"
+phase attention "$ATT_S" --which attention
 phase bench "$STEPS_S" --peer --which denoise256,denoise512,train
 phase bench_e2e "$E2E_S" --which concept,cascade
+phase bench_xla_attention "$XLA_S" --which denoise256 --config modelscope:attention=xla
 cat "$OUT_DIR/bench.md"

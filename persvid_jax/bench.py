@@ -12,6 +12,8 @@ Works (``WORKS``), each one row of the table:
 ``cascade``   end-to-end generation of one video with ``pipeline.generate.Generator``:
               DDIM base steps (3-branch CFG: text and detail scales) + SR steps
 ``concept``   adding a concept from one photo: subject recognition, encoders, Orbax commit
+``attention`` attention alone at the generator's widest level, XLA's kernel against
+              cuDNN's fused one (``attention_ab``; its own table, not a row)
 ============  ==========================================================================
 
 Default shapes come from the config: ``S = config.video.height``, ``T =
@@ -50,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WORKS = ("train", "denoise256", "denoise512", "cascade", "concept")
+WORKS = ("train", "denoise256", "denoise512", "cascade", "concept", "attention")
 PEER_WORKS = ("train", "denoise256", "denoise512")
 
 # Dense bf16 peak TFLOP/s by device kind (substring of jax's device_kind).
@@ -599,6 +601,89 @@ def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,
 
 
 # ----------------------------------------------------------------------------
+# Attention alone: XLA's against cuDNN's fused kernel at the generator's shapes.
+# ----------------------------------------------------------------------------
+
+def attention_cases(config, shapes: Shapes) -> list[tuple[str, int, int, int, int, int]]:
+  """The attention calls of one denoise256 forward at the first (widest) level:
+  ``(name, batch, q_len, kv_len, heads, head_dim)``, CFG batch 2.
+
+  Spatial self- and cross-attention run per frame over the ``S*S`` latent
+  positions; temporal attention per position over the ``T`` frames.
+  """
+  u = config.unet
+  dh = u.head_dim
+  heads = u.block_out_channels[0] // dh
+  b, t, hw = CFG_BATCH, shapes.frames, shapes.size * shapes.size
+  return [("spatial self", b * t, hw, hw, heads, dh),
+          ("cross (text)", b * t, hw, shapes.text_len, heads, dh),
+          ("temporal", b * hw, t, t, heads, dh)]
+
+
+def attention_ab(config, shapes: Shapes, steps: int = 10) -> dict:
+  """Times ``persvid_jax.models.attention.dot_product_attention`` per case of
+  ``attention_cases`` with ``'xla'`` and, where it can run, ``'cudnn'``: forward
+  and forward + backward (the train step's), in the config's compute dtype.
+
+  Returns:
+    ``{dtype, cudnn_available, rows: [{case, shape, flops, xla_ms, xla_bwd_ms,
+    cudnn_ms, cudnn_bwd_ms, max_err}]}``; ``flops`` counts the two matmuls of the
+    forward (``4 B H Lq Lk Dh``); ``max_err``: max |cudnn - xla| / max |xla| of the
+    forward output; None where not measured.
+  """
+  from persvid_jax.models import attention
+  dtype = jnp.dtype(config.dtype)
+  available = attention.cudnn_available()
+  rows = []
+  for name, b, lq, lk, h, dh in attention_cases(config, shapes):
+    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(kq, (b, lq, h * dh), dtype)
+    k = jax.random.normal(kk, (b, lk, h * dh), dtype)
+    v = jax.random.normal(kv, (b, lk, h * dh), dtype)
+    row = dict(case=name, shape=f"{b}x{lq}x{lk}, {h}x{dh}", flops=4.0 * b * h * lq * lk * dh)
+    outs = {}
+    for impl in ("xla", "cudnn") if available else ("xla",):
+      fwd = jax.jit(lambda q, k, v, impl=impl: attention.dot_product_attention(
+          q, k, v, num_heads=h, implementation=impl))
+      grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: attention.dot_product_attention(
+          q, k, v, num_heads=h, implementation=impl).astype(jnp.float32).sum(), (0, 1, 2)))
+      try:
+        outs[impl] = fwd(q, k, v)
+        row[f"{impl}_ms"] = _median_ms(_time(lambda: fwd(q, k, v), steps))
+        row[f"{impl}_bwd_ms"] = _median_ms(_time(lambda: grad(q, k, v), steps))
+      except Exception as e:   # noqa: BLE001 -- report it, keep the other rows
+        row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    if "xla" in outs and "cudnn" in outs:
+      ref = jnp.abs(outs["xla"].astype(jnp.float32))
+      diff = jnp.abs(outs["cudnn"].astype(jnp.float32) - outs["xla"].astype(jnp.float32))
+      row["max_err"] = float(diff.max() / ref.max())
+    rows.append(row)
+  return dict(dtype=dtype.name, cudnn_available=available, rows=rows)
+
+
+def attention_markdown(result: dict) -> str:
+  """The table of ``attention_ab``."""
+  notes = []
+  lines = [f"Attention alone ({result['dtype']}; cuDNN fused attention "
+           f"{'available' if result['cudnn_available'] else 'not available here'}):", "",
+           "| case | B x Lq x Lk, heads x width | xla ms | xla TFLOP/s | cudnn ms | cudnn TFLOP/s"
+           " | xla fwd+bwd ms | cudnn fwd+bwd ms | max rel err |", "|---|---|---:|---:|---:|---:|"
+           "---:|---:|---:|"]
+  for r in result["rows"]:
+    tf = lambda ms: None if ms is None else r["flops"] / (ms * 1e-3) / 1e12
+    lines.append(
+        f"| {r['case']} | {r['shape']} | {_fmt(r.get('xla_ms'), '.3f')} | "
+        f"{_fmt(tf(r.get('xla_ms')), '.3g')} | {_fmt(r.get('cudnn_ms'), '.3f')} | "
+        f"{_fmt(tf(r.get('cudnn_ms')), '.3g')} | {_fmt(r.get('xla_bwd_ms'), '.3f')} | "
+        f"{_fmt(r.get('cudnn_bwd_ms'), '.3f')} | {_fmt(r.get('max_err'), '.2e')} |")
+    notes += [f"- {r['case']}: {impl} failed: {r[f'{impl}_error']}"
+              for impl in ("xla", "cudnn") if r.get(f"{impl}_error")]
+  lines += ["", "Forward FLOPs 4 B H Lq Lk Dh; max rel err: max |cudnn - xla| / max |xla| of "
+            "the forward output."] + notes
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
 # The run and the table.
 # ----------------------------------------------------------------------------
 
@@ -623,8 +708,10 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
   (to save partial results of a run a time limit may cut).
 
   Returns:
-    ``{device, device_kind, platform, peak_tflops, config, dtype, shapes, steps,
-    peer, peer_h200_reference, rows: [Row fields + ratio, tflops_per_s, mfu]}``.
+    ``{device, device_kind, platform, peak_tflops, config, dtype, attention, shapes,
+    steps, peer, peer_h200_reference, rows: [Row fields + ratio, tflops_per_s, mfu]}``;
+    ``attention``: the config's ``attention_impl`` and whether cuDNN's fused
+    attention can run here (what ``'auto'`` then picks for bf16 rows).
   """
   if steps < 1:
     raise BenchError(f"--steps must be >= 1, got {steps}")
@@ -635,13 +722,17 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
   kind = device.device_kind
   peak = peak_tflops if peak_tflops is not None else peak_tflops_of(kind)
   labels = row_shapes(shapes)
-  rows = {w: Row(work=w, shape=labels.get(w, "")) for w in WORKS if w in works}
+  rows = {w: Row(work=w, shape=labels.get(w, "")) for w in WORKS
+          if w in works and w != "attention"}
   reference = None
   if dataclasses.asdict(shapes) == ISSUE_SHAPES:
     reference = {w: dict(eager_ms=v[0], compile_ms=v[1], tflop=v[2])
                  for w, v in PEER_H200.items()}
+  from persvid_jax.models import attention
   result = dict(device=str(device), device_kind=kind, platform=device.platform,
                 peak_tflops=peak, config=config.get("name", "?"), dtype=str(config.dtype),
+                attention=dict(implementation=config.get("attention_impl"),
+                               cudnn_available=attention.cudnn_available()),
                 shapes=dataclasses.asdict(shapes), steps=steps, jax=jax.__version__,
                 peer=None, peer_h200_reference=reference, rows=[])
 
@@ -707,6 +798,9 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
     publish()
   if p is not None:
     p.close()
+  if "attention" in works:
+    log("attention alone: xla vs cudnn ...")
+    result["attention_ab"] = attention_ab(config, shapes, steps)
   publish()
   return result
 
@@ -735,9 +829,13 @@ def markdown(result: dict) -> str:
   ref = result.get("peer_h200_reference") or {}
   head = ("| work | shape | ours ms | peer eager ms | peer compile ms | ratio | FLOPs | "
           "TFLOP/s | MFU | peak mem | compile s | peer H200 ref ms |")
+  att = result.get("attention") or {}
   lines = [f"Device: {result['device_kind']} ({result['platform']}), config "
-           f"`{result['config']}` ({result['dtype']}), median of {result['steps']} calls; "
-           f"peak {_fmt(result['peak_tflops'], '.0f', 'n/a')} TFLOP/s.", "",
+           f"`{result['config']}` ({result['dtype']}), attention "
+           f"`{att.get('implementation')}` (cuDNN fused attention "
+           f"{'available' if att.get('cudnn_available') else 'not available'}), median of "
+           f"{result['steps']} calls; peak {_fmt(result['peak_tflops'], '.0f', 'n/a')} TFLOP/s.",
+           "",
            head, "|" + "---|" * (head.count("|") - 1)]
   notes = []
   for r in result["rows"]:
@@ -767,4 +865,8 @@ def markdown(result: dict) -> str:
             "call minus a warm call). peer H200 ref ms: the peer's eager / torch.compile "
             "times that issue 8 measured on an H200 (torch 2.11, diffusers 0.42.1), shown "
             "at the issue's shapes only; not measured by this run."] + notes
+  if not result["rows"]:    # --which attention alone
+    lines = lines[:1]
+  if result.get("attention_ab"):
+    lines += ["", attention_markdown(result["attention_ab"])]
   return "\n".join(lines)

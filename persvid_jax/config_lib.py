@@ -242,6 +242,8 @@ def apply_overrides(config: ml_collections.ConfigDict,
 TRAIN_STAGES = ("base", "sr", "personalize")
 # persvid_jax.pipeline.model.WEIGHTS_FILE: what an exported model directory holds.
 _MODEL_WEIGHTS = "model.safetensors"
+# config.attention_impl (persvid_jax.models.attention.IMPLEMENTATIONS is this tuple).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 def _number(value: Any) -> bool:
@@ -302,6 +304,9 @@ def check_train_config(config: ml_collections.ConfigDict, *, paths: bool = True)
   tc = config.train
   if tc.get("stage") not in TRAIN_STAGES:
     raise ConfigError(f"config.train.stage={tc.get('stage')!r}; use one of {TRAIN_STAGES}")
+  if config.get("attention_impl") not in ATTENTION_IMPLS + (None,):
+    raise ConfigError(f"config.attention_impl={config.get('attention_impl')!r}; use one of "
+                      f"{', '.join(ATTENTION_IMPLS)}")
   problems = _train_problems(tc)
   if problems:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

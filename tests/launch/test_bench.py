@@ -32,7 +32,7 @@ def test_cli_with_peer_on_cpu(tmp_path):
   out = tmp_path / "bench.json"
   run = subprocess.run(
       [sys.executable, "-X", "importtime", "-m", "launch.bench", "--config", "tiny", "--peer",
-       "--which", "denoise256", "--steps", "1", "--json", str(out)],
+       "--which", "denoise256,attention", "--steps", "1", "--json", str(out)],
       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   imported = [line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines()
@@ -58,6 +58,18 @@ def test_cli_with_peer_on_cpu(tmp_path):
   assert "torch.compile skipped on CPU" in rows["denoise256"]["peer_note"]
   # Both sides built the same network.
   assert rows["denoise256"]["extra"]["params"] == result["peer"]["params"] > 0
+
+  # Attention alone: XLA's kernel timed at the widest level's three calls; no
+  # cuDNN on a CPU, so 'auto' (the config's) ran XLA and the cuDNN cells are empty.
+  assert result["attention"] == {"implementation": "auto", "cudnn_available": False}
+  ab = result["attention_ab"]
+  assert [r["case"] for r in ab["rows"]] == ["spatial self", "cross (text)", "temporal"]
+  spatial = ab["rows"][0]
+  assert spatial["shape"] == "8x256x256, 2x16"                # 2 x 4 frames, 16x16 latents
+  assert spatial["flops"] == 4 * 8 * 2 * 256 * 256 * 16
+  assert all(r["xla_ms"] > 0 and r["xla_bwd_ms"] > 0 and "cudnn_ms" not in r
+             for r in ab["rows"])
+  assert "Attention alone (float32; cuDNN fused attention not available here)" in run.stdout
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,0 +1,100 @@
+"""Which attention kernel runs: ``attention_impl='auto'`` picks cuDNN where it applies.
+
+cuDNN cannot run on this CPU, so the GPU decision is tested by pretending the
+probe found it (``cudnn_available``) and recording what every attention call of
+a network would ask jax for, with the call itself done by XLA.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persvid_jax import bench, config_lib
+from persvid_jax.models import attention
+from persvid_jax.models.text_encoder import TextEncoder
+from persvid_jax.models.unet3d import UNet3D
+
+
+@pytest.fixture
+def on_a_cudnn_gpu(monkeypatch):
+  """Pretend cuDNN is there; returns the list of (head_dim, dtype, choice) of every call."""
+  calls = []
+  real = attention.resolve_implementation
+  monkeypatch.setattr(attention, "cudnn_available", lambda: True)
+
+  def recording(implementation, dtype, head_dim, *, has_mask=False):
+    choice = real(implementation, dtype, head_dim, has_mask=has_mask)
+    calls.append((head_dim, jnp.dtype(dtype).name, has_mask, choice))
+    return None   # XLA does the work: cuDNN cannot run here
+  monkeypatch.setattr(attention, "resolve_implementation", recording)
+  return calls
+
+
+def test_the_cpu_has_no_cudnn_and_auto_is_xla():
+  assert not attention.cudnn_available()
+  assert attention.resolve_implementation("auto", jnp.bfloat16, 64) is None
+
+
+@pytest.mark.parametrize("impl, dtype, head_dim, mask, want", [
+    ("auto", jnp.bfloat16, 64, False, "cudnn"),
+    ("auto", jnp.float16, 128, False, "cudnn"),
+    ("auto", jnp.bfloat16, 40, False, "cudnn"),
+    ("auto", jnp.float32, 64, False, None),        # cuDNN's kernel is bf16/fp16 only
+    ("auto", jnp.bfloat16, 12, False, None),       # not a multiple of 8
+    ("auto", jnp.bfloat16, 512, False, None),      # the VAE's one wide head
+    ("auto", jnp.bfloat16, 64, True, None),        # a mask would become a bias tensor
+    ("xla", jnp.bfloat16, 64, False, None),
+    (None, jnp.bfloat16, 64, False, None),
+    ("cudnn", jnp.float32, 64, False, "cudnn"),    # asked for: jax then says why not
+])
+def test_auto_rule(monkeypatch, impl, dtype, head_dim, mask, want):
+  monkeypatch.setattr(attention, "cudnn_available", lambda: True)
+  assert attention.resolve_implementation(impl, dtype, head_dim, has_mask=mask) == want
+
+
+def test_unknown_implementation_is_refused():
+  with pytest.raises(ValueError, match="'flash'; use one of auto, xla, cudnn"):
+    attention.resolve_implementation("flash", jnp.bfloat16, 64)
+  with pytest.raises(config_lib.ConfigError, match="attention='flash'"):
+    config_lib.load_config("tiny:attention=flash")
+  config = config_lib.load_config("tiny")
+  config.attention_impl = "flash"   # as --config.attention_impl=flash would
+  with pytest.raises(config_lib.ConfigError, match="config.attention_impl='flash'"):
+    config_lib.check_train_config(config, paths=False)
+
+
+def test_every_generator_attention_takes_cudnn_at_the_issue_layout(on_a_cudnn_gpu):
+  """The benchmark's ModelScope generator (bf16, 64-wide heads): on a GPU every
+  attention call of its forward pass is cuDNN's (traced abstractly, no weights)."""
+  config = config_lib.load_config("modelscope")
+  assert config.attention_impl == "auto" and config.dtype == "bfloat16"
+  unet = UNet3D.from_config(bench.bench_unet_config(config), dtype=config.dtype,
+                            param_dtype=config.param_dtype,
+                            attention_impl=config.attention_impl)
+  x = jax.ShapeDtypeStruct((2, 16, 32, 32, 4), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  ctx = jax.ShapeDtypeStruct((2, 77, 1024), jnp.float32)
+  params = jax.eval_shape(unet.init, jax.random.key(0), x, t, ctx)
+  on_a_cudnn_gpu.clear()
+  jax.eval_shape(lambda p, *a: unet.apply(nn.meta.unbox(p), *a), params, x, t, ctx)
+  choices = {(c[0], c[1], c[3]) for c in on_a_cudnn_gpu}
+  # 16 spatial transformers (self + cross) + 16 temporal ones and transformer_in,
+  # each two self-attentions over the frames (diffusers' double_self_attention).
+  assert len(on_a_cudnn_gpu) == 16 * 2 + 17 * 2, len(on_a_cudnn_gpu)
+  assert choices == {(64, "bfloat16", "cudnn")}, choices
+
+
+def test_float32_stays_on_xla_and_auto_equals_xla_on_cpu(on_a_cudnn_gpu):
+  """The tiny text encoder in float32 asks for XLA even on a cuDNN GPU; and on
+  this CPU 'auto' computes exactly what 'xla' does."""
+  config = config_lib.load_config("tiny")
+  ids = jnp.asarray(np.random.default_rng(0).integers(3, 500, (2, 16)), jnp.int32)
+  outs = {}
+  for impl in ("auto", "xla"):
+    enc = TextEncoder.from_config(config.text, eos_token_id=1, attention_impl=impl)
+    params = enc.init(jax.random.key(0), ids)
+    outs[impl] = enc.apply(params, ids)[0]
+  assert {c[3] for c in on_a_cudnn_gpu} == {None}
+  np.testing.assert_array_equal(outs["auto"], outs["xla"])
