@@ -91,13 +91,16 @@ def package_versions() -> dict[str, str]:
 
 
 def device_info() -> dict[str, Any]:
-  """Platform, device kind and counts (initialises jax's backend: call it after
-  ``jax.distributed.initialize``)."""
+  """Platform, device kind and counts, and whether cuDNN's fused attention runs
+  here (what ``attention_impl='auto'`` then picks: the numerics differ slightly).
+  Initialises jax's backend: call it after ``jax.distributed.initialize``."""
   import jax
+  from persvid_jax.models import attention
   devices = jax.devices()
   return {"platform": devices[0].platform, "kind": devices[0].device_kind,
           "count": len(devices), "local_count": jax.local_device_count(),
-          "process_count": jax.process_count(), "process_index": jax.process_index()}
+          "process_count": jax.process_count(), "process_index": jax.process_index(),
+          "cudnn_attention": attention.cudnn_available()}
 
 
 def _sha256_file(path: pathlib.Path) -> str:

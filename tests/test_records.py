@@ -28,7 +28,8 @@ def test_record_holds_what_decides_a_run():
   assert record["packages"]["python"].count(".") == 2
   assert record["devices"] == {"platform": "cpu", "kind": jax.devices()[0].device_kind,
                                "count": jax.device_count(), "local_count": jax.local_device_count(),
-                               "process_count": 1, "process_index": 0}
+                               "process_count": 1, "process_index": 0,
+                               "cudnn_attention": False}
   assert record["seeds"] == {"seed": 3}
   assert record["data"]["source"] == "renderer" and record["data"]["builder_version"] == "1.0.0"
   assert len(record["data"]["renderer_sha256"]) == 64
