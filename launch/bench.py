@@ -3,11 +3,15 @@
   python -m launch.bench [--config modelscope] [--peer] [--json FILE]
       [--which train,denoise256,denoise512,cascade,concept,attention]
       [--batch B --frames T --size S --text-len L] [--steps N] [--peak-tflops P]
+  python -m launch.bench --count [--peer] [--config modelscope] [--json FILE]
 
 Prints a markdown table (``persvid_jax/bench.py`` says what each column
 measures). The default config is ``modelscope`` at the issue's shapes (a GPU job:
 ``bash launch/bench_gpu.sh``); ``--config tiny`` runs on a CPU in seconds.
-Imports no TensorFlow.
+``--count`` runs nothing: it counts the FLOPs of train / denoise256 / denoise512
+from the lowered programs (and, with ``--peer``, the peer's on torch's meta
+device) and prints what issue 8's targets ask in ms, TFLOP/s and MFU, in about a
+minute on a CPU at the full ModelScope size. Imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -29,10 +33,13 @@ def _parse(argv):
   p.add_argument("--peer-compile", choices=("auto", "yes", "no"), default="auto",
                  help="torch.compile the peer (auto: on a GPU only)")
   p.add_argument("--json", help="write the results to this JSON file")
-  p.add_argument("--which", default=",".join(("train", "denoise256", "denoise512", "cascade",
-                                             "concept")),
+  p.add_argument("--which",
                  help="comma-separated works (default: all but attention, which times "
-                 "attention alone, XLA's kernel against cuDNN's)")
+                 "attention alone, XLA's kernel against cuDNN's; with --count: train, "
+                 "denoise256, denoise512)")
+  p.add_argument("--count", action="store_true",
+                 help="count FLOPs only (no weights, no device; --peer: the peer's too) and "
+                 "print what issue 8's targets ask of each row")
   p.add_argument("--batch", type=int, help="train batch (default 4)")
   p.add_argument("--frames", type=int, help="frames (default config.video.frames)")
   p.add_argument("--size", type=int, help="latent side at the base scale "
@@ -58,7 +65,11 @@ def main(argv=None) -> int:
   from persvid_jax import bench, config_lib
   try:
     config = config_lib.load_config(args.config)
-    works = bench.parse_works(args.which)
+    which = args.which or ",".join(bench.PEER_WORKS if args.count else bench.DEFAULT_WORKS)
+    works = bench.parse_works(which)
+    if args.count and set(works) - set(bench.PEER_WORKS):
+      raise bench.BenchError(f"--count counts {', '.join(bench.PEER_WORKS)} only, not "
+                             f"{', '.join(sorted(set(works) - set(bench.PEER_WORKS)))}")
     shapes = bench.default_shapes(config, batch=args.batch, frames=args.frames,
                                   size=args.size, text_len=args.text_len)
   except (config_lib.ConfigError, bench.BenchError) as e:
@@ -77,6 +88,12 @@ def main(argv=None) -> int:
       tmp.write_text(json.dumps(result, indent=2))
       os.replace(tmp, args.json)
 
+  if args.count:
+    result = bench.count_flops(config, shapes, works, peer=args.peer,
+                               peak_tflops=args.peak_tflops, log=log)
+    save(result)
+    print(bench.flops_markdown(result))
+    return 0
   try:
     result = bench.run(config, works, shapes, steps=args.steps, peer=args.peer,
                        peer_compile={"auto": None, "yes": True, "no": False}[args.peer_compile],

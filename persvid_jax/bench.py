@@ -54,6 +54,7 @@ import numpy as np
 
 WORKS = ("train", "denoise256", "denoise512", "cascade", "concept", "attention")
 PEER_WORKS = ("train", "denoise256", "denoise512")
+DEFAULT_WORKS = ("train", "denoise256", "denoise512", "cascade", "concept")
 
 # Dense bf16 peak TFLOP/s by device kind (substring of jax's device_kind).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -314,16 +315,18 @@ def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
   return row, params
 
 
-def ours_train(config, shapes: Shapes, steps: int) -> Row:
-  """One train step (the project's ``make_train_step``: eps loss, AdamW with global-norm
-  clipping, EMA) of the base generator on ``[B, T, S, S, C]`` latents + text states."""
+def _train_program(config, shapes: Shapes, abstract: bool = False):
+  """``(train_step, state, batch, rng)`` of the base generator's train step;
+  with ``abstract`` the state and batch are ``jax.ShapeDtypeStruct`` trees
+  (nothing allocated: for counting FLOPs of the lowered program)."""
   import ml_collections
   from persvid_jax.diffusion import losses, schedules
   from persvid_jax.train import state as state_lib
   from persvid_jax.train import step as step_lib
 
   unet = _our_unet(config)
-  params = {"unet": random_params(_abstract_unet_params(unet, shapes), jax.random.key(1))}
+  params = _abstract_unet_params(unet, shapes)
+  params = {"unet": params if abstract else random_params(params, jax.random.key(1))}
   tc = ml_collections.ConfigDict(dict(
       trainable=("^unet/",), learning_rate=1e-4, warmup_steps=0, total_steps=1000,
       lr_min_ratio=1.0, weight_decay=0.0, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=1.0))
@@ -343,11 +346,20 @@ def ours_train(config, shapes: Shapes, steps: int) -> Row:
     return out.loss, {"loss": out.loss}
 
   train_step = step_lib.make_train_step(loss_fn, tx, ema_decay=0.999)
+  make_inputs = lambda: _inputs(shapes, shapes.batch, shapes.size, jax.random.key(3))
+  if abstract:
+    state = jax.eval_shape(lambda p: state_lib.create_state(p, tx), params)
+    x0, _, ctx = jax.eval_shape(make_inputs)
+    return train_step, state, dict(x0=x0, context=ctx), jax.eval_shape(lambda: jax.random.key(4))
   state = jax.jit(state_lib.create_state, static_argnums=1)(params, tx)
-  del params
-  x0, _, ctx = _inputs(shapes, shapes.batch, shapes.size, jax.random.key(3))
-  batch = dict(x0=x0, context=ctx)
-  rng = jax.random.key(4)
+  x0, _, ctx = make_inputs()
+  return train_step, state, dict(x0=x0, context=ctx), jax.random.key(4)
+
+
+def ours_train(config, shapes: Shapes, steps: int) -> Row:
+  """One train step (the project's ``make_train_step``: eps loss, AdamW with global-norm
+  clipping, EMA) of the base generator on ``[B, T, S, S, C]`` latents + text states."""
+  train_step, state, batch, rng = _train_program(config, shapes)
   compiled, compile_s = _compile(train_step, state, batch, rng, donate=(0,))
   holder = [state]
 
@@ -598,6 +610,121 @@ def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,
              extra=dict(first_call_s=total[0], photo=photo.name,
                         features_ms=_median_ms(parts["features"][timed]),
                         commit_ms=_median_ms(parts["commit"][timed])))
+
+
+# ----------------------------------------------------------------------------
+# FLOPs without a device: what each row costs, and what each target asks of it.
+# ----------------------------------------------------------------------------
+
+# Issue 8's targets per work: (what, peer time in ms the target is relative to,
+# factor): ours_ms must be <= factor * that time (strictly < for denoise256).
+TARGETS = {"train": ("<= peer eager / 1.5, and >= 40 % MFU", 373.0, 1 / 1.5),
+           "denoise256": ("< peer torch.compile", 42.6, 1.0),
+           "denoise512": ("<= 0.6 x peer eager", 201.0, 0.6)}
+TRAIN_MFU_TARGET = 0.40
+
+
+def _lowered_flops(fn: Callable, *abstract_args) -> float | None:
+  cost = jax.jit(fn).lower(*abstract_args).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def ours_flops(config, shapes: Shapes, work: str) -> float:
+  """FLOPs of one call of ``work`` (train / denoise256 / denoise512) from XLA's cost
+  analysis of the lowered, unoptimised program: abstract params and inputs, so
+  no memory and no device (the 1.4 B-parameter generator counts in seconds on a CPU)."""
+  if work == "train":
+    train_step, state, batch, rng = _train_program(config, shapes, abstract=True)
+    return _lowered_flops(train_step, state, batch, rng)
+  size = shapes.size * (2 if work == "denoise512" else 1)
+  unet = _our_unet(config)
+  params = _abstract_unet_params(unet, shapes)
+  x, t, ctx = jax.eval_shape(lambda: _inputs(shapes, CFG_BATCH, size, jax.random.key(2)))
+  return _lowered_flops(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), params, x, t, ctx)
+
+
+def peer_flops(config, shapes: Shapes, work: str) -> float:
+  """The peer's FLOPs for ``work`` by torch's ``FlopCounterMode`` on the meta device
+  (shapes only, no memory): the forward at the CFG batch, or forward + backward of
+  a mean-square loss at the train batch (the optimizer's elementwise work is not
+  counted, as torch counts matmuls, convs and attention only)."""
+  import diffusers
+  import torch
+  from torch.utils.flop_counter import FlopCounterMode
+  with torch.device("meta"):
+    model = diffusers.UNet3DConditionModel(**peer_kwargs(bench_unet_config(config)))
+  train = work == "train"
+  b = shapes.batch if train else CFG_BATCH
+  size = shapes.size * (2 if work == "denoise512" else 1)
+  x = torch.empty(b, shapes.channels, shapes.frames, size, size, device="meta")
+  t = torch.zeros(b, dtype=torch.long, device="meta")
+  ctx = torch.empty(b, shapes.text_len, shapes.text_width, device="meta")
+  counter = FlopCounterMode(display=False)
+  with counter:
+    if train:
+      model(x, t, ctx).sample.float().pow(2).mean().backward()
+    else:
+      with torch.no_grad():
+        model(x, t, ctx)
+  return float(counter.get_total_flops())
+
+
+def count_flops(config, shapes: Shapes, works: Sequence[str], *, peer: bool = False,
+                peak_tflops: float | None = None,
+                log: Callable[[str], None] = print) -> dict:
+  """FLOPs of the peer-comparable works and, at the issue's shapes, what each of
+  issue 8's targets asks of our side: the time it allows and the TFLOP/s and MFU
+  that time needs with our FLOPs. Runs anywhere (abstract shapes only).
+
+  Returns:
+    ``{config, dtype, shapes, peak_tflops, rows: [{work, shape, flops, peer_flops,
+    issue_tflop, target, target_ms, need_tflops, need_mfu}]}``; ``peak_tflops``
+    defaults to the H100/H200's 989 (the target's card).
+  """
+  peak = peak_tflops or PEAK_TFLOPS["H200"]
+  labels = row_shapes(shapes)
+  at_issue = dataclasses.asdict(shapes) == ISSUE_SHAPES
+  rows = []
+  for w in (w for w in ("denoise256", "denoise512", "train") if w in works):
+    log(f"counting: {w} ...")
+    row = dict(work=w, shape=labels[w], flops=ours_flops(config, shapes, w),
+               peer_flops=peer_flops(config, shapes, w) if peer else None,
+               issue_tflop=PEER_H200[w][2] if at_issue else None,
+               target=None, target_ms=None, need_tflops=None, need_mfu=None)
+    if at_issue and row["flops"]:
+      what, ref_ms, factor = TARGETS[w]
+      target_ms = ref_ms * factor
+      if w == "train":   # the MFU floor may ask for less time than the peer ratio
+        target_ms = min(target_ms, row["flops"] / (TRAIN_MFU_TARGET * peak * 1e12) * 1e3)
+      need = row["flops"] / (target_ms * 1e-3) / 1e12
+      row.update(target=what, target_ms=target_ms, need_tflops=need, need_mfu=need / peak)
+    rows.append(row)
+  return dict(config=config.get("name", "?"), dtype=str(config.dtype),
+              shapes=dataclasses.asdict(shapes), peak_tflops=peak, rows=rows)
+
+
+def flops_markdown(result: dict) -> str:
+  """The table of ``count_flops``."""
+  lines = [f"FLOPs per call, config `{result['config']}` ({result['dtype']}), counted "
+           f"without running (ours: XLA cost analysis of the lowered program; peer: torch "
+           f"FlopCounterMode on the meta device). Targets against a "
+           f"{result['peak_tflops']:.0f} TFLOP/s peak.", "",
+           "| work | shape | ours | peer | ours/peer | issue 8 (peer, H200) | target | "
+           "ours ms at most | needs TFLOP/s | needs MFU |",
+           "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+  for r in result["rows"]:
+    ratio = r["flops"] / r["peer_flops"] if r["flops"] and r["peer_flops"] else None
+    lines.append(
+        f"| {r['work']} | {r['shape']} | {_flops_str(r['flops'])} | "
+        f"{_flops_str(r['peer_flops'])} | {_fmt(ratio, '.3f')} | "
+        f"{_fmt(r['issue_tflop'], '.1f')}{' T' if r['issue_tflop'] else ''} | "
+        f"{r['target'] or '—'} | {_fmt(r['target_ms'], '.1f')} | "
+        f"{_fmt(r['need_tflops'], '.0f')} | "
+        f"{'—' if r['need_mfu'] is None else format(100 * r['need_mfu'], '.1f') + ' %'} |")
+  return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------

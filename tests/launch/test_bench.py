@@ -118,3 +118,39 @@ def test_random_params_and_the_latent_models_vae():
 
   model = bench.random_model(config_lib.load_config("tiny:latent"))
   assert set(model.params) == set(model.stack.network_names) and "vae" in model.params
+
+
+def test_count_flops_cli_runs_nothing_and_matches_the_peer(tmp_path):
+  """``--count``: both sides counted from shapes only (lowered program / meta device)."""
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  out = tmp_path / "count.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "launch.bench", "--count", "--peer", "--config", "tiny",
+       "--which", "denoise256", "--json", str(out)],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  row, = json.loads(out.read_text())["rows"]
+  assert row["work"] == "denoise256" and "| denoise256 | 2x4x16x16x3, text 16x32 |" in run.stdout
+  # The same network counted by XLA and by torch: within 10 % (XLA leaves out
+  # the multiplies with a convolution's zero padding, torch counts them).
+  assert 0.9 < row["flops"] / row["peer_flops"] < 1.1, row
+  assert row["target"] is None          # targets exist at the issue's shapes only
+
+
+def test_count_flops_targets_at_the_issues_shapes(monkeypatch):
+  """What each target asks, from the issue's peer times and our FLOP count."""
+  config = config_lib.load_config("modelscope")
+  flops = {"denoise256": 9.4e12, "denoise512": 41e12, "train": 56e12}
+  monkeypatch.setattr(bench, "ours_flops", lambda c, s, w: flops[w])
+  got = bench.count_flops(config, bench.default_shapes(config), bench.PEER_WORKS, log=lambda m: None)
+  rows = {r["work"]: r for r in got["rows"]}
+  assert rows["denoise256"]["target_ms"] == pytest.approx(42.6)
+  assert rows["denoise512"]["target_ms"] == pytest.approx(0.6 * 201.0)
+  # train: 40 % MFU (56e12 / (0.4 * 989e12) s = 141.6 ms) binds before 373 / 1.5 ms.
+  assert rows["train"]["target_ms"] == pytest.approx(56e12 / (0.4 * 989e12) * 1e3)
+  assert rows["train"]["need_mfu"] == pytest.approx(0.4)
+  assert rows["denoise256"]["need_tflops"] == pytest.approx(9.4e12 / 42.6e-3 / 1e12)
+  assert rows["train"]["issue_tflop"] == 58.7 and rows["train"]["peer_flops"] is None
+  table = bench.flops_markdown(got)
+  assert "| train | 4x16x32x32x4, text 77x1024 | 56 T | — |" in table and "| 40.0 % |" in table
