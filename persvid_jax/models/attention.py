@@ -77,13 +77,20 @@ _CUDNN_MAX_HEAD_DIM = 128
 def cudnn_available() -> bool:
   """True when this process can trace cuDNN fused attention on its default backend.
 
-  Probes once (cached): a ``[1, 128, 1, 64]`` bf16 attention with
-  ``implementation='cudnn'`` is lowered for the default device. jax raises at
-  trace time where it cannot run it (no CUDA GPU, no cuDNN it can load), so
-  the probe answers with jax's own rules instead of a copy of them. (jax does not
-  check the GPU's generation here; cuDNN's flash attention needs Ampere or newer.)
+  Probes once (cached): a GPU of compute capability 8.0 or newer (cuDNN's flash
+  attention needs Ampere; a Colab T4 or a V100 would fail only when compiling,
+  as jax does not check the generation while tracing), then a ``[1, 128, 1,
+  64]`` bf16 attention with ``implementation='cudnn'`` lowered for it. jax
+  raises at trace time where it cannot run it (no CUDA GPU, no cuDNN it can
+  load), so the probe answers with jax's own rules instead of a copy of them.
   """
   if jax.default_backend() != "gpu":
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    if tuple(int(x) for x in str(capability).split(".")[:2]) < (8, 0):
+      return False
+  except ValueError:   # None or an unknown format (ROCm): no cuDNN
     return False
   spec = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
   try:

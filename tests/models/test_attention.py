@@ -37,6 +37,25 @@ def test_the_cpu_has_no_cudnn_and_auto_is_xla():
   assert attention.resolve_implementation("auto", jnp.bfloat16, 64) is None
 
 
+@pytest.mark.parametrize("capability, lowered", [("7.5", False), ("7.0", False), (None, False),
+                                                 ("9.0", True), ("8.0", True)])
+def test_gpus_before_ampere_are_not_probed(monkeypatch, capability, lowered):
+  """A T4 (7.5) or V100 (7.0) is answered 'no' before the probe; Ampere and
+  newer are probed (here the probe itself fails: no cuDNN on a CPU)."""
+  class Device:
+    compute_capability = capability
+  probed = []
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: probed.append(1) or jax.numpy.asarray)
+  attention.cudnn_available.cache_clear()
+  try:
+    assert attention.cudnn_available() is False
+  finally:
+    attention.cudnn_available.cache_clear()
+  assert bool(probed) == lowered
+
+
 @pytest.mark.parametrize("impl, dtype, head_dim, mask, want", [
     ("auto", jnp.bfloat16, 64, False, "cudnn"),
     ("auto", jnp.float16, 128, False, "cudnn"),
