@@ -109,7 +109,9 @@ class ConceptFeatures:
 def load_photos(paths: Sequence[str | pathlib.Path], mask_paths=None):
   """Reads photos (and optional masks) -> ``[(uint8 [H,W,3], mask or None)]``.
 
-  Raises ``subject.ImageError`` naming the first unusable file, before any work.
+  Raises ``subject.ImageError`` naming the first unusable file, before any work:
+  among them a photo of one flat colour without a mask (``subject.flat_range``),
+  where the segmentation would return an arbitrary blob as "the subject".
   """
   if mask_paths and len(mask_paths) != len(paths):
     raise subject_lib.ImageError(f"{len(mask_paths)} masks for {len(paths)} images; give one "
@@ -118,6 +120,11 @@ def load_photos(paths: Sequence[str | pathlib.Path], mask_paths=None):
   for i, p in enumerate(paths):
     image = subject_lib.load_image(p)
     mask = subject_lib.load_mask(mask_paths[i], image.shape[:2]) if mask_paths else None
+    levels = subject_lib.flat_range(image) if mask is None else None
+    if levels is not None:
+      raise subject_lib.ImageError(
+          f"image {str(p)!r} is one flat colour (every channel within {levels} levels of 255): "
+          f"there is no subject to find; use a photo of the subject, or give a mask with it")
     out.append((image, mask))
   return out
 

@@ -92,6 +92,33 @@ def test_add_with_a_db_under_a_file_is_one_line_before_the_model(tmp_path, photo
   assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "photo.png"]
 
 
+def test_add_refuses_a_flat_coloured_photo_before_the_model_unless_masked(tmp_path, photo,
+                                                                         capsys):
+  """A blank grey card (camera noise of sigma 2 levels) has no subject to find: the
+  segmentation would store an arbitrary blob. With a mask it is the user's call."""
+  from persvid_jax.concepts import build
+  from persvid_jax.concepts import subject as subject_lib
+  rng = np.random.default_rng(1)
+  grey = tmp_path / "grey card.png"
+  Image.fromarray(np.clip(np.full((240, 320, 3), 128.0) + rng.normal(0, 2, (240, 320, 3)),
+                          0, 255).astype(np.uint8)).save(grey)
+  db_dir = tmp_path / "db"
+  t0 = time.perf_counter()
+  code = concepts_cli.main(["add", "--db", str(db_dir), "--name", "x",
+                            "--images", str(photo), str(grey)])
+  _one_line(capsys, code, "grey card.png", "is one flat colour", "give a mask")
+  assert time.perf_counter() - t0 < 2.0 and not db_dir.exists()
+  mask = tmp_path / "mask.png"
+  Image.fromarray(np.pad(np.full((80, 80), 255, np.uint8), ((80, 80), (120, 120)))).save(mask)
+  (image, given), = build.load_photos([grey], [mask])   # masked: accepted
+  assert given.shape == (240, 320) and subject_lib.flat_range(image) is not None
+  # The rule is far from photos of things: a random photo and a real one pass.
+  dreambench = sorted(pathlib.Path(__file__).resolve().parents[3].glob(
+      "shared/dreambench/dog/*.jpg"))[:1]
+  assert len(build.load_photos([photo, *dreambench])) == 1 + len(dreambench)
+  assert subject_lib.flat_range(np.full((9, 9, 3), 7, np.uint8)) == 0
+
+
 def test_check_writable_refuses_files_and_accepts_new_directories(tmp_path):
   (tmp_path / "f").write_text("x")
   with pytest.raises(db_lib.DatabaseError, match="is a file, not a directory"):
