@@ -7,28 +7,32 @@
 # 1. checks the imports and the GPU (jax and torch must both see it);
 # 2. attention alone at the generator's widest level: XLA's kernel against
 # cuDNN's fused one (time, TFLOP/s, forward + backward, their difference);
-# 3. our train / denoise steps against diffusers' UNet3DConditionModel at the
-# issue's shapes (configs/modelscope.py: train 4 x 16 x 32x32x4 latents,
-# 77 x 1024 text; denoise 2 x 16 x 32x32 and 2 x 16 x 64x64), eager and
-# torch.compile, bf16 (attention 'auto': cuDNN's where it can run); 4. end to
-# end: adding a concept from one photo and the cascade (25 DDIM steps at 256 px
-# + 10 at 512 px, 16 frames, CFG), our side only; 5. the denoise step at 256 px
-# again with XLA's attention (what cuDNN's kernel is worth in the whole
-# network). Each phase has its own time limit and writes its JSON after every row,
+# 3. our train step, then (a phase of its own, so that a slow torch.compile
+# cannot starve the train row) our denoise steps, against diffusers'
+# UNet3DConditionModel at the issue's shapes (configs/modelscope.py: train
+# 4 x 16 x 32x32x4 latents, 77 x 1024 text; denoise 2 x 16 x 32x32 and
+# 2 x 16 x 64x64), eager and torch.compile, bf16 (attention 'auto': cuDNN's
+# where it can run); 4. end to end: adding a concept from one photo and the
+# cascade (25 DDIM steps at 256 px + 10 at 512 px, 16 frames, CFG), our side
+# only; 5. the denoise step at 256 px again with XLA's attention (what cuDNN's
+# kernel is worth in the whole network). Each phase has its own time limit and
+# writes its JSON after every row,
 # so a phase cut by its limit still leaves the rows it finished.
 #
-# Output: OUT/bench.md (the tables), OUT/{attention,bench,bench_e2e,bench_xla_attention}.json,
-# OUT/*.log (stderr), OUT/env.txt. Environment: STEPS (timed calls per row,
-# default 10), ATT_S / STEPS_S / E2E_S / XLA_S (phase limits in seconds, default
-# 45 / 300 / 130 / 75), WHL (the wheel folder, default .whl beside launch/).
+# Output: OUT/bench.md (the tables), OUT/{attention,bench_train,bench,bench_e2e,
+# bench_xla_attention}.json, OUT/*.log (stderr), OUT/env.txt. Environment: STEPS
+# (timed calls per row, default 10), ATT_S / TRAIN_S / STEPS_S / E2E_S / XLA_S
+# (phase limits in seconds, default 40 / 150 / 190 / 100 / 70), WHL (the wheel
+# folder, default .whl beside launch/).
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-bench_out}}
 STEPS=${STEPS:-10}
-ATT_S=${ATT_S:-45}
-STEPS_S=${STEPS_S:-300}
-E2E_S=${E2E_S:-130}
-XLA_S=${XLA_S:-75}
+ATT_S=${ATT_S:-40}
+TRAIN_S=${TRAIN_S:-150}
+STEPS_S=${STEPS_S:-190}
+E2E_S=${E2E_S:-100}
+XLA_S=${XLA_S:-70}
 mkdir -p "$OUT_DIR"
 # The wheels a bare GPU image lacks (launch/gpu_wheels.sh writes them to .whl;
 # ship that folder with the working tree): installed into /tmp/site, no index.
@@ -85,7 +89,8 @@ print(bench.markdown(json.load(open(sys.argv[1]))))" "$OUT_DIR/$name.json" >>"$O
 
 : >"$OUT_DIR/bench.md"
 phase attention "$ATT_S" --which attention
-phase bench "$STEPS_S" --peer --which denoise256,denoise512,train
+phase bench_train "$TRAIN_S" --peer --which train
+phase bench "$STEPS_S" --peer --which denoise256,denoise512
 phase bench_e2e "$E2E_S" --which concept,cascade
 phase bench_xla_attention "$XLA_S" --which denoise256 --config modelscope:attention=xla
 cat "$OUT_DIR/bench.md"
