@@ -54,7 +54,7 @@ import numpy as np
 
 WORKS = ("train", "denoise256", "denoise512", "cascade", "concept", "attention")
 PEER_WORKS = ("train", "denoise256", "denoise512")
-DEFAULT_WORKS = ("train", "denoise256", "denoise512", "cascade", "concept")
+DEFAULT_WORKS = tuple(w for w in WORKS if w != "attention")   # --which's default
 
 # Dense bf16 peak TFLOP/s by device kind (substring of jax's device_kind).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -207,8 +207,9 @@ def _median_ms(times_s: Sequence[float]) -> float:
   return 1e3 * statistics.median(times_s)
 
 
-def _cost_flops(compiled) -> float | None:
-  cost = compiled.cost_analysis()
+def _cost_flops(program) -> float | None:
+  """FLOPs from XLA's cost analysis of a ``jax.stages.Compiled`` or ``Lowered``."""
+  cost = program.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   flops = (cost or {}).get("flops")
@@ -245,6 +246,11 @@ def _time(call: Callable[[], Any], steps: int) -> list[float]:
     jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
   return times
+
+
+def latent_side(shapes: Shapes, work: str) -> int:
+  """The latent side of ``work``'s input: ``2 S`` for denoise512 (the SR scale), else ``S``."""
+  return shapes.size * (2 if work == "denoise512" else 1)
 
 
 def _shape_str(*dims) -> str:
@@ -294,17 +300,29 @@ def _abstract_unet_params(unet, shapes: Shapes):
   return nn.meta.unbox(jax.eval_shape(unet.init, jax.random.key(0), x, t, ctx))["params"]
 
 
+def _denoise_program(config, shapes: Shapes, size: int, params=None, abstract: bool = False):
+  """``(denoise, params, (x, t, ctx))``: one forward of the base generator at
+  ``[2, T, size, size, C]``; ``params`` is reused where given, else drawn. With
+  ``abstract`` the params and inputs are ``jax.ShapeDtypeStruct`` trees (nothing
+  allocated: for counting FLOPs of the lowered program)."""
+  unet = _our_unet(config)
+  if params is None:
+    params = _abstract_unet_params(unet, shapes)
+    if not abstract:
+      params = random_params(params, jax.random.key(1))
+  make_inputs = lambda: _inputs(shapes, CFG_BATCH, size, jax.random.key(2))
+
+  def denoise(p, x, t, ctx):
+    return unet.apply({"params": p}, x, t, ctx)
+
+  return denoise, params, jax.eval_shape(make_inputs) if abstract else make_inputs()
+
+
 def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
                  ) -> tuple[Row, Any]:
   """One forward of the base generator at ``[2, T, size, size, C]``; returns the row
   and the params (reused by the next denoise row)."""
-  unet = _our_unet(config)
-  if params is None:
-    params = random_params(_abstract_unet_params(unet, shapes), jax.random.key(1))
-  x, t, ctx = _inputs(shapes, CFG_BATCH, size, jax.random.key(2))
-
-  def denoise(p, x, t, ctx):
-    return unet.apply({"params": p}, x, t, ctx)
+  denoise, params, (x, t, ctx) = _denoise_program(config, shapes, size, params)
 
   compiled, compile_s = _compile(denoise, params, x, t, ctx)
   times = _time(lambda: compiled(params, x, t, ctx), steps)
@@ -624,26 +642,16 @@ TARGETS = {"train": ("<= peer eager / 1.5, and >= 40 % MFU", 373.0, 1 / 1.5),
 TRAIN_MFU_TARGET = 0.40
 
 
-def _lowered_flops(fn: Callable, *abstract_args) -> float | None:
-  cost = jax.jit(fn).lower(*abstract_args).cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
-
 def ours_flops(config, shapes: Shapes, work: str) -> float:
   """FLOPs of one call of ``work`` (train / denoise256 / denoise512) from XLA's cost
   analysis of the lowered, unoptimised program: abstract params and inputs, so
   no memory and no device (the 1.4 B-parameter generator counts in seconds on a CPU)."""
   if work == "train":
     train_step, state, batch, rng = _train_program(config, shapes, abstract=True)
-    return _lowered_flops(train_step, state, batch, rng)
-  size = shapes.size * (2 if work == "denoise512" else 1)
-  unet = _our_unet(config)
-  params = _abstract_unet_params(unet, shapes)
-  x, t, ctx = jax.eval_shape(lambda: _inputs(shapes, CFG_BATCH, size, jax.random.key(2)))
-  return _lowered_flops(lambda p, x, t, c: unet.apply({"params": p}, x, t, c), params, x, t, ctx)
+    return _cost_flops(jax.jit(train_step).lower(state, batch, rng))
+  denoise, params, inputs = _denoise_program(config, shapes, latent_side(shapes, work),
+                                             abstract=True)
+  return _cost_flops(jax.jit(denoise).lower(params, *inputs))
 
 
 def peer_flops(config, shapes: Shapes, work: str) -> float:
@@ -658,7 +666,7 @@ def peer_flops(config, shapes: Shapes, work: str) -> float:
     model = diffusers.UNet3DConditionModel(**peer_kwargs(bench_unet_config(config)))
   train = work == "train"
   b = shapes.batch if train else CFG_BATCH
-  size = shapes.size * (2 if work == "denoise512" else 1)
+  size = latent_side(shapes, work)
   x = torch.empty(b, shapes.channels, shapes.frames, size, size, device="meta")
   t = torch.zeros(b, dtype=torch.long, device="meta")
   ctx = torch.empty(b, shapes.text_len, shapes.text_width, device="meta")
@@ -888,7 +896,7 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
     if w not in works:
       continue
     r = rows[w]
-    size = shapes.size * (2 if w == "denoise512" else 1)
+    size = latent_side(shapes, w)
     if p is not None and w in PEER_WORKS:
       log(f"peer: {w} ...")
       try:
