@@ -137,10 +137,19 @@ def read_config(src: str | os.PathLike) -> dict:
     hf = json.loads(path.read_text())
   except ValueError as e:
     raise ConvertError(f"{path} is not JSON ({e})") from None
-  if not isinstance(hf, dict):
-    raise ConvertError(f"{path} holds a JSON {type(hf).__name__}, not an object of "
-                       "architecture fields; give the model's own config.json")
+  require_object(hf, str(path))
   return hf
+
+
+def require_object(hf, where: str = "config.json") -> None:
+  """Raises ``ConvertError`` unless ``hf`` (a parsed ``config.json``) is a JSON object.
+
+  ``read_config`` checks what it reads; the ``*_config`` readers check again
+  for library callers that pass their own parsed JSON.
+  """
+  if not isinstance(hf, Mapping):
+    raise ConvertError(f"{where} holds a JSON {type(hf).__name__}, not an object of "
+                       "architecture fields; give the model's own config.json")
 
 
 # Architecture fields of a source config.json. A missing field takes the

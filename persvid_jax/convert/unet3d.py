@@ -35,7 +35,7 @@ import numpy as np
 
 from persvid_jax import params as params_lib
 from persvid_jax.convert.common import (ConvertError, assemble, config_float, config_int,
-                                        config_list, float_array, torch_layout)
+                                        config_list, float_array, require_object, torch_layout)
 
 NEW_PARAMS = re.compile(r"(^|/)(to_k_detail|to_v_detail|noise_level_embedding)(/|$)")
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -136,9 +136,7 @@ def unet_config(hf: dict) -> dict:
     ConvertError: not a JSON object, another model class, per-block head
       widths, or a field of the wrong type (named).
   """
-  if not isinstance(hf, Mapping):
-    raise ConvertError(f"config.json holds a JSON {type(hf).__name__}, not an object of "
-                       "architecture fields")
+  require_object(hf)
   if hf.get("_class_name") != "UNet3DConditionModel":
     raise ConvertError(f"config.json is a {hf.get('_class_name') or 'model without _class_name'}"
                        f", not a UNet3DConditionModel (diffusers writes _class_name)")

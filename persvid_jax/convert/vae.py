@@ -18,7 +18,7 @@ import numpy as np
 
 from persvid_jax.convert.common import (ConvertError, assemble, config_bool, config_float,
                                         config_int, config_list, config_str, float_array,
-                                        torch_layout)
+                                        require_object, torch_layout)
 from persvid_jax.convert.unet3d import diffusers_path
 
 WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
@@ -42,9 +42,7 @@ def vae_config(hf: Mapping[str, Any]) -> dict:
     ConvertError: not a JSON object, another model class, an option we do not
       implement, or a field of the wrong type (named).
   """
-  if not isinstance(hf, Mapping):
-    raise ConvertError(f"config.json holds a JSON {type(hf).__name__}, not an object of "
-                       "architecture fields")
+  require_object(hf)
   if hf.get("_class_name") != "AutoencoderKL":
     raise ConvertError(f"config.json is a {hf.get('_class_name') or 'model without _class_name'}"
                        f", not an AutoencoderKL (diffusers writes _class_name)")
