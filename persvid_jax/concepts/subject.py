@@ -68,7 +68,7 @@ from PIL import Image, ImageOps
 _WORK_MAX = 160
 _WORK_MIN = 128
 _ITERATIONS = 3               # GrabCut iterations (more change little)
-_MIN_SIDE = 8                 # smallest image side load_image accepts
+MIN_SIDE = 8                  # smallest image side load_image accepts
 # Largest image load_image decodes (a 108 MP phone photo fits). A header
 # claiming more is refused before decoding: a few-KB "decompression bomb"
 # can claim gigapixels. (PIL itself only warns up to 2x its own limit.)
@@ -146,10 +146,10 @@ def _open(path, what: str) -> Image.Image:
     raise ImageError(f"{what} {str(path)!r} is truncated or corrupt ({reason}); "
                      f"re-export or re-download it") from None
   w, h = img.size
-  if min(w, h) < _MIN_SIDE:
+  if min(w, h) < MIN_SIDE:
     img.close()
     raise ImageError(f"{what} {str(path)!r} is {w}x{h} pixels; it needs at least "
-                     f"{_MIN_SIDE} pixels a side")
+                     f"{MIN_SIDE} pixels a side")
   return img
 
 

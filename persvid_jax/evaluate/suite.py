@@ -49,6 +49,7 @@ import numpy as np
 from persvid_jax.concepts import bank as bank_lib
 from persvid_jax.concepts import build
 from persvid_jax.concepts import database as db_lib
+from persvid_jax.concepts import subject as subject_lib
 from persvid_jax.data import synthetic
 from persvid_jax.evaluate import groundtruth as gt
 from persvid_jax.pipeline import generate as gen
@@ -56,7 +57,6 @@ from persvid_jax.pipeline import media
 
 
 SCALES = ("final", "base")
-_MIN_PHOTO_SIZE = 8      # the smallest image side a concept photo may have (load_image's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +100,8 @@ class SuiteConfig:
         raise ValueError(f"{name}={getattr(self, name)}; use at least 1")
     if not self.seeds:
       raise ValueError("seeds=(); give at least one seed, e.g. (0,)")
-    if self.photo_size < _MIN_PHOTO_SIZE:
-      raise ValueError(f"photo_size={self.photo_size}; use at least {_MIN_PHOTO_SIZE} px")
+    if self.photo_size < subject_lib.MIN_SIDE:   # what load_image accepts
+      raise ValueError(f"photo_size={self.photo_size}; use at least {subject_lib.MIN_SIDE} px")
     for name in ("steps", "sr_steps"):
       value = getattr(self, name)
       if value is not None and value < 1:
