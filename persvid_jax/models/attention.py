@@ -4,8 +4,8 @@ All attention goes through ``jax.nn.dot_product_attention`` so that the GPU
 can pick cuDNN's fused kernel (``implementation='cudnn'``) without any model
 change. ``'auto'`` (the configs' default) picks it where it applies: a CUDA GPU
 whose cuDNN jax can use, bf16/fp16 inputs, a head width that is a multiple of 8
-and at most 128, no boolean mask; everywhere else (CPU, TPU, float32) XLA's
-attention. jax's own default (``None``) is XLA even on a GPU, which issue 8
+and at most 128, no boolean mask, even query and key lengths; everywhere else
+(CPU, TPU, float32, the 77-token text cross-attention) XLA's attention. jax's own default (``None``) is XLA even on a GPU, which issue 8
 measured at 79 TFLOP/s against cuDNN's 421 on an H200. Logits and softmax run in
 float32 whatever the compute dtype (both paths do this for bf16 inputs), and
 norms are computed in float32 too, since bf16 statistics lose small values.
@@ -13,6 +13,7 @@ norms are computed in float32 too, since bf16 statistics lose small values.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, Sequence
 
@@ -101,14 +102,39 @@ def cudnn_available() -> bool:
   return True
 
 
+_ASSUMED: list[bool] = []   # innermost assume_cudnn() answer, if any
+
+
+@contextlib.contextmanager
+def assume_cudnn(available: bool):
+  """Within: ``'auto'`` resolves as if ``cudnn_available()`` answered ``available``.
+
+  For compiling on this host for a GPU that is not here (``persvid_jax.aot``):
+  the programs must be traced as that GPU would trace them. Tracing only; what
+  runs here is unchanged.
+  """
+  _ASSUMED.append(bool(available))
+  try:
+    yield
+  finally:
+    _ASSUMED.pop()
+
+
 def resolve_implementation(implementation: str | None, dtype, head_dim: int, *,
-                           has_mask: bool = False) -> str | None:
+                           lengths: tuple[int, int], has_mask: bool = False) -> str | None:
   """The ``implementation`` to pass to ``jax.nn.dot_product_attention``.
 
   Args:
     implementation: ``'auto'``, ``'xla'``, ``'cudnn'`` or ``None`` (= ``'xla'``).
     dtype: the dtype of q/k/v.
     head_dim: the width of one head.
+    lengths: ``(Lq, Lk)``, the query and key sequence lengths. ``'auto'`` takes
+      cuDNN only when both are even: jax's cuDNN attention (0.10 and 0.11) hands
+      its VJP an empty bias placeholder, so under ``jax.grad`` every call is
+      checked as a biased one, and biased training needs even lengths. An odd
+      length (the 77 text tokens of cross-attention) would raise
+      ``NotImplementedError`` while tracing the train step; forward-only calls
+      would pass, but a network cannot tell here whether it is differentiated.
     has_mask: whether a boolean mask is passed (``'auto'`` leaves those to XLA:
       cuDNN would turn the mask into a bias tensor, a slower kernel).
 
@@ -127,8 +153,9 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int, *,
   if implementation != "auto":
     return None
   eligible = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-              and head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM and not has_mask)
-  return "cudnn" if eligible and cudnn_available() else None
+              and head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM and not has_mask
+              and all(n % 2 == 0 for n in lengths))
+  return "cudnn" if eligible and (_ASSUMED[-1] if _ASSUMED else cudnn_available()) else None
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
@@ -161,7 +188,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   attn_mask = None
   if mask is not None:
     attn_mask = mask[:, None, None, :].astype(bool)   # [B, 1, 1, Lk]
-  impl = resolve_implementation(implementation, q.dtype, dh, has_mask=mask is not None)
+  impl = resolve_implementation(implementation, q.dtype, dh, lengths=(lq, lk),
+                                has_mask=mask is not None)
   # Both paths accumulate logits and run the softmax in float32 for bf16
   # inputs (XLA: preferred_element_type=float32; cuDNN: by construction).
   # BTNH is one of cuDNN's two native layouts: no transpose either way.

@@ -19,14 +19,15 @@ from persvid_jax.models.unet3d import UNet3D
 
 @pytest.fixture
 def on_a_cudnn_gpu(monkeypatch):
-  """Pretend cuDNN is there; returns the list of (head_dim, dtype, choice) of every call."""
+  """Pretend cuDNN is there; returns the list of (head_dim, dtype, has_mask, choice,
+  (Lq, Lk)) of every call."""
   calls = []
   real = attention.resolve_implementation
   monkeypatch.setattr(attention, "cudnn_available", lambda: True)
 
-  def recording(implementation, dtype, head_dim, *, has_mask=False):
-    choice = real(implementation, dtype, head_dim, has_mask=has_mask)
-    calls.append((head_dim, jnp.dtype(dtype).name, has_mask, choice))
+  def recording(implementation, dtype, head_dim, *, lengths, has_mask=False):
+    choice = real(implementation, dtype, head_dim, lengths=lengths, has_mask=has_mask)
+    calls.append((head_dim, jnp.dtype(dtype).name, has_mask, choice, lengths))
     return None   # XLA does the work: cuDNN cannot run here
   monkeypatch.setattr(attention, "resolve_implementation", recording)
   return calls
@@ -34,7 +35,7 @@ def on_a_cudnn_gpu(monkeypatch):
 
 def test_the_cpu_has_no_cudnn_and_auto_is_xla():
   assert not attention.cudnn_available()
-  assert attention.resolve_implementation("auto", jnp.bfloat16, 64) is None
+  assert attention.resolve_implementation("auto", jnp.bfloat16, 64, lengths=(64, 64)) is None
 
 
 @pytest.mark.parametrize("capability, lowered", [("7.5", False), ("7.0", False), (None, False),
@@ -56,26 +57,29 @@ def test_gpus_before_ampere_are_not_probed(monkeypatch, capability, lowered):
   assert bool(probed) == lowered
 
 
-@pytest.mark.parametrize("impl, dtype, head_dim, mask, want", [
-    ("auto", jnp.bfloat16, 64, False, "cudnn"),
-    ("auto", jnp.float16, 128, False, "cudnn"),
-    ("auto", jnp.bfloat16, 40, False, "cudnn"),
-    ("auto", jnp.float32, 64, False, None),        # cuDNN's kernel is bf16/fp16 only
-    ("auto", jnp.bfloat16, 12, False, None),       # not a multiple of 8
-    ("auto", jnp.bfloat16, 512, False, None),      # the VAE's one wide head
-    ("auto", jnp.bfloat16, 64, True, None),        # a mask would become a bias tensor
-    ("xla", jnp.bfloat16, 64, False, None),
-    (None, jnp.bfloat16, 64, False, None),
-    ("cudnn", jnp.float32, 64, False, "cudnn"),    # asked for: jax then says why not
+@pytest.mark.parametrize("impl, dtype, head_dim, lengths, mask, want", [
+    ("auto", jnp.bfloat16, 64, (1024, 1024), False, "cudnn"),
+    ("auto", jnp.float16, 128, (16, 16), False, "cudnn"),
+    ("auto", jnp.bfloat16, 40, (4096, 78), False, "cudnn"),
+    ("auto", jnp.float32, 64, (1024, 1024), False, None),   # cuDNN's kernel is bf16/fp16 only
+    ("auto", jnp.bfloat16, 12, (1024, 1024), False, None),  # not a multiple of 8
+    ("auto", jnp.bfloat16, 512, (1024, 1024), False, None), # the VAE's one wide head
+    ("auto", jnp.bfloat16, 64, (1024, 1024), True, None),   # a mask would become a bias tensor
+    ("auto", jnp.bfloat16, 64, (1024, 77), False, None),    # odd: jax's cuDNN VJP refuses it
+    ("auto", jnp.bfloat16, 64, (15, 15), False, None),      # an odd number of frames
+    ("xla", jnp.bfloat16, 64, (1024, 1024), False, None),
+    (None, jnp.bfloat16, 64, (1024, 1024), False, None),
+    ("cudnn", jnp.float32, 64, (1024, 77), False, "cudnn"), # asked for: jax then says why not
 ])
-def test_auto_rule(monkeypatch, impl, dtype, head_dim, mask, want):
+def test_auto_rule(monkeypatch, impl, dtype, head_dim, lengths, mask, want):
   monkeypatch.setattr(attention, "cudnn_available", lambda: True)
-  assert attention.resolve_implementation(impl, dtype, head_dim, has_mask=mask) == want
+  assert attention.resolve_implementation(impl, dtype, head_dim, lengths=lengths,
+                                          has_mask=mask) == want
 
 
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match="'flash'; use one of auto, xla, cudnn"):
-    attention.resolve_implementation("flash", jnp.bfloat16, 64)
+    attention.resolve_implementation("flash", jnp.bfloat16, 64, lengths=(64, 64))
   with pytest.raises(config_lib.ConfigError, match="attention='flash'"):
     config_lib.load_config("tiny:attention=flash")
   config = config_lib.load_config("tiny")
@@ -86,7 +90,8 @@ def test_unknown_implementation_is_refused():
 
 def test_every_generator_attention_takes_cudnn_at_the_issue_layout(on_a_cudnn_gpu):
   """The benchmark's ModelScope generator (bf16, 64-wide heads): on a GPU every
-  attention call of its forward pass is cuDNN's (traced abstractly, no weights)."""
+  self-attention of its forward pass is cuDNN's, and the 77-token text
+  cross-attention is XLA's (traced abstractly, no weights)."""
   config = config_lib.load_config("modelscope")
   assert config.attention_impl == "auto" and config.dtype == "bfloat16"
   unet = UNet3D.from_config(bench.bench_unet_config(config), dtype=config.dtype,
@@ -98,11 +103,13 @@ def test_every_generator_attention_takes_cudnn_at_the_issue_layout(on_a_cudnn_gp
   params = jax.eval_shape(unet.init, jax.random.key(0), x, t, ctx)
   on_a_cudnn_gpu.clear()
   jax.eval_shape(lambda p, *a: unet.apply(nn.meta.unbox(p), *a), params, x, t, ctx)
-  choices = {(c[0], c[1], c[3]) for c in on_a_cudnn_gpu}
   # 16 spatial transformers (self + cross) + 16 temporal ones and transformer_in,
   # each two self-attentions over the frames (diffusers' double_self_attention).
   assert len(on_a_cudnn_gpu) == 16 * 2 + 17 * 2, len(on_a_cudnn_gpu)
-  assert choices == {(64, "bfloat16", "cudnn")}, choices
+  cross = [c for c in on_a_cudnn_gpu if c[4][1] == 77]
+  others = [c for c in on_a_cudnn_gpu if c[4][1] != 77]
+  assert len(cross) == 16 and {c[3] for c in cross} == {None}, cross
+  assert {(c[0], c[1], c[3]) for c in others} == {(64, "bfloat16", "cudnn")}, others
 
 
 def test_float32_stays_on_xla_and_auto_equals_xla_on_cpu(on_a_cudnn_gpu):
