@@ -4,6 +4,8 @@
       [--which train,denoise256,denoise512,cascade,concept,attention]
       [--batch B --frames T --size S --text-len L] [--steps N] [--peak-tflops P]
   python -m launch.bench --count [--peer] [--config modelscope] [--json FILE]
+  python -m launch.bench --aot h100|h200|a100 [--config modelscope] [--json FILE]
+      [--hlo-dir DIR]
 
 Prints a markdown table (``persvid_jax/bench.py`` says what each column
 measures). The default config is ``modelscope`` at the issue's shapes (a GPU job:
@@ -11,7 +13,11 @@ measures). The default config is ``modelscope`` at the issue's shapes (a GPU job
 ``--count`` runs nothing: it counts the FLOPs of train / denoise256 / denoise512
 from the lowered programs (and, with ``--peer``, the peer's on torch's meta
 device) and prints what issue 8's targets ask in ms, TFLOP/s and MFU, in about a
-minute on a CPU at the full ModelScope size. Imports no TensorFlow.
+minute on a CPU at the full ModelScope size. ``--aot CARD`` compiles the same
+three programs for that GPU without one (jax's CUDA plugin, ``pip install
+'jax[cuda12]'``, no GPU or driver; ``persvid_jax/aot.py``) and prints whether
+each compiles, the device memory XLA assigns, and the kernels it launches, in a
+few minutes per program on a CPU. Imports no TensorFlow.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ def _parse(argv):
   p.add_argument("--count", action="store_true",
                  help="count FLOPs only (no weights, no device; --peer: the peer's too) and "
                  "print what issue 8's targets ask of each row")
+  p.add_argument("--aot", metavar="CARD",
+                 help="compile train / denoise256 / denoise512 for this GPU without one "
+                 "(h100, h200, a100; needs jax's CUDA plugin) and report memory and kernels")
+  p.add_argument("--hlo-dir", help="--aot: write each compiled program here (WORK.hlo.txt)")
   p.add_argument("--batch", type=int, help="train batch (default 4)")
   p.add_argument("--frames", type=int, help="frames (default config.video.frames)")
   p.add_argument("--size", type=int, help="latent side at the base scale "
@@ -59,16 +69,30 @@ def main(argv=None) -> int:
     problem = _common.out_dir_problem(pathlib.Path(args.json), "--json")
     if problem:
       return _common.fail(problem)
+  if args.aot:
+    if args.count or args.peer:
+      return _common.fail("--aot compiles our programs only: drop --count / --peer")
+    if args.hlo_dir:
+      problem = _common.dir_problem(pathlib.Path(args.hlo_dir), "--hlo-dir")
+      if problem:
+        return _common.fail(problem)
+    # The card is not here: only the CPU backend may start (the CUDA plugin would
+    # look for a GPU and a driver); the plugin still compiles for the card.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  elif args.hlo_dir:
+    return _common.fail("--hlo-dir goes with --aot CARD")
   # Peer (torch) and ours share one GPU: allocate on demand, not 75% up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   _common.quiet()
   from persvid_jax import bench, config_lib
+  compile_only = args.count or args.aot
   try:
     config = config_lib.load_config(args.config)
-    which = args.which or ",".join(bench.PEER_WORKS if args.count else bench.DEFAULT_WORKS)
+    which = args.which or ",".join(bench.PEER_WORKS if compile_only else bench.DEFAULT_WORKS)
     works = bench.parse_works(which)
-    if args.count and set(works) - set(bench.PEER_WORKS):
-      raise bench.BenchError(f"--count counts {', '.join(bench.PEER_WORKS)} only, not "
+    if compile_only and set(works) - set(bench.PEER_WORKS):
+      raise bench.BenchError(f"--{'count' if args.count else 'aot'} takes "
+                             f"{', '.join(bench.PEER_WORKS)} only, not "
                              f"{', '.join(sorted(set(works) - set(bench.PEER_WORKS)))}")
     shapes = bench.default_shapes(config, batch=args.batch, frames=args.frames,
                                   size=args.size, text_len=args.text_len)
@@ -88,6 +112,20 @@ def main(argv=None) -> int:
       tmp.write_text(json.dumps(result, indent=2))
       os.replace(tmp, args.json)
 
+  if args.aot:
+    from persvid_jax import aot
+    if args.aot not in aot.CARDS:
+      return _common.fail(f"--aot {args.aot!r}: use one of {', '.join(aot.CARDS)}")
+    if args.hlo_dir:
+      pathlib.Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
+    try:
+      result = bench.aot_report(config, shapes, works, args.aot, log=log,
+                                dump_dir=args.hlo_dir)
+    except aot.AotError as e:
+      return _common.fail(str(e))
+    save(result)
+    print(bench.aot_markdown(result))
+    return 0
   if args.count:
     result = bench.count_flops(config, shapes, works, peer=args.peer,
                                peak_tflops=args.peak_tflops, log=log)

@@ -736,6 +736,101 @@ def flops_markdown(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Compiled for a GPU that is not here (persvid_jax.aot).
+# ----------------------------------------------------------------------------
+
+def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
+               log: Callable[[str], None] = print, dump_dir: str | None = None) -> dict:
+  """Compiles train / denoise256 / denoise512 for the GPU ``card`` (a key of
+  ``aot.CARDS``) without one, as that GPU would trace them (``attention_impl``
+  'auto' answers as there), and reads what XLA assigned and emitted.
+
+  Args:
+    dump_dir: where to write each work's compiled HLO (``WORK.hlo.txt``), if given.
+
+  Returns:
+    ``{config, card, memory_bytes, bandwidth_tbs, peak_tflops, rows: [{work, shape,
+    flops, compile_s, argument_bytes, output_bytes, temp_bytes, alias_bytes,
+    total_bytes, kernels, by_kind, memory_bound_bytes, compute_ms, memory_ms,
+    error}]}``: ``compute_ms`` = FLOPs at the card's dense bf16 peak,
+    ``memory_ms`` = the memory-bound kernels' bytes at its bandwidth (two
+    components of a roofline estimate, not a measurement); a work that does not
+    trace or compile has only ``error``.
+
+  Raises:
+    aot.AotError: jax's CUDA plugin is missing or the process is not CPU-only.
+  """
+  from persvid_jax import aot
+  spec = aot.CARDS[card]
+  device = aot.compile_only_device(spec)
+  labels = row_shapes(shapes)
+  rows = []
+  for w in (w for w in ("denoise256", "denoise512", "train") if w in works):
+    log(f"compiling {w} for {spec.name} (no device; minutes at the full size) ...")
+    row = dict(work=w, shape=labels[w], error=None)
+    try:
+      with aot.cudnn_as_on(spec):
+        if w == "train":
+          fn, *args = _train_program(config, shapes, abstract=True)
+          donate = (0,)
+        else:
+          fn, params, inputs = _denoise_program(config, shapes, latent_side(shapes, w),
+                                                abstract=True)
+          args, donate = (params, *inputs), ()
+        start = time.perf_counter()
+        lowered = jax.jit(fn, donate_argnums=donate).lower(*aot.place(args, device))
+        lower_s = time.perf_counter() - start
+      row.update(aot.compile_report(lowered))
+      # Counted as --count does (on this CPU, attention as XLA's matmuls): the
+      # lowered GPU program holds cuDNN calls, which XLA's cost analysis does not see.
+      row["flops"] = ours_flops(config, shapes, w)
+      row["compile_s"] += lower_s
+    except Exception as e:   # noqa: BLE001 -- the finding itself: report it, go on
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      rows.append(row)
+      continue
+    hlo = row.pop("hlo")
+    if dump_dir:
+      pathlib.Path(dump_dir, f"{w}.hlo.txt").write_text(hlo)
+    row["compute_ms"] = row["flops"] / (spec.peak_bf16_tflops * 1e12) * 1e3 if row["flops"] \
+        else None
+    row["memory_ms"] = row["memory_bound_bytes"] / (spec.bandwidth_tbs * 1e12) * 1e3
+    rows.append(row)
+  return dict(config=config.get("name", "?"), card=spec.name, memory_bytes=spec.memory_bytes,
+              bandwidth_tbs=spec.bandwidth_tbs, peak_tflops=spec.peak_bf16_tflops, rows=rows)
+
+
+def aot_markdown(result: dict) -> str:
+  """The table of ``aot_report``."""
+  lines = [f"Compiled for {result['card']} without one (XLA deviceless AOT, no autotuning), "
+           f"config `{result['config']}`. Memory: what XLA assigned (arguments + outputs + "
+           f"temporaries - donated), of the card's {_bytes(result['memory_bytes'])}. "
+           f"Kernels: launches of one call. Roofline parts: FLOPs at "
+           f"{result['peak_tflops']:.0f} TFLOP/s; the elementwise / reduction / copy "
+           f"kernels' bytes at {result['bandwidth_tbs']} TB/s.", "",
+           "| work | shape | compile s (here) | memory | of card | kernels | cuDNN attention "
+           "fwd / bwd | cuDNN conv | gemm | elementwise, copies | their bytes | FLOPs | "
+           "compute ms | memory ms |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  notes = []
+  for r in result["rows"]:
+    if r["error"]:
+      lines.append(f"| {r['work']} | {r['shape']} | fails | | | | | | | | | | | |")
+      notes.append(f"- {r['work']}: {r['error']}")
+      continue
+    k = r["by_kind"]
+    lines.append(
+        f"| {r['work']} | {r['shape']} | {r['compile_s']:.0f} | {_bytes(r['total_bytes'])} | "
+        f"{100 * r['total_bytes'] / result['memory_bytes']:.0f} % | {r['kernels']} | "
+        f"{k.get('attention fwd (cuDNN)', 0)} / {k.get('attention bwd (cuDNN)', 0)} | "
+        f"{k.get('conv (cuDNN)', 0)} | {k.get('gemm', 0)} | "
+        f"{k.get('elementwise / reduction', 0) + k.get('copy / transpose', 0)} | "
+        f"{r['memory_bound_bytes'] / 1e9:.1f} GB | {_flops_str(r['flops'])} | "
+        f"{_fmt(r['compute_ms'], '.1f')} | {r['memory_ms']:.1f} |")
+  return "\n".join(lines + ([""] + notes if notes else []))
+
+
+# ----------------------------------------------------------------------------
 # Attention alone: XLA's against cuDNN's fused kernel at the generator's shapes.
 # ----------------------------------------------------------------------------
 

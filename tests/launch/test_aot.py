@@ -1,0 +1,126 @@
+"""``launch.bench --aot CARD``: compiling for a GPU that is not here.
+
+The compile needs jax's CUDA plugin, which CI does not install (it is GBs of
+CUDA libraries): there the CLI must say so in one line and exit 2, and with the
+plugin the tiny config must compile. The reading of a compiled GPU program is
+tested on a real one: ``data/h100_small_train.hlo.txt`` is ``_small_train``
+compiled for an H100 by ``aot.compile_report`` (jax 0.11.2's plugin, no GPU;
+``test_small_program_compiles_as_recorded`` rewrites it with
+``PERSVID_WRITE_FIXTURE=1``), its entry computation counted by hand below.
+"""
+
+import importlib.util
+import pathlib
+import re
+import subprocess
+import sys
+
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from persvid_jax import aot
+from persvid_jax.models import attention
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HLO = pathlib.Path(__file__).parent / "data" / "h100_small_train.hlo.txt"
+HAVE_PLUGIN = (importlib.util.find_spec("jax_plugins") is not None
+               and importlib.util.find_spec("jax_plugins.xla_cuda12") is not None)
+
+
+def _small_train():
+  """``(grad fn, abstract args)``: d/d(w, k) of 3x3 conv -> SiLU -> cuDNN attention -> matmul."""
+  def f(w, k, x):   # x [2, 8, 8, 16] NHWC
+    h = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    h = jax.nn.silu(h).reshape(2, 64, 16)
+    a = attention.dot_product_attention(h, h, h, num_heads=2, implementation="cudnn")
+    return jnp.sum((a @ w).astype(jnp.float32) ** 2)
+  s = jax.ShapeDtypeStruct
+  return jax.grad(f, (0, 1)), (s((16, 16), jnp.bfloat16), s((3, 3, 16, 16), jnp.bfloat16),
+                               s((2, 8, 8, 16), jnp.bfloat16))
+
+
+def test_kernel_summary_of_a_real_h100_program():
+  s = aot.kernel_summary(HLO.read_text())
+  # transpose(k), conv, silu, fmha fwd, dot, convert, 2 dots, fmha bwd, add,
+  # conv filter grad, transpose(dk): 12 launches; parameters, bitcasts,
+  # get-tuple-elements and the root tuple launch nothing.
+  assert s["by_kind"] == {"elementwise / reduction": 5, "gemm": 3, "conv (cuDNN)": 2,
+                          "attention fwd (cuDNN)": 1, "attention bwd (cuDNN)": 1}
+  assert s["kernels"] == 12
+  # Operands + result of the 5 elementwise fusions, bf16: the two kernel
+  # transposes 2 x 4608 each, silu 2 x 4096, convert 2 x 4096, the 4-input add 5 x 4096.
+  assert s["memory_bound_bytes"] == 2 * 9216 + 8192 + 8192 + 20480
+
+
+def test_target_config_carries_the_card():
+  text = aot.target_config(aot.CARDS["h200"], (9, 10, 0))
+  assert text.count("{") == text.count("}")
+  fields = dict(re.findall(r"(\w+): ([\w.\"]+)", text))
+  assert fields["core_count"] == "132"
+  assert int(fields["device_memory_size"]) == 143771 * 2**20
+  assert int(fields["memory_bandwidth"]) == 4_800_000_000_000
+  assert "cuda_compute_capability { major: 9 minor: 0 }" in text
+  assert "dnn_version_info { major: 9 minor: 10 patch: 0 }" in text
+  assert aot.CARDS["a100"].capability == (8, 0)
+
+
+def test_assume_cudnn_is_scoped():
+  """Tracing as on the card: 'auto' answers cuDNN inside, this CPU's answer outside."""
+  resolve = lambda: attention.resolve_implementation("auto", jnp.bfloat16, 64,
+                                                     lengths=(1024, 1024))
+  assert resolve() is None
+  with attention.assume_cudnn(True):
+    assert resolve() == "cudnn"
+    with attention.assume_cudnn(False):
+      assert resolve() is None
+    assert resolve() == "cudnn"
+  assert resolve() is None
+
+
+def _bench(*args, timeout=900):
+  return subprocess.run([sys.executable, "-m", "launch.bench", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--aot", "v100"], "--aot 'v100': use one of h100, h200, a100"),
+    (["--aot", "h100", "--peer"], "--aot compiles our programs only"),
+    (["--hlo-dir", "x"], "--hlo-dir goes with --aot CARD"),
+    (["--aot", "h100", "--which", "cascade"], "--aot takes train, denoise256, denoise512 only"),
+])
+def test_bad_aot_flags_are_one_line(args, message):
+  r = _bench("--config", "tiny", *args)
+  assert r.returncode == 2, r.stderr
+  assert message in r.stderr and "Traceback" not in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(HAVE_PLUGIN, reason="jax's CUDA plugin is installed: the next test runs")
+def test_without_the_plugin_aot_says_what_to_install():
+  r = _bench("--config", "tiny", "--aot", "h100")
+  assert r.returncode == 2, r.stderr
+  assert "pip install 'jax[cuda12]==" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
+def test_tiny_config_compiles_for_an_h100(tmp_path):
+  r = _bench("--config", "tiny:bf16", "--aot", "h100", "--which", "denoise256",
+             "--hlo-dir", str(tmp_path / "hlo"))
+  assert r.returncode == 0, r.stderr
+  assert "fails" not in r.stdout
+  hlo = (tmp_path / "hlo" / "denoise256.hlo.txt").read_text()
+  assert "__cudnn$fmhaSoftmax" in hlo
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
+def test_small_program_compiles_as_recorded():
+  fn, args = _small_train()
+  device = aot.compile_only_device(aot.CARDS["h100"])
+  report = aot.compile_report(jax.jit(fn).lower(*aot.place(args, device)))
+  if os.environ.get("PERSVID_WRITE_FIXTURE"):
+    HLO.write_text(report["hlo"])
+  assert report["by_kind"] == aot.kernel_summary(HLO.read_text())["by_kind"]
