@@ -5,7 +5,7 @@
       [--batch B --frames T --size S --text-len L] [--steps N] [--peak-tflops P]
   python -m launch.bench --count [--peer] [--config modelscope] [--json FILE]
   python -m launch.bench --aot h100|h200|a100 [--config modelscope] [--json FILE]
-      [--hlo-dir DIR]
+      [--hlo-dir DIR] [--gpus N --fsdp F]
 
 Prints a markdown table (``persvid_jax/bench.py`` says what each column
 measures). The default config is ``modelscope`` at the issue's shapes (a GPU job:
@@ -50,6 +50,10 @@ def _parse(argv):
                  help="compile train / denoise256 / denoise512 for this GPU without one "
                  "(h100, h200, a100; needs jax's CUDA plugin) and report memory and kernels")
   p.add_argument("--hlo-dir", help="--aot: write each compiled program here (WORK.hlo.txt)")
+  p.add_argument("--gpus", type=int, default=1,
+                 help="--aot: compile the train step sharded over this many GPUs of one host")
+  p.add_argument("--fsdp", type=int, default=1,
+                 help="--aot --gpus N: GPUs per parameter shard (the rest data parallel)")
   p.add_argument("--batch", type=int, help="train batch (default 4)")
   p.add_argument("--frames", type=int, help="frames (default config.video.frames)")
   p.add_argument("--size", type=int, help="latent side at the base scale "
@@ -79,8 +83,8 @@ def main(argv=None) -> int:
     # The card is not here: only the CPU backend may start (the CUDA plugin would
     # look for a GPU and a driver); the plugin still compiles for the card.
     os.environ["JAX_PLATFORMS"] = "cpu"
-  elif args.hlo_dir:
-    return _common.fail("--hlo-dir goes with --aot CARD")
+  elif args.hlo_dir or args.gpus != 1 or args.fsdp != 1:
+    return _common.fail("--hlo-dir, --gpus and --fsdp go with --aot CARD")
   # Peer (torch) and ours share one GPU: allocate on demand, not 75% up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   _common.quiet()
@@ -119,9 +123,9 @@ def main(argv=None) -> int:
     if args.hlo_dir:
       pathlib.Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
     try:
-      result = bench.aot_report(config, shapes, works, args.aot, log=log,
-                                dump_dir=args.hlo_dir)
-    except aot.AotError as e:
+      result = bench.aot_report(config, shapes, works, args.aot, gpus=args.gpus,
+                                fsdp=args.fsdp, log=log, dump_dir=args.hlo_dir)
+    except (aot.AotError, bench.BenchError) as e:
       return _common.fail(str(e))
     save(result)
     print(bench.aot_markdown(result))

@@ -26,10 +26,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 import re
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -53,7 +52,6 @@ class Card:
   smem_per_sm_kib: int       # shared memory per SM
   smem_per_block_kib: int    # the opt-in maximum per block
   fp32_per_sm: int
-  peak_bf16_tflops: float    # dense
 
   @property
   def memory_bytes(self) -> int:
@@ -61,11 +59,9 @@ class Card:
 
 
 CARDS = {
-    "h100": Card("NVIDIA H100 80GB HBM3", (9, 0), 132, 81559, 3.35, 1.98, 50, 228, 227, 128,
-                 989.0),
-    "h200": Card("NVIDIA H200", (9, 0), 132, 143771, 4.8, 1.98, 50, 228, 227, 128, 989.0),
-    "a100": Card("NVIDIA A100-SXM4-80GB", (8, 0), 108, 81920, 2.039, 1.41, 40, 164, 163, 64,
-                 312.0),
+    "h100": Card("NVIDIA H100 80GB HBM3", (9, 0), 132, 81559, 3.35, 1.98, 50, 228, 227, 128),
+    "h200": Card("NVIDIA H200", (9, 0), 132, 143771, 4.8, 1.98, 50, 228, 227, 128),
+    "a100": Card("NVIDIA A100-SXM4-80GB", (8, 0), 108, 81920, 2.039, 1.41, 40, 164, 163, 64),
 }
 
 
@@ -108,8 +104,9 @@ def _cudnn_version() -> tuple[int, int, int]:
   return v // 10000, v // 100 % 100, v % 100
 
 
-def compile_only_device(card: Card) -> jax.Device:
-  """A device of ``card`` that programs can be compiled for but not run on.
+def compile_only_devices(card: Card, count: int = 1) -> list[jax.Device]:
+  """``count`` devices of ``card`` on one host that programs can be compiled for
+  but not run on (sharded programs see them as one machine's GPUs).
 
   Raises:
     AotError: jax's CUDA plugin is missing, or the process's default backend is
@@ -120,13 +117,13 @@ def compile_only_device(card: Card) -> jax.Device:
     raise AotError("--aot compiles for an absent GPU: run it with JAX_PLATFORMS=cpu")
   try:
     topo = topologies.get_topology_desc(
-        platform="cuda", topology_name=card.name, topology="1x1x1",
+        platform="cuda", topology_name=card.name, topology=f"1x1x{count}",
         target_config=target_config(card, _cudnn_version()))
   except (NotImplementedError, RuntimeError) as e:
     if isinstance(e, AotError):
       raise
     raise AotError(f"{plugin_hint()} ({type(e).__name__}: {str(e)[:200]})") from e
-  return topo.devices[0]
+  return list(topo.devices)
 
 
 @contextlib.contextmanager
@@ -148,6 +145,7 @@ _ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
 _FREE = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant", "after-all",
          "opt-barrier"}
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 
 
 def _shape_bytes(shape: str) -> int:
@@ -186,6 +184,8 @@ def _kind(op: str, rest: str) -> str:
     return "elementwise / reduction"
   if op in ("copy", "transpose"):
     return "copy / transpose"
+  if op.startswith(_COLLECTIVES):
+    return "collective"
   return op
 
 
@@ -212,7 +212,7 @@ def kernel_summary(hlo_text: str) -> dict[str, Any]:
       continue
     name, shape, op, rest = m.groups()
     sizes[name] = _shape_bytes(shape)
-    if op in _FREE:
+    if op in _FREE or op.endswith("-done"):   # an async op counts once, at its start
       continue
     kind = _kind(op, rest)
     by_kind[kind] += 1
@@ -235,11 +235,17 @@ def compile_report(lowered: Any) -> dict[str, Any]:
   Returns:
     ``{compile_s, argument_bytes, output_bytes, temp_bytes, alias_bytes,
     total_bytes, hlo}`` (``total_bytes``: arguments + outputs + temporaries -
-    aliased, the device memory the call needs) plus ``kernel_summary``'s keys.
+    aliased, the device memory the call needs; per device for a sharded
+    program) plus ``kernel_summary``'s keys.
   """
   start = time.perf_counter()
   compiled = lowered.compile()
-  out = dict(compile_s=time.perf_counter() - start)
+  return compiled_report(compiled, time.perf_counter() - start)
+
+
+def compiled_report(compiled: Any, compile_s: float) -> dict[str, Any]:
+  """``compile_report``'s dict of an already compiled program."""
+  out = dict(compile_s=compile_s)
   m = compiled.memory_analysis()
   out.update(argument_bytes=int(m.argument_size_in_bytes),
              output_bytes=int(m.output_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),

@@ -293,11 +293,14 @@ def _inputs(shapes: Shapes, batch: int, size: int, rng: jax.Array):
   return x, t, context
 
 
-def _abstract_unet_params(unet, shapes: Shapes):
+def _abstract_unet_params(unet, shapes: Shapes, boxed: bool = False):
+  """The generator's params as ``ShapeDtypeStruct``s; ``boxed``: still in their
+  ``nn.LogicallyPartitioned`` boxes (for ``sharding.param_shardings``)."""
   x, t, ctx = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in
                jax.eval_shape(lambda: _inputs(shapes, 1, shapes.size, jax.random.key(0))))
   import flax.linen as nn
-  return nn.meta.unbox(jax.eval_shape(unet.init, jax.random.key(0), x, t, ctx))["params"]
+  variables = jax.eval_shape(unet.init, jax.random.key(0), x, t, ctx)
+  return (variables if boxed else nn.meta.unbox(variables))["params"]
 
 
 def _denoise_program(config, shapes: Shapes, size: int, params=None, abstract: bool = False):
@@ -739,13 +742,31 @@ def flops_markdown(result: dict) -> str:
 # Compiled for a GPU that is not here (persvid_jax.aot).
 # ----------------------------------------------------------------------------
 
+def _sharded_train(config, shapes: Shapes, devices, fsdp: int):
+  """Compiles the train step sharded as the trainer shards it (``train.step``'s
+  state shardings from the logical axis rules, batch over data x fsdp) over
+  ``devices``; returns ``(compiled, seconds)``."""
+  from persvid_jax import sharding as sh
+  from persvid_jax.train import step as step_lib
+  mesh = sh.make_mesh(data=len(devices) // fsdp, fsdp=fsdp, devices=devices)
+  train_step, state, batch, _ = _train_program(config, shapes, abstract=True)
+  boxed = {"unet": _abstract_unet_params(_our_unet(config), shapes, boxed=True)}
+  shards = step_lib.state_shardings(state, boxed, mesh)
+  return step_lib.compile_train_step(train_step, state, shards, batch, mesh)
+
+
 def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
-               log: Callable[[str], None] = print, dump_dir: str | None = None) -> dict:
+               gpus: int = 1, fsdp: int = 1, log: Callable[[str], None] = print,
+               dump_dir: str | None = None) -> dict:
   """Compiles train / denoise256 / denoise512 for the GPU ``card`` (a key of
   ``aot.CARDS``) without one, as that GPU would trace them (``attention_impl``
   'auto' answers as there), and reads what XLA assigned and emitted.
 
   Args:
+    gpus: with more than one, the train step is compiled sharded over that many
+      GPUs of one host (``fsdp`` of them per parameter shard, the rest data
+      parallel), through the trainer's own ``compile_train_step``; memory is then
+      per GPU. The denoise rows stay on one GPU.
     dump_dir: where to write each work's compiled HLO (``WORK.hlo.txt``), if given.
 
   Returns:
@@ -762,29 +783,39 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
   """
   from persvid_jax import aot
   spec = aot.CARDS[card]
-  device = aot.compile_only_device(spec)
+  peak = peak_tflops_of(spec.name)
+  if gpus < 1 or fsdp < 1 or gpus % fsdp or shapes.batch % gpus:
+    raise BenchError(f"--gpus {gpus} --fsdp {fsdp}: fsdp must divide gpus, and gpus the "
+                     f"train batch {shapes.batch} (--batch)")
+  devices = aot.compile_only_devices(spec, gpus)
   labels = row_shapes(shapes)
   rows = []
   for w in (w for w in ("denoise256", "denoise512", "train") if w in works):
     log(f"compiling {w} for {spec.name} (no device; minutes at the full size) ...")
-    row = dict(work=w, shape=labels[w], error=None)
+    sharded = w == "train" and gpus > 1
+    row = dict(work=w, shape=labels[w], gpus=gpus if sharded else 1,
+               fsdp=fsdp if sharded else 1, error=None)
     try:
       with aot.cudnn_as_on(spec):
-        if w == "train":
-          fn, *args = _train_program(config, shapes, abstract=True)
-          donate = (0,)
+        if sharded:
+          row.update(aot.compiled_report(*_sharded_train(config, shapes, devices, fsdp)))
         else:
-          fn, params, inputs = _denoise_program(config, shapes, latent_side(shapes, w),
-                                                abstract=True)
-          args, donate = (params, *inputs), ()
-        start = time.perf_counter()
-        lowered = jax.jit(fn, donate_argnums=donate).lower(*aot.place(args, device))
-        lower_s = time.perf_counter() - start
-      row.update(aot.compile_report(lowered))
+          if w == "train":
+            fn, *args = _train_program(config, shapes, abstract=True)
+            donate = (0,)
+          else:
+            fn, params, inputs = _denoise_program(config, shapes, latent_side(shapes, w),
+                                                  abstract=True)
+            args, donate = (params, *inputs), ()
+          start = time.perf_counter()
+          lowered = jax.jit(fn, donate_argnums=donate).lower(*aot.place(args, devices[0]))
+          lower_s = time.perf_counter() - start
+          row.update(aot.compile_report(lowered))
+          row["compile_s"] += lower_s
       # Counted as --count does (on this CPU, attention as XLA's matmuls): the
       # lowered GPU program holds cuDNN calls, which XLA's cost analysis does not see.
+      # The whole step's FLOPs, also when sharded (each GPU does 1/gpus of them).
       row["flops"] = ours_flops(config, shapes, w)
-      row["compile_s"] += lower_s
     except Exception as e:   # noqa: BLE001 -- the finding itself: report it, go on
       row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
       rows.append(row)
@@ -792,12 +823,12 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
     hlo = row.pop("hlo")
     if dump_dir:
       pathlib.Path(dump_dir, f"{w}.hlo.txt").write_text(hlo)
-    row["compute_ms"] = row["flops"] / (spec.peak_bf16_tflops * 1e12) * 1e3 if row["flops"] \
-        else None
+    row["compute_ms"] = (row["flops"] / row["gpus"] / (peak * 1e12) * 1e3
+                         if row["flops"] else None)
     row["memory_ms"] = row["memory_bound_bytes"] / (spec.bandwidth_tbs * 1e12) * 1e3
     rows.append(row)
   return dict(config=config.get("name", "?"), card=spec.name, memory_bytes=spec.memory_bytes,
-              bandwidth_tbs=spec.bandwidth_tbs, peak_tflops=spec.peak_bf16_tflops, rows=rows)
+              bandwidth_tbs=spec.bandwidth_tbs, peak_tflops=peak, rows=rows)
 
 
 def aot_markdown(result: dict) -> str:
@@ -807,25 +838,28 @@ def aot_markdown(result: dict) -> str:
            f"temporaries - donated), of the card's {_bytes(result['memory_bytes'])}. "
            f"Kernels: launches of one call. Roofline parts: FLOPs at "
            f"{result['peak_tflops']:.0f} TFLOP/s; the elementwise / reduction / copy "
-           f"kernels' bytes at {result['bandwidth_tbs']} TB/s.", "",
+           f"kernels' bytes at {result['bandwidth_tbs']} TB/s. A sharded row (x N GPUs): "
+           f"memory, kernels, bytes and compute per GPU, FLOPs of the whole step.", "",
            "| work | shape | compile s (here) | memory | of card | kernels | cuDNN attention "
-           "fwd / bwd | cuDNN conv | gemm | elementwise, copies | their bytes | FLOPs | "
-           "compute ms | memory ms |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "fwd / bwd | cuDNN conv | gemm | elementwise, copies | collectives | their bytes | "
+           "FLOPs | compute ms | memory ms |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   notes = []
   for r in result["rows"]:
+    work = r["work"] + (f" x {r['gpus']} GPUs (fsdp {r['fsdp']})" if r.get("gpus", 1) > 1
+                        else "")
     if r["error"]:
-      lines.append(f"| {r['work']} | {r['shape']} | fails | | | | | | | | | | | |")
-      notes.append(f"- {r['work']}: {r['error']}")
+      lines.append(f"| {work} | {r['shape']} | fails | | | | | | | | | | | | |")
+      notes.append(f"- {work}: {r['error']}")
       continue
     k = r["by_kind"]
     lines.append(
-        f"| {r['work']} | {r['shape']} | {r['compile_s']:.0f} | {_bytes(r['total_bytes'])} | "
+        f"| {work} | {r['shape']} | {r['compile_s']:.0f} | {_bytes(r['total_bytes'])} | "
         f"{100 * r['total_bytes'] / result['memory_bytes']:.0f} % | {r['kernels']} | "
         f"{k.get('attention fwd (cuDNN)', 0)} / {k.get('attention bwd (cuDNN)', 0)} | "
         f"{k.get('conv (cuDNN)', 0)} | {k.get('gemm', 0)} | "
         f"{k.get('elementwise / reduction', 0) + k.get('copy / transpose', 0)} | "
-        f"{r['memory_bound_bytes'] / 1e9:.1f} GB | {_flops_str(r['flops'])} | "
+        f"{k.get('collective', 0)} | {r['memory_bound_bytes'] / 1e9:.1f} GB | {_flops_str(r['flops'])} | "
         f"{_fmt(r['compute_ms'], '.1f')} | {r['memory_ms']:.1f} |")
   return "\n".join(lines + ([""] + notes if notes else []))
 

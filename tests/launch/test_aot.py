@@ -89,7 +89,8 @@ def _bench(*args, timeout=900):
 @pytest.mark.parametrize("args, message", [
     (["--aot", "v100"], "--aot 'v100': use one of h100, h200, a100"),
     (["--aot", "h100", "--peer"], "--aot compiles our programs only"),
-    (["--hlo-dir", "x"], "--hlo-dir goes with --aot CARD"),
+    (["--hlo-dir", "x"], "--hlo-dir, --gpus and --fsdp go with --aot CARD"),
+    (["--gpus", "8"], "--hlo-dir, --gpus and --fsdp go with --aot CARD"),
     (["--aot", "h100", "--which", "cascade"], "--aot takes train, denoise256, denoise512 only"),
 ])
 def test_bad_aot_flags_are_one_line(args, message):
@@ -119,8 +120,24 @@ def test_tiny_config_compiles_for_an_h100(tmp_path):
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
 def test_small_program_compiles_as_recorded():
   fn, args = _small_train()
-  device = aot.compile_only_device(aot.CARDS["h100"])
+  device, = aot.compile_only_devices(aot.CARDS["h100"])
   report = aot.compile_report(jax.jit(fn).lower(*aot.place(args, device)))
   if os.environ.get("PERSVID_WRITE_FIXTURE"):
     HLO.write_text(report["hlo"])
   assert report["by_kind"] == aot.kernel_summary(HLO.read_text())["by_kind"]
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
+def test_tiny_train_step_compiles_sharded_over_two_h100s():
+  """The trainer's own compile_train_step over 2 compile-only GPUs, FSDP 2: the
+  parameters are split, so each GPU holds less than one unsharded copy needs."""
+  one = _bench("--config", "tiny:bf16", "--aot", "h100", "--which", "train")
+  two = _bench("--config", "tiny:bf16", "--aot", "h100", "--which", "train",
+               "--gpus", "2", "--fsdp", "2")
+  assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr)
+  row = lambda out: [c.strip() for c in out.splitlines()[-1].strip("|").split("|")]
+  single, sharded = row(one.stdout), row(two.stdout)
+  assert sharded[0] == "train x 2 GPUs (fsdp 2)", sharded
+  mib = lambda cell: float(cell.split()[0]) * (1024 if cell.endswith("GiB") else 1)
+  assert mib(sharded[3]) < mib(single[3]), (single, sharded)
+  assert int(sharded[10]) > 0   # collectives
