@@ -771,9 +771,9 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
 
   Returns:
     ``{config, card, memory_bytes, bandwidth_tbs, peak_tflops, rows: [{work, shape,
-    flops, compile_s, argument_bytes, output_bytes, temp_bytes, alias_bytes,
-    total_bytes, kernels, by_kind, memory_bound_bytes, compute_ms, memory_ms,
-    error}]}``: ``compute_ms`` = FLOPs at the card's dense bf16 peak,
+    gpus, fsdp, flops, compile_s, argument_bytes, output_bytes, temp_bytes,
+    alias_bytes, total_bytes, kernels, by_kind, memory_bound_bytes, compute_ms,
+    memory_ms, error}]}``: ``compute_ms`` = FLOPs per GPU at the card's dense bf16 peak,
     ``memory_ms`` = the memory-bound kernels' bytes at its bandwidth (two
     components of a roofline estimate, not a measurement); a work that does not
     trace or compile has only ``error``.
@@ -859,8 +859,8 @@ def aot_markdown(result: dict) -> str:
         f"{k.get('attention fwd (cuDNN)', 0)} / {k.get('attention bwd (cuDNN)', 0)} | "
         f"{k.get('conv (cuDNN)', 0)} | {k.get('gemm', 0)} | "
         f"{k.get('elementwise / reduction', 0) + k.get('copy / transpose', 0)} | "
-        f"{k.get('collective', 0)} | {r['memory_bound_bytes'] / 1e9:.1f} GB | {_flops_str(r['flops'])} | "
-        f"{_fmt(r['compute_ms'], '.1f')} | {r['memory_ms']:.1f} |")
+        f"{k.get('collective', 0)} | {r['memory_bound_bytes'] / 1e9:.1f} GB | "
+        f"{_flops_str(r['flops'])} | {_fmt(r['compute_ms'], '.1f')} | {r['memory_ms']:.1f} |")
   return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -5,8 +5,9 @@ can pick cuDNN's fused kernel (``implementation='cudnn'``) without any model
 change. ``'auto'`` (the configs' default) picks it where it applies: a CUDA GPU
 whose cuDNN jax can use, bf16/fp16 inputs, a head width that is a multiple of 8
 and at most 128, no boolean mask, even query and key lengths; everywhere else
-(CPU, TPU, float32, the 77-token text cross-attention) XLA's attention. jax's own default (``None``) is XLA even on a GPU, which issue 8
-measured at 79 TFLOP/s against cuDNN's 421 on an H200. Logits and softmax run in
+(CPU, TPU, float32, the 77-token text cross-attention) XLA's attention. jax's
+own default (``None``) is XLA even on a GPU, which issue 8 measured at 79
+TFLOP/s against cuDNN's 421 on an H200. Logits and softmax run in
 float32 whatever the compute dtype (both paths do this for bf16 inputs), and
 norms are computed in float32 too, since bf16 statistics lose small values.
 """
