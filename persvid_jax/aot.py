@@ -115,13 +115,12 @@ def compile_only_devices(card: Card, count: int = 1) -> list[jax.Device]:
   from jax.experimental import topologies
   if jax.default_backend() != "cpu":
     raise AotError("--aot compiles for an absent GPU: run it with JAX_PLATFORMS=cpu")
+  config = target_config(card, _cudnn_version())
   try:
     topo = topologies.get_topology_desc(
         platform="cuda", topology_name=card.name, topology=f"1x1x{count}",
-        target_config=target_config(card, _cudnn_version()))
+        target_config=config)
   except (NotImplementedError, RuntimeError) as e:
-    if isinstance(e, AotError):
-      raise
     raise AotError(f"{plugin_hint()} ({type(e).__name__}: {str(e)[:200]})") from e
   return list(topo.devices)
 
@@ -243,15 +242,23 @@ def compile_report(lowered: Any) -> dict[str, Any]:
   return compiled_report(compiled, time.perf_counter() - start)
 
 
-def compiled_report(compiled: Any, compile_s: float) -> dict[str, Any]:
-  """``compile_report``'s dict of an already compiled program."""
-  out = dict(compile_s=compile_s)
+def memory_of(compiled: Any) -> dict[str, int]:
+  """XLA's buffer assignment of a ``jax.stages.Compiled``: ``{argument_bytes,
+  output_bytes, temp_bytes, alias_bytes, total_bytes}``, ``total_bytes`` being
+  arguments + outputs + temporaries - aliased (donated), the device memory a call
+  needs (per device for a sharded program). Raises where the backend does not say."""
   m = compiled.memory_analysis()
-  out.update(argument_bytes=int(m.argument_size_in_bytes),
+  out = dict(argument_bytes=int(m.argument_size_in_bytes),
              output_bytes=int(m.output_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
              alias_bytes=int(m.alias_size_in_bytes))
   out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
                         - out["alias_bytes"])
+  return out
+
+
+def compiled_report(compiled: Any, compile_s: float) -> dict[str, Any]:
+  """``compile_report``'s dict of an already compiled program."""
+  out = dict(compile_s=compile_s, **memory_of(compiled))
   hlo = compiled.as_text()
   out.update(kernel_summary(hlo))
   out["hlo"] = hlo

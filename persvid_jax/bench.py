@@ -217,10 +217,9 @@ def _cost_flops(program) -> float | None:
 
 
 def _program_bytes(compiled) -> int | None:
+  from persvid_jax import aot
   try:
-    m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return aot.memory_of(compiled)["total_bytes"]
   except Exception:   # not every backend reports it
     return None
 
