@@ -1,26 +1,28 @@
-"""Attention and projection primitives shared by every network.
+"""Attention, normalisation and projection primitives shared by every network.
 
 All attention goes through ``jax.nn.dot_product_attention`` so that the GPU
 can pick cuDNN's fused kernel (``implementation='cudnn'``) without any model
 change. ``'auto'`` (the configs' default) picks it where it applies: a CUDA GPU
 whose cuDNN jax can use, bf16/fp16 inputs, a head width that is a multiple of 8
-and at most 128, no boolean mask, even query and key lengths; everywhere else
-(CPU, TPU, float32, the 77-token text cross-attention) XLA's attention. jax's
-own default (``None``) is XLA even on a GPU, which issue 8 measured at 79
-TFLOP/s against cuDNN's 421 on an H200. Logits and softmax run in
-float32 whatever the compute dtype (both paths do this for bf16 inputs), and
-norms are computed in float32 too, since bf16 statistics lose small values.
-"""
+and at most 128, no boolean mask and an even query length. An odd key length
+(the 77 text tokens) is padded to an even one and the pad hidden by cuDNN's
+padding mask. Everywhere else (CPU, TPU, float32, masked calls) XLA's attention
+runs; jax's own default (``None``) is XLA even on a GPU, which measured 79
+TFLOP/s against cuDNN's 421 on an H200. Logits and softmax run in float32
+whatever the compute dtype (both paths do this for bf16 inputs), and norms are
+computed in float32 too, since bf16 statistics lose small values."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
@@ -52,6 +54,10 @@ def layer_norm(*, name: str, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
   del dtype  # statistics always in float32, see module docstring
   return nn.LayerNorm(
       epsilon=epsilon, dtype=jnp.float32, param_dtype=param_dtype,
+      # Two-pass variance, E[(x - E[x])^2]: XLA turns this form into one Triton
+      # kernel on a GPU (statistics and normalisation in a single pass over x);
+      # the fast form E[x^2] - E[x]^2 costs three.
+      use_fast_variance=False,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)),
       name=name)
@@ -66,6 +72,152 @@ def group_norm(num_groups: int, *, name: str, epsilon: float = 1e-5,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (sh.NORM,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.NORM,)),
       name=name)
+
+
+def _partial_sums(a: jax.Array, b: jax.Array, axes: tuple[int, ...], *, variadic: bool
+                  ) -> tuple[jax.Array, jax.Array]:
+  """``a, b [*batch, *reduced, C]`` each summed over the two innermost of the
+  reduced ``axes`` (``[H, W]``): two ``[*batch, *outer, C]`` from one pass over the
+  activations.
+
+  A whole video's ``[T, H, W]`` summed at once is one long column, which XLA
+  splits into two stages with a kernel per sum; here the frames ``T`` are left to
+  the small group kernel, and the barrier keeps XLA from merging the two back.
+  ``variadic``: one reduction of the pair (what XLA fuses into one kernel when
+  ``a`` and ``b`` share an expensive producer, as in the gradient); else two
+  sibling sums (which XLA fuses when they do not, and then also fuses the group
+  statistics that follow).
+  """
+  inner = tuple(axes[-2:])
+  if variadic:
+    zero = jnp.zeros((), a.dtype)
+    sums = jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]),
+                          inner)
+  else:
+    sums = jnp.sum(a, inner), jnp.sum(b, inner)
+  return jax.lax.optimization_barrier(sums) if len(axes) > 2 else sums
+
+
+def _group_mean(v: jax.Array, batch_dims: int, groups: int, count: int) -> jax.Array:
+  """``[*batch, *outer, C]`` partial sums -> ``[*batch, G]`` means over each group's
+  ``count`` elements (a small reduction)."""
+  v = v.reshape(v.shape[:-1] + (groups, -1))
+  return v.sum(tuple(range(batch_dims, v.ndim - 2)) + (v.ndim - 1,)) / count
+
+
+def _per_channel(v: jax.Array, channels: int, ndim: int) -> jax.Array:
+  """``[*batch, G] -> [*batch, 1, ..., 1, C]`` (each group's value on its channels),
+  broadcastable against a rank-``ndim`` input."""
+  v = jnp.repeat(v, channels // v.shape[-1], axis=-1)
+  return v.reshape(v.shape[:-1] + (1,) * (ndim - v.ndim) + (channels,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+                    epsilon: float, batch_dims: int, silu: bool, dtype: Any) -> jax.Array:
+  """GroupNorm (+ SiLU) of ``x [*batch, *reduced, C]`` in float32, cast to ``dtype``.
+
+  The first ``batch_dims`` axes are samples; statistics run over the other axes
+  and the ``C // groups`` channels of each group (torch's ``nn.GroupNorm`` on a
+  channels-first tensor). ``scale``, ``bias``: ``[C]``. Variance as flax computes
+  it, ``E[x^2] - E[x]^2`` (clamped at 0), with ``epsilon`` inside the rsqrt.
+
+  Its gradient is written out (``jax.custom_vjp``) so that XLA gets one reduction
+  pass over ``(x, dy)`` (the per-channel sums of ``dz`` and ``dz * x_hat``, which
+  give the scale and bias gradients and both group means of ``dx``), a tiny
+  group kernel and one elementwise pass for ``dx``, the SiLU's derivative
+  recomputed inside. Autodiff of the forward gives XLA a float32 copy of the
+  normalised activations and two more reduction stages.
+  """
+  return _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype):
+  xf = x.astype(jnp.float32)
+  c = x.shape[-1]
+  axes = tuple(range(batch_dims, x.ndim - 1))
+  count = math.prod(x.shape[a] for a in axes) * (c // groups)
+  sums, squares = _partial_sums(xf, xf * xf, axes, variadic=False)
+  mean = _group_mean(sums, batch_dims, groups, count)                         # [*batch, G]
+  mean_sq = _group_mean(squares, batch_dims, groups, count)
+  rstd = jax.lax.rsqrt(jnp.maximum(mean_sq - mean * mean, 0.0) + epsilon)
+  # (x - mean) * rstd, not x * rstd - mean * rstd: no cancellation when |mean| >> std.
+  z = ((xf - _per_channel(mean, c, x.ndim)) * _per_channel(rstd, c, x.ndim)
+       * scale.astype(jnp.float32) + bias.astype(jnp.float32))
+  y = jax.nn.silu(z) if silu else z
+  return y.astype(dtype), (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, res, dy):
+  del epsilon, dtype
+  x, scale, bias, mean, rstd = res
+  xf, c = x.astype(jnp.float32), x.shape[-1]
+  axes = tuple(range(batch_dims, x.ndim - 1))
+  count = math.prod(x.shape[a] for a in axes) * (c // groups)
+  scale_f = scale.astype(jnp.float32)
+  rstd_c = _per_channel(rstd, c, x.ndim)
+  x_hat = (xf - _per_channel(mean, c, x.ndim)) * rstd_c
+  dz = dy.astype(jnp.float32)
+  if silu:
+    z = x_hat * scale_f + bias.astype(jnp.float32)
+    s = jax.nn.sigmoid(z)
+    dz = dz * s * (1.0 + z * (1.0 - s))
+  sum_dz, sum_dz_xhat = _partial_sums(dz, dz * x_hat, axes,   # [*batch, *outer, C]
+                                      variadic=True)
+  zero = jnp.zeros((), jnp.float32)
+  dbias, dscale = jax.lax.reduce((sum_dz, sum_dz_xhat), (zero, zero),    # one kernel
+                                 lambda p, q: (p[0] + q[0], p[1] + q[1]),
+                                 tuple(range(sum_dz.ndim - 1)))
+  dbias, dscale = dbias.astype(bias.dtype), dscale.astype(scale.dtype)
+  # dx = rstd * (g - mean_group(g) - x_hat * mean_group(g * x_hat)), g = dz * scale.
+  mean_g = _per_channel(_group_mean(sum_dz * scale_f, batch_dims, groups, count), c, x.ndim)
+  mean_gx = _per_channel(_group_mean(sum_dz_xhat * scale_f, batch_dims, groups, count), c,
+                         x.ndim)
+  dx = rstd_c * (dz * scale_f - mean_g - x_hat * mean_gx)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+group_norm_silu.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm (torch's ``nn.GroupNorm`` semantics) in float32, with an optional SiLU.
+
+  ``x [*batch, *reduced, C] -> same shape`` in ``dtype``: the first
+  ``batch_dims`` axes are independent samples; statistics run over all the other
+  axes and the ``C // num_groups`` channels of each group. ``batch_dims=2`` on a
+  video ``[B, T, H, W, C]`` normalises each frame; ``batch_dims=1`` the whole video.
+
+  Same parameters (``scale``, ``bias``) and values as ``nn.GroupNorm`` (within
+  float32 rounding), computed by ``group_norm_silu`` in the order XLA fuses into
+  three kernels on a GPU (per-channel sums of ``x`` and ``x^2`` in one pass, the
+  group statistics on ``[*batch, G]``, one elementwise pass that normalises,
+  applies SiLU and casts) and three or four for the gradient. ``nn.GroupNorm``
+  reduces over a ``[.., G, C/G]`` view whose reduced axes are not contiguous, and
+  costs four to six kernels forward and about seven backward.
+  """
+  num_groups: int
+  epsilon: float = 1e-5
+  batch_dims: int = 1
+  activation: str | None = None       # None or "silu"
+  dtype: Dtype = jnp.float32          # output dtype
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
+    if not 0 <= self.batch_dims < x.ndim - 1:
+      raise ValueError(f"GroupNorm: batch_dims {self.batch_dims} for an input of rank {x.ndim}")
+    if self.activation not in (None, "silu"):
+      raise ValueError(f"GroupNorm: unknown activation {self.activation!r}")
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             (sh.NORM,)), (c,), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           (sh.NORM,)), (c,), self.param_dtype)
+    return group_norm_silu(x, scale, bias, self.num_groups, float(self.epsilon),
+                           self.batch_dims, self.activation == "silu", jnp.dtype(self.dtype))
 
 
 IMPLEMENTATIONS = config_lib.ATTENTION_IMPLS   # ("auto", "xla", "cudnn")
@@ -130,12 +282,15 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int, *,
     dtype: the dtype of q/k/v.
     head_dim: the width of one head.
     lengths: ``(Lq, Lk)``, the query and key sequence lengths. ``'auto'`` takes
-      cuDNN only when both are even: jax's cuDNN attention (0.10 and 0.11) hands
+      cuDNN only for an even ``Lq``: jax's cuDNN attention (0.10 and 0.11) hands
       its VJP an empty bias placeholder, so under ``jax.grad`` every call is
-      checked as a biased one, and biased training needs even lengths. An odd
-      length (the 77 text tokens of cross-attention) would raise
-      ``NotImplementedError`` while tracing the train step; forward-only calls
-      would pass, but a network cannot tell here whether it is differentiated.
+      checked as a biased one, and biased training needs even lengths (an odd
+      length raises ``NotImplementedError`` while tracing the train step;
+      forward-only calls would pass, but a network cannot tell here whether it
+      is differentiated). An odd ``Lk`` without a mask (the 77 text tokens of
+      cross-attention) is fine: ``dot_product_attention`` pads the keys by one
+      and hides the pad with cuDNN's padding mask (``key_value_seq_lengths``,
+      no bias tensor).
     has_mask: whether a boolean mask is passed (``'auto'`` leaves those to XLA:
       cuDNN would turn the mask into a bias tensor, a slower kernel).
 
@@ -155,7 +310,7 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int, *,
     return None
   eligible = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
               and head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM and not has_mask
-              and all(n % 2 == 0 for n in lengths))
+              and lengths[0] % 2 == 0)
   return "cudnn" if eligible and (_ASSUMED[-1] if _ASSUMED else cudnn_available()) else None
 
 
@@ -191,12 +346,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     attn_mask = mask[:, None, None, :].astype(bool)   # [B, 1, 1, Lk]
   impl = resolve_implementation(implementation, q.dtype, dh, lengths=(lq, lk),
                                 has_mask=mask is not None)
+  kv_lengths = None
+  if impl == "cudnn" and lk % 2 and mask is None:
+    k, v, kv_lengths = pad_keys(k, v)
   # Both paths accumulate logits and run the softmax in float32 for bf16
   # inputs (XLA: preferred_element_type=float32; cuDNN: by construction).
   # BTNH is one of cuDNN's two native layouts: no transpose either way.
   out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, is_causal=is_causal,
-                                     implementation=impl)
+                                     key_value_seq_lengths=kv_lengths, implementation=impl)
   return out.reshape(b, lq, width)
+
+
+def pad_keys(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One zero key and value appended: ``[B, Lk, N, H] -> [B, Lk + 1, N, H]`` each,
+  and ``[B]`` int32 lengths ``Lk`` that tell cuDNN's padding mask to ignore it.
+
+  jax's cuDNN attention needs even lengths under ``jax.grad`` (see
+  ``resolve_implementation``); the text's 77 tokens become 78, the 78th masked, so
+  the text cross-attention runs fused instead of as XLA's four kernels.
+  """
+  b, lk = k.shape[:2]
+  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  # A numpy constant: part of the program, not a kernel that fills it per call.
+  return jnp.pad(k, pad), jnp.pad(v, pad), jnp.asarray(np.full((b,), lk, np.int32))
 
 
 class FeedForward(nn.Module):

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 
 from persvid_jax import sharding as sh
 from persvid_jax.models import attention
-from persvid_jax.models.attention import conv, group_norm, layer_norm, linear
+from persvid_jax.models.attention import GroupNorm, conv, layer_norm, linear
 
 Dtype = Any
 Array = jax.Array
@@ -172,12 +172,6 @@ def spatial_conv(features: int, kernel_size: int, dilation: int, *, name: str,
   return conv(features, (kernel_size, kernel_size), name=name, padding="SAME",
               dilation=(dilation, dilation), dtype=dtype, param_dtype=param_dtype,
               kernel_init=kernel_init)
-
-
-def _per_frame(fn, x: Array) -> Array:
-  """Applies ``fn`` (a norm over ``[N, H, W, C]``) to each frame of ``[B, T, H, W, C]``."""
-  b, t = x.shape[:2]
-  return fn(x.reshape((b * t,) + x.shape[2:])).reshape(x.shape)
 
 
 def _constrain(x: Array) -> Array:
@@ -361,9 +355,8 @@ class SpatialTransformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t, h, w, c = x.shape
     inner = self.heads * self.head_dim
-    norm = group_norm(self.norm_num_groups, name="norm", epsilon=TRANSFORMER_GROUP_NORM_EPS,
-                      param_dtype=self.param_dtype)
-    y = norm(x.reshape(b * t, h, w, c)).astype(self.dtype).reshape(b * t, h * w, c)
+    y = GroupNorm(self.norm_num_groups, epsilon=TRANSFORMER_GROUP_NORM_EPS, batch_dims=2,
+                  name="norm", **kw)(x).reshape(b * t, h * w, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, detail_dim=self.detail_dim,
                               attention_impl=self.attention_impl,
@@ -396,8 +389,8 @@ class TemporalTransformer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t, h, w, c = x.shape
     inner = self.heads * self.head_dim
-    y = group_norm(self.norm_num_groups, name="norm", epsilon=TRANSFORMER_GROUP_NORM_EPS,
-                   param_dtype=self.param_dtype)(x).astype(self.dtype)
+    y = GroupNorm(self.norm_num_groups, epsilon=TRANSFORMER_GROUP_NORM_EPS, batch_dims=1,
+                  name="norm", **kw)(x)
     y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, attention_impl=self.attention_impl,
@@ -431,10 +424,9 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: Array, temb: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
-    def norm(name, y):
-      gn = group_norm(self.norm_num_groups, name=name, epsilon=self.norm_eps,
-                      param_dtype=self.param_dtype)
-      return nn.silu(_per_frame(gn, y)).astype(self.dtype)
+    def norm(name, y):   # per frame, then SiLU
+      return GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, batch_dims=2,
+                       activation="silu", name=name, **kw)(y)
 
     h = norm("norm1", x)
     h = spatial_conv(self.features, self.kernel_size, self.dilation, name="conv1", **kw)(h)
@@ -458,15 +450,45 @@ class NormSiLUConv3d(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
-    h = group_norm(self.norm_num_groups, name="norm", epsilon=TEMPORAL_CONV_GROUP_NORM_EPS,
-                   param_dtype=self.param_dtype)(x)
-    h = nn.silu(h).astype(self.dtype)
+    h = GroupNorm(self.norm_num_groups, epsilon=TEMPORAL_CONV_GROUP_NORM_EPS, batch_dims=1,
+                  activation="silu", name="norm", dtype=self.dtype,
+                  param_dtype=self.param_dtype)(x)
     if self.dropout:
       h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()
-    c = conv(self.features, (3, 1, 1), name="conv", padding=((1, 1), (0, 0), (0, 0)),
-             dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=init)
-    return c(h)
+    return FrameConv(self.features, kernel_init=init, name="conv", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(h)
+
+
+class FrameConv(nn.Module):
+  """The 3x1x1 conv over frames, ``[B, T, H, W, Cin] -> [B, T, H, W, C]``, zero-padded.
+
+  Parameters as flax's ``nn.Conv`` of kernel ``(3, 1, 1)`` (``kernel [3, 1, 1, Cin,
+  C]``, ``bias [C]``, same initialisation and logical axes), computed as a 2-D
+  conv of kernel ``(3, 1)`` over ``[B, T, H*W, Cin]`` (frames as rows, pixels as
+  columns): the same sums. As a 3-D conv, XLA gives cuDNN the NCDHW layout on a
+  GPU, with a transpose of the activations around each of the 88 temporal convs
+  and of the weight gradient in training; the 2-D one stays channels-last.
+  """
+  features: int
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, t, h, w, cin = x.shape
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        self.kernel_init, attention.conv_kernel_axes(3)), (3, 1, 1, cin, self.features),
+        self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), (sh.CONV_OUT,)), (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x.reshape(b, t, h * w, cin), kernel.reshape(3, 1, cin, self.features),
+        window_strides=(1, 1), padding=((1, 1), (0, 0)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (y + bias).reshape(b, t, h, w, self.features)
 
 
 class TemporalConvLayer(nn.Module):
@@ -783,7 +805,6 @@ class UNet3D(nn.Module):
           h, res, cond, upsample_size=None if last else tuple(skips[-1].shape[2:4]))
 
     # 6. Output.
-    norm = group_norm(s.norm_num_groups, name="conv_norm_out", epsilon=s.norm_eps,
-                      param_dtype=self.param_dtype)
-    h = nn.silu(_per_frame(norm, h)).astype(self.dtype)
+    h = GroupNorm(s.norm_num_groups, epsilon=s.norm_eps, batch_dims=2, activation="silu",
+                  name="conv_norm_out", **kw)(h)
     return conv(s.out_channels, (3, 3), name="conv_out", **kw)(h)

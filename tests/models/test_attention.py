@@ -65,8 +65,9 @@ def test_gpus_before_ampere_are_not_probed(monkeypatch, capability, lowered):
     ("auto", jnp.bfloat16, 12, (1024, 1024), False, None),  # not a multiple of 8
     ("auto", jnp.bfloat16, 512, (1024, 1024), False, None), # the VAE's one wide head
     ("auto", jnp.bfloat16, 64, (1024, 1024), True, None),   # a mask would become a bias tensor
-    ("auto", jnp.bfloat16, 64, (1024, 77), False, None),    # odd: jax's cuDNN VJP refuses it
-    ("auto", jnp.bfloat16, 64, (15, 15), False, None),      # an odd number of frames
+    ("auto", jnp.bfloat16, 64, (1024, 77), False, "cudnn"), # odd keys: padded to 78, masked
+    ("auto", jnp.bfloat16, 64, (15, 15), False, None),      # odd queries: jax's cuDNN VJP
+                                                            # refuses them (15 frames)
     ("xla", jnp.bfloat16, 64, (1024, 1024), False, None),
     (None, jnp.bfloat16, 64, (1024, 1024), False, None),
     ("cudnn", jnp.float32, 64, (1024, 77), False, "cudnn"), # asked for: jax then says why not
@@ -90,8 +91,8 @@ def test_unknown_implementation_is_refused():
 
 def test_every_generator_attention_takes_cudnn_at_the_issue_layout(on_a_cudnn_gpu):
   """The benchmark's ModelScope generator (bf16, 64-wide heads): on a GPU every
-  self-attention of its forward pass is cuDNN's, and the 77-token text
-  cross-attention is XLA's (traced abstractly, no weights)."""
+  attention of its forward pass is cuDNN's, the 77-token text cross-attention
+  included (its keys padded to 78; traced abstractly, no weights)."""
   config = config_lib.load_config("modelscope")
   assert config.attention_impl == "auto" and config.dtype == "bfloat16"
   unet = UNet3D.from_config(bench.bench_unet_config(config), dtype=config.dtype,
@@ -107,9 +108,36 @@ def test_every_generator_attention_takes_cudnn_at_the_issue_layout(on_a_cudnn_gp
   # each two self-attentions over the frames (diffusers' double_self_attention).
   assert len(on_a_cudnn_gpu) == 16 * 2 + 17 * 2, len(on_a_cudnn_gpu)
   cross = [c for c in on_a_cudnn_gpu if c[4][1] == 77]
-  others = [c for c in on_a_cudnn_gpu if c[4][1] != 77]
-  assert len(cross) == 16 and {c[3] for c in cross} == {None}, cross
-  assert {(c[0], c[1], c[3]) for c in others} == {(64, "bfloat16", "cudnn")}, others
+  assert len(cross) == 16, cross
+  assert {(c[0], c[1], c[3]) for c in on_a_cudnn_gpu} == {(64, "bfloat16", "cudnn")}
+
+
+@pytest.mark.parametrize("lk", [77, 5])
+def test_odd_keys_are_padded_and_masked_for_cudnn(monkeypatch, lk):
+  """cuDNN's path pads an odd key length by one and hides the pad with its padding
+  mask (``key_value_seq_lengths``); run here by XLA's kernel with the same
+  arguments, forward and gradients equal the unpadded attention's."""
+  real = jax.nn.dot_product_attention
+  seen = []
+
+  def as_xla(q, k, v, **kw):
+    seen.append((k.shape[1], kw["key_value_seq_lengths"], kw["implementation"]))
+    return real(q, k, v, **{**kw, "implementation": None})
+  monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, n, 3 * 8)), jnp.float32)
+             for n in (6, lk, lk))
+  f = lambda impl: (lambda q, k, v: attention.dot_product_attention(
+      q, k, v, num_heads=3, implementation=impl))
+  padded, plain = f("cudnn"), f("xla")
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-6, atol=1e-6)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+  for a, b in zip(jax.grad(loss(padded), (0, 1, 2))(q, k, v),
+                  jax.grad(loss(plain), (0, 1, 2))(q, k, v)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert seen[0][0] == lk + 1 and seen[0][2] == "cudnn"
+  np.testing.assert_array_equal(seen[0][1], [lk, lk])
 
 
 def test_float32_stays_on_xla_and_auto_equals_xla_on_cpu(on_a_cudnn_gpu):
