@@ -126,11 +126,11 @@ def compilation_cache() -> None:
 
   ``$JAX_COMPILATION_CACHE_DIR`` wins if set; else ``$PERSVID_JAX_CACHE``
   or ``~/.cache/persvid_jax/xla``. Entries are keyed on the program and the
-  jax version, so a stale entry is never used.
+  jax version, so a stale entry is never used; XLA's kernel and autotuning
+  caches live there too (``xla_options.enable_cache``).
   """
   import jax
-  if jax.config.jax_compilation_cache_dir:
-    return
+  from persvid_jax import xla_options
   default = os.path.join(os.path.expanduser("~"), ".cache", "persvid_jax", "xla")
-  jax.config.update("jax_compilation_cache_dir", os.environ.get("PERSVID_JAX_CACHE", default))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  xla_options.enable_cache(jax.config.jax_compilation_cache_dir
+                           or os.environ.get("PERSVID_JAX_CACHE", default))

@@ -36,6 +36,8 @@ import subprocess
 import sys
 from typing import Any, Mapping
 
+from persvid_jax import xla_options
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
@@ -45,8 +47,10 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "trans
             "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu")
 # Differences that are expected between a run and its resumption: extending a
 # run is the normal way to resume, and timestamps/hosts/commands always differ.
-IGNORED = frozenset({"config.train.total_steps", "devices.process_index"})
-_COMPARED = ("config", "git", "packages", "devices", "seeds", "data", "extra")
+# Where compiled programs are cached changes no result.
+IGNORED = frozenset({"config.train.total_steps", "devices.process_index",
+                     "xla.compilation_cache_dir", "xla.xla_caches"})
+_COMPARED = ("config", "git", "packages", "devices", "xla", "seeds", "data", "extra")
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 
@@ -165,7 +169,8 @@ def collect(config, *, seeds: Mapping[str, Any], extra: Mapping[str, Any] | None
 
   Returns:
     A JSON-serialisable dict: ``format, created, host, argv, config, git,
-    packages, devices, seeds, data, extra``.
+    packages, devices, xla, seeds, data, extra`` (``xla``: the compiler options
+    and cache settings, ``xla_options.describe()``).
   """
   return {
       "format": FORMAT,
@@ -176,6 +181,7 @@ def collect(config, *, seeds: Mapping[str, Any], extra: Mapping[str, Any] | None
       "git": git_state(),
       "packages": package_versions(),
       "devices": device_info(),
+      "xla": xla_options.describe(),
       "seeds": _plain(dict(seeds)),
       "data": data_info(config),
       "extra": _plain(dict(extra or {})),
@@ -226,7 +232,7 @@ def compare(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Differences between two records that can change a run's results.
 
   One line per difference, ``section.key: old -> new`` (``config.*``,
-  ``git.*``, ``packages.*``, ``devices.*``, ``seeds.*``, ``data.*``,
+  ``git.*``, ``packages.*``, ``devices.*``, ``xla.*``, ``seeds.*``, ``data.*``,
   ``extra.*``); keys in ``IGNORED`` (``config.train.total_steps``: extending
   a run is how one resumes) and the record's time, host and command line are
   not compared.

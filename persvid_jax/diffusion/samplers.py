@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from persvid_jax import xla_options
 from persvid_jax.diffusion import schedules
 from persvid_jax.diffusion.schedules import Schedule
 
@@ -180,7 +181,7 @@ def step(denoise_fn: DenoiseFn, params: Any, x: Array, i: Array, *, sampler: Sam
 
 # Host-loop mode: one compiled step for all steps (i is traced), cached per
 # denoise_fn (static: build it once, e.g. at module level, not per call).
-_jit_step = jax.jit(step, static_argnums=0)
+_jit_step = xla_options.jit(step, static_argnums=0)
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +206,7 @@ def _scan_sample(denoise_fn, params, rng, shape, sampler, cond):
   return x
 
 
-_jit_scan_sample = jax.jit(_scan_sample, static_argnums=(0, 3))
+_jit_scan_sample = xla_options.jit(_scan_sample, static_argnums=(0, 3))
 
 
 def sample(denoise_fn: DenoiseFn, params: Any, rng: Array, shape: tuple[int, ...], *,
@@ -232,6 +233,10 @@ def sample(denoise_fn: DenoiseFn, params: Any, rng: Array, shape: tuple[int, ...
   shape = tuple(int(d) for d in shape)
   cond = dict(cond or {})
   if not progress:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, rng, cond))):
+      # Under an outer jit (a training preview): part of that program, whose
+      # compiler options are its own (jax takes them at the top level only).
+      return _scan_sample(denoise_fn, params, rng, shape, sampler, cond)
     return _jit_scan_sample(denoise_fn, params, rng, shape, sampler, cond)
   x, step_rng = _initial_noise(rng, shape)
   for i in tqdm.trange(sampler.num_steps, desc=desc, leave=False):
