@@ -197,6 +197,35 @@ def param_counts(config, names=None) -> dict[str, int]:
   return {name: count_params(v) for name, v in stack.abstract_variables(names).items()}
 
 
+def inference_params(params: Any, dtype) -> Any:
+  """``params`` as sampling uses them: every leaf but the norms' cast to ``dtype``.
+
+  A network computing in ``dtype`` (bf16) casts its float32 kernels and biases to
+  it at every call; a sampler calls the generator 25-50 times per video, and on a
+  GPU those casts are one kernel each (hundreds per step). Casting once gives the
+  same values, so the outputs are bit for bit those of the float32 params. Norm
+  scales and biases (any leaf under a module whose name contains ``norm``) stay
+  float32: the norms compute in float32. A float32 ``dtype`` returns ``params``.
+
+  Args:
+    params: one network's params (a nested dict of arrays or ShapeDtypeStructs).
+    dtype: the network's compute dtype (``config.dtype``), a name or a dtype.
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return params
+
+  def cast(path, leaf):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if any("norm" in n for n in names[:-1]) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+      return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+    return leaf.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def base_denoise_fn(stack: ModelStack):
   """``(params, x_t, t, context, detail_tokens=None) -> eps`` of the base generator.
 

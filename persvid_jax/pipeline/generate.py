@@ -349,6 +349,10 @@ class Generator:
     # programs are keyed on them.
     self._base_fn = guidance.guided_denoise_fn(base_denoise_fn(model.stack))
     self._sr_fn = sr_denoise_fn(model.stack)
+    # The generators' kernels cast to the compute dtype once, not at each of the
+    # sampler's steps (the same outputs; ``stack.inference_params``).
+    self._unet_params = {n: stack_lib.inference_params(model.params[n], c.dtype)
+                         for n in ("unet", "sr_unet")}
     self._null_ids = jnp.asarray(model.tokenizer.encode([""]))
     self._conditions = jax.jit(self._conditions_fn)
     self._decode = (jax.jit(lambda p, x: stack_lib.decode_latents(model.stack, p, x))
@@ -440,14 +444,14 @@ class Generator:
     base_shape = (b, v.frames, v.height, v.width, v.channels)
     sr_shape = (b, v.frames, v.height * v.sr_factor, v.width * v.sr_factor, v.channels)
     if not use_cascade:
-      video = samplers.sample(self._base_fn, params["unet"], jax.random.key(seed), sr_shape,
-                              sampler=self.sampler, cond=base_cond, progress=progress,
-                              desc="base @ high res")
+      video = samplers.sample(self._base_fn, self._unet_params["unet"], jax.random.key(seed),
+                              sr_shape, sampler=self.sampler, cond=base_cond,
+                              progress=progress, desc="base @ high res")
       video = self._pixels(video)
       return GenerationOutput(video=video, base=video, modes=tuple(x.mode for x in resolved),
                               resolved=tuple(resolved))
     out = cascade_lib.cascade_sample(
-        self._base_fn, params["unet"], self._sr_fn, params["sr_unet"],
+        self._base_fn, self._unet_params["unet"], self._sr_fn, self._unet_params["sr_unet"],
         jax.random.key(seed), (base_shape, sr_shape), base_cond, sampler=self.sampler,
         sr_sampler=self.sr_sampler, sr_cond=sr_cond, noise_aug=c.diffusion.sr_noise_aug,
         resize_method=c.diffusion.resize_method, progress=progress)

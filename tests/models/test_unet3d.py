@@ -170,6 +170,26 @@ def test_forward_float32_and_bfloat16(kind, request, tiny_bf16_config):
 
 
 @pytest.mark.parametrize("kind", ["base", "sr"])
+def test_inference_params_give_the_same_bf16_output(kind, request, tiny_bf16_config):
+  """Casting the kernels to bf16 once (``stack.inference_params``) is what every
+  bf16 layer does per call: the output is identical bit for bit; norms stay f32."""
+  from persvid_jax.models.stack import inference_params
+  setup = request.getfixturevalue(kind)
+  bf16_cfg = tiny_bf16_config.unet if kind == "base" else tiny_bf16_config.sr_unet
+  model16 = UNet3D.from_config(bf16_cfg, dtype="bfloat16")
+  params = setup.variables["params"]
+  cast = inference_params(params, "bfloat16")
+  dtypes = {path: leaf.dtype for path, leaf in _flat(cast).items()}
+  assert dtypes[("conv_in", "kernel")] == jnp.bfloat16
+  assert dtypes[("down_blocks_0", "resnets_0", "norm1", "scale")] == jnp.float32
+  assert {d for p, d in dtypes.items() if any("norm" in k for k in p[:-1])} == {jnp.dtype(jnp.float32)}
+  assert inference_params(params, "float32") is params
+  apply = _apply_fn(model16)
+  np.testing.assert_array_equal(np.asarray(apply({"params": cast}, setup.inputs), np.float32),
+                                np.asarray(apply(setup.variables, setup.inputs), np.float32))
+
+
+@pytest.mark.parametrize("kind", ["base", "sr"])
 def test_init_is_deterministic(kind, request):
   setup = request.getfixturevalue(kind)
   same = setup.init(jax.random.key(0))
