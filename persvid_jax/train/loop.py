@@ -271,7 +271,9 @@ def setup(config, mesh=None) -> Setup:
                train_step=step_lib.make_train_step(
                    loss_fn, tx, tc.ema_decay,
                    frozen=tuple(n for n in names if n == stack_lib.VAE),
-                   skip_nonfinite=_max_skips(tc) > 0),
+                   skip_nonfinite=_max_skips(tc) > 0, grad_clip_norm=tc.grad_clip_norm,
+                   trainable=state_lib.trainable_mask(nn.meta.unbox(boxed_params),
+                                                      tc.trainable)),
                init_state=init_state, abstract_state=abstract_state,
                state_shards=state_shards, batch_keys=stages.batch_keys(stage, config),
                init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng)
@@ -326,6 +328,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   compiled, compile_s = step_lib.compile_train_step(
       s.train_step, ckpt_lib.abstract_with_shardings(abstract_state, state_shards),
       state_shards, abstract_batch, mesh)
+  state = step_lib.place_state(compiled, state)
   preview = _make_preview(stage, ctx, samplers.from_config(config.diffusion, schedule))
 
   # ---- Loop -------------------------------------------------------------------
@@ -457,7 +460,7 @@ def _finite_part(metrics: dict) -> dict:
   """The metrics that must be finite: all of them, unless the step was skipped
   (then its loss and norms are the bad step's, and the state did not take them)."""
   if metrics.get("skipped", 0.0) > 0:
-    return {k: v for k, v in metrics.items() if k not in ("loss", "grad_norm", "update_norm")}
+    return {k: v for k, v in metrics.items() if k not in ("loss", "grad_norm")}
   return metrics
 
 
@@ -466,9 +469,9 @@ def _check_finite(metrics: dict, step: int, manager) -> None:
   checkpoint and what to do) if a metric of ``step`` is NaN or infinite.
 
   Checked at every logged step and before every save. The loss is computed
-  before the update, so an infinite ``grad_norm`` / ``update_norm`` (NaN
-  params from now on) counts too, unless the step was skipped
-  (``_finite_part``; ``_SkipCounter`` counts those).
+  before the update, so an infinite ``grad_norm`` (NaN params from now on)
+  counts too, unless the step was skipped (``_finite_part``; ``_SkipCounter``
+  counts those).
   """
   bad = {k: v for k, v in _finite_part(metrics).items() if not np.isfinite(v)}
   if not bad:

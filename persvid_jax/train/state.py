@@ -68,13 +68,19 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
 
 
 def make_optimizer(train_config, params: Any) -> optax.GradientTransformation:
-  """AdamW (+ global-norm clipping) on trainable leaves, zero updates elsewhere."""
+  """AdamW on trainable leaves, zero updates elsewhere.
+
+  Global-norm clipping (``config.train.grad_clip_norm``) is the train step's
+  (``step.make_train_step``), which computes the norm once for the clip and its
+  metric. The chain keeps an (empty-state) slot where optax's clip stood, so
+  optimizer states saved before that change restore unchanged.
+  """
   c = train_config
   mask = trainable_mask(params, c.trainable)
   if not any(jax.tree.leaves(mask)):
     raise ValueError(f"config.train.trainable={tuple(c.trainable)} matches no parameter")
   adamw = optax.chain(
-      optax.clip_by_global_norm(c.grad_clip_norm) if c.grad_clip_norm else optax.identity(),
+      optax.identity(),
       optax.adamw(learning_rate_schedule(c), b1=c.adam_b1, b2=c.adam_b2,
                   eps=1e-8, weight_decay=c.weight_decay))
   labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
