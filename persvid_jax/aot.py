@@ -178,8 +178,10 @@ def _kind(op: str, rest: str) -> str:
       return "gemm"
     return "other custom call"
   if op == "fusion":
-    if re.search(r"__triton_(nested_)?gemm|__cudnn\$fusion|\"kind\":\"__triton", rest):
+    if re.search(r"__triton_(nested_)?gemm|__cudnn\$fusion", rest):
       return "gemm"
+    # Everything else, Triton's block-level fusions (``"kind":"__triton"``: a
+    # normalisation or softmax in one kernel) included, is memory-bound work.
     return "elementwise / reduction"
   if op in ("copy", "transpose"):
     return "copy / transpose"

@@ -19,7 +19,7 @@ Works (``WORKS``), each one row of the table:
 Default shapes come from the config: ``S = config.video.height``, ``T =
 config.video.frames``, ``L = config.text.max_length``, ``C`` and ``D`` of
 ``config.unet``; the train batch is 4. For ``configs/modelscope.py`` these are
-the issue's shapes (4 x 16 x 32x32x4 latents, 77 x 1024 text; 256 / 512 px after
+the reference shapes (4 x 16 x 32x32x4 latents, 77 x 1024 text; 256 / 512 px after
 the VAE's 8x); ``configs/tiny.py`` shrinks them to 4 x 4 x 16x16x3, 16 x 32.
 
 The peer (``--peer``) is diffusers' ``UNet3DConditionModel`` built from the same
@@ -30,17 +30,29 @@ diffusers' 8 heads in ``transformer_in`` (our method's extra detail branch is
 timed in the ``cascade`` row).
 
 Measured per row: median wall time of ``steps`` calls (each waited for with
-``block_until_ready`` / ``cuda.synchronize``) after one warm-up; FLOPs from XLA's
-``cost_analysis`` of the AOT-compiled program (the peer's from torch's
-``FlopCounterMode``: matmuls, convs, attention); TFLOP/s = FLOPs / time; MFU
-against ``peak_tflops``; the device's peak memory (``memory_stats``, a
-high-water mark of the process, so rows run smallest first); compile seconds of
+``block_until_ready`` / ``cuda.synchronize``) after one warm-up; FLOPs counted
+from the lowered program with attention traced as XLA's matmuls (``ours_flops``,
+what ``--count`` prints: a compiled GPU program hides its cuDNN convolutions and
+attention from XLA's cost analysis), the peer's from torch's ``FlopCounterMode``
+(matmuls, convs, attention); TFLOP/s = FLOPs / time; MFU against
+``peak_tflops``; the device's peak memory (``memory_stats``, a high-water mark
+of the process, so rows run smallest first); compile seconds of
 ``jit(...).lower(...).compile()``.
+
+The denoise rows time the step as the samplers run it: the generator's params
+cast once to the compute dtype (``stack.inference_params``: the same outputs bit
+for bit) and laid out as XLA asks (``Layout.AUTO``: convolution kernels in
+cuDNN's order, so no per-step transposes). Every program is compiled with the
+options of ``persvid_jax.xla_options``, which the JSON records. The peer's
+denoise rows run its weights in bf16 (``model.to(torch.bfloat16)``, as diffusers
+pipelines run with ``torch_dtype``); its train row keeps float32 weights under
+bf16 autocast (mixed precision, as ours).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import pathlib
 import statistics
@@ -51,6 +63,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Format, Layout
+
+from persvid_jax import records, xla_options
 
 WORKS = ("train", "denoise256", "denoise512", "cascade", "concept", "attention")
 PEER_WORKS = ("train", "denoise256", "denoise512")
@@ -59,12 +74,11 @@ DEFAULT_WORKS = tuple(w for w in WORKS if w != "attention")   # --which's defaul
 # Dense bf16 peak TFLOP/s by device kind (substring of jax's device_kind).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
-# diffusers' UNet3DConditionModel on one H200 at the issue's shapes (bf16
-# autocast): (eager ms, torch.compile ms, TFLOP), as issue 8 states them (torch
-# 2.11, diffusers 0.42.1). The table's reference column; --peer reruns the peer.
-PEER_H200 = {"train": (373.0, None, 58.7), "denoise256": (71.4, 42.6, 9.8),
-             "denoise512": (201.0, None, 41.7)}
-ISSUE_SHAPES = dict(batch=4, frames=16, size=32, text_len=77, channels=4, text_width=1024)
+# What the peer measured on one H200 at the ModelScope shapes, and our targets
+# there: a data file (persvid_jax/assets/bench_reference.json), not code.
+REFERENCE = json.loads((pathlib.Path(__file__).parent / "assets" / "bench_reference.json")
+                       .read_text())
+ISSUE_SHAPES = REFERENCE["shapes"]
 
 TRAIN_BATCH = 4
 CFG_BATCH = 2
@@ -123,7 +137,7 @@ class Row:
   peer_eager_ms: float | None = None
   peer_compile_ms: float | None = None
   peer_note: str | None = None          # why a peer column is empty
-  flops: float | None = None            # ours, XLA cost analysis (per call)
+  flops: float | None = None            # ours, counted (``ours_flops``, per call)
   peer_flops: float | None = None       # torch FlopCounterMode (per call)
   peak_mem_bytes: int | None = None     # ours, device high-water mark after the row
   peer_peak_mem_bytes: int | None = None
@@ -138,7 +152,7 @@ class Row:
     return min(peer) / self.ours_ms if peer and self.ours_ms else None
 
   def tflops_per_s(self) -> float | None:
-    """Achieved TFLOP/s of our side (XLA-counted FLOPs / our time), if both are known."""
+    """Achieved TFLOP/s of our side (counted FLOPs / our time), if both are known."""
     return self.flops / self.ours_ms / 1e9 if self.flops and self.ours_ms else None
 
 
@@ -230,10 +244,19 @@ def device_peak_bytes() -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def _compile(fn: Callable, *args, donate=()) -> tuple[Any, float]:
+def _compile(fn: Callable, *args, donate=(), in_shardings=None) -> tuple[Any, float]:
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+  kwargs = {} if in_shardings is None else dict(in_shardings=in_shardings)
+  compiled = xla_options.jit(fn, donate_argnums=donate, **kwargs).lower(*args).compile()
   return compiled, time.perf_counter() - start
+
+
+def auto_layout_shardings(params: Any, n_inputs: int, device: jax.Device) -> tuple:
+  """``in_shardings`` of a denoise program ``(params, *inputs)`` on ``device``: the
+  params' layouts chosen by XLA (``Layout.AUTO``), the inputs' the default."""
+  single = jax.sharding.SingleDeviceSharding(device)
+  return ((jax.tree.map(lambda _: Format(Layout.AUTO, single), params),)
+          + (single,) * n_inputs)
 
 
 def _time(call: Callable[[], Any], steps: int) -> list[float]:
@@ -304,14 +327,17 @@ def _abstract_unet_params(unet, shapes: Shapes, boxed: bool = False):
 
 def _denoise_program(config, shapes: Shapes, size: int, params=None, abstract: bool = False):
   """``(denoise, params, (x, t, ctx))``: one forward of the base generator at
-  ``[2, T, size, size, C]``; ``params`` is reused where given, else drawn. With
-  ``abstract`` the params and inputs are ``jax.ShapeDtypeStruct`` trees (nothing
-  allocated: for counting FLOPs of the lowered program)."""
+  ``[2, T, size, size, C]``; ``params`` is reused where given, else drawn, and
+  cast as samplers use them (``stack.inference_params``). With ``abstract`` the
+  params and inputs are ``jax.ShapeDtypeStruct`` trees (nothing allocated: for
+  counting FLOPs of the lowered program, or compiling for an absent GPU)."""
+  from persvid_jax.models.stack import inference_params
   unet = _our_unet(config)
   if params is None:
     params = _abstract_unet_params(unet, shapes)
     if not abstract:
       params = random_params(params, jax.random.key(1))
+  params = inference_params(params, config.dtype)
   make_inputs = lambda: _inputs(shapes, CFG_BATCH, size, jax.random.key(2))
 
   def denoise(p, x, t, ctx):
@@ -326,9 +352,14 @@ def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
   and the params (reused by the next denoise row)."""
   denoise, params, (x, t, ctx) = _denoise_program(config, shapes, size, params)
 
-  compiled, compile_s = _compile(denoise, params, x, t, ctx)
-  times = _time(lambda: compiled(params, x, t, ctx), steps)
-  row = Row(work="", shape="", ours_ms=_median_ms(times), flops=_cost_flops(compiled),
+  compiled, compile_s = _compile(
+      denoise, params, x, t, ctx,
+      in_shardings=auto_layout_shardings(params, 3, jax.local_devices()[0]))
+  # Once per generation in a sampler: the kernels in the layouts XLA chose.
+  laid_out = jax.device_put(params, compiled.input_formats[0][0])
+  times = _time(lambda: compiled(laid_out, x, t, ctx), steps)
+  del laid_out
+  row = Row(work="", shape="", ours_ms=_median_ms(times),
             compile_s=compile_s, program_bytes=_program_bytes(compiled),
             peak_mem_bytes=device_peak_bytes(),
             extra=dict(params=int(sum(x.size for x in jax.tree.leaves(params)))))
@@ -365,7 +396,9 @@ def _train_program(config, shapes: Shapes, abstract: bool = False):
                                 prediction="eps")
     return out.loss, {"loss": out.loss}
 
-  train_step = step_lib.make_train_step(loss_fn, tx, ema_decay=0.999)
+  train_step = step_lib.make_train_step(loss_fn, tx, ema_decay=0.999,
+                                        grad_clip_norm=tc.grad_clip_norm,
+                                        trainable=state_lib.trainable_mask(params, tc.trainable))
   make_inputs = lambda: _inputs(shapes, shapes.batch, shapes.size, jax.random.key(3))
   if abstract:
     state = jax.eval_shape(lambda p: state_lib.create_state(p, tx), params)
@@ -379,16 +412,24 @@ def _train_program(config, shapes: Shapes, abstract: bool = False):
 def ours_train(config, shapes: Shapes, steps: int) -> Row:
   """One train step (the project's ``make_train_step``: eps loss, AdamW with global-norm
   clipping, EMA) of the base generator on ``[B, T, S, S, C]`` latents + text states."""
+  from persvid_jax.train import step as step_lib
   train_step, state, batch, rng = _train_program(config, shapes)
-  compiled, compile_s = _compile(train_step, state, batch, rng, donate=(0,))
-  holder = [state]
+  # As the trainer compiles it (one device here): the state in XLA's layouts.
+  from persvid_jax import sharding as sh
+  mesh = sh.make_mesh(1, 1)
+  single = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  compiled, compile_s = step_lib.compile_train_step(
+      train_step, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state),
+      jax.tree.map(lambda _: single, state), batch, mesh)
+  holder = [step_lib.place_state(compiled, state)]
+  del state
 
   def call():
     holder[0], metrics = compiled(holder[0], batch, rng)
     return metrics["loss"]
 
   times = _time(call, steps)
-  row = Row(work="", shape="", ours_ms=_median_ms(times), flops=_cost_flops(compiled),
+  row = Row(work="", shape="", ours_ms=_median_ms(times),
             compile_s=compile_s, program_bytes=_program_bytes(compiled),
             peak_mem_bytes=device_peak_bytes(),
             extra=dict(loss=float(jax.device_get(call()))))
@@ -421,7 +462,9 @@ class _Peer:
         **peer_kwargs(bench_unet_config(config))).to(self.device)
     bf16 = str(config.dtype) == "bfloat16" and self.device.type == "cuda"
     self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None)
-    self.dtype_note = "bf16 autocast" if bf16 else "float32"
+    self.dtype_note = ("bf16 weights (denoise), bf16 autocast over float32 weights (train)"
+                       if bf16 else "float32")
+    self._bf16 = None
 
   def _ctx(self):
     import contextlib
@@ -467,14 +510,27 @@ class _Peer:
     self.sync()
     return int(self.torch.cuda.max_memory_allocated())
 
+  def _inference_model(self):
+    """The model for the denoise rows: a bf16 copy on a GPU (as diffusers pipelines
+    run with ``torch_dtype=torch.bfloat16``; ours casts its params once too), kept
+    for both rows; float32 on a CPU. The float32 model stays for the train row."""
+    if self.autocast is None:
+      return self.model.eval(), False
+    if getattr(self, "_bf16", None) is None:
+      import copy
+      self._bf16 = copy.deepcopy(self.model).to(self.torch.bfloat16).eval()
+    return self._bf16, True
+
   def denoise(self, size: int, compile_: bool) -> Row:
     torch = self.torch
-    model = self.model.eval()
+    model, bf16 = self._inference_model()
     x, t, ctx = self.inputs(CFG_BATCH, size)
+    if bf16:
+      x, ctx = x.to(torch.bfloat16), ctx.to(torch.bfloat16)
 
     def run(m):
       def call():
-        with torch.no_grad(), self._ctx():
+        with torch.no_grad():
           return m(x, t, ctx).sample
       return call
 
@@ -529,8 +585,11 @@ class _Peer:
     model.zero_grad(set_to_none=True)   # the optimizer state goes with this frame
     return row
 
-  def release(self):
-    """Returns torch's cached GPU memory (ours allocates next)."""
+  def release(self, keep_bf16: bool = False):
+    """Returns torch's cached GPU memory (ours allocates next); the bf16 copy too,
+    unless another denoise row follows."""
+    if not keep_bf16:
+      self._bf16 = None
     if self.device.type == "cuda":
       self.torch.cuda.empty_cache()
 
@@ -543,10 +602,12 @@ class _Peer:
 # End to end: the cascade and adding a concept (the real pipeline code).
 # ----------------------------------------------------------------------------
 
-def random_model(config, seed: int = 0):
+def random_model(config, seed: int = 0, networks: Sequence[str] | None = None):
   """A ``pipeline.model.Model`` of ``config`` with N(0, 0.02) params (no init compile).
 
-  Every network of ``stack.network_names``: the VAE too in latent space.
+  ``networks``: only these get params (default every network of
+  ``stack.network_names``, the VAE too in latent space); adding a concept needs the
+  image encoder, mapper and extractor only, not the 1.4 B-parameter generators.
   """
   import flax.linen as nn
   from persvid_jax.concepts.tokens import PromptTokenizer
@@ -554,10 +615,12 @@ def random_model(config, seed: int = 0):
   from persvid_jax.pipeline import model as model_lib
   tokenizer = PromptTokenizer.from_config(config)
   stack = ModelStack.from_config(config, eos_token_id=tokenizer.eos_id)
-  abstract = {n: nn.meta.unbox(a)["params"] for n, a in stack.abstract_variables().items()}
+  names = tuple(networks or stack.network_names)
+  abstract = {n: nn.meta.unbox(a)["params"]
+              for n, a in stack.abstract_variables(names).items()}
   params = random_params(abstract, jax.random.key(seed))
   return model_lib.Model(config=config, stack=stack, tokenizer=tokenizer,
-                         params={n: params[n] for n in stack.network_names},
+                         params={n: params[n] for n in names},
                          source=f"random N(0, 0.02) (seed {seed})", info={})
 
 
@@ -596,6 +659,10 @@ def ours_cascade(config, shapes: Shapes, steps: int, sample_steps: int, sr_steps
                         sr=_shape_str(1, shapes.frames, sr, sr)))
 
 
+# What adding a concept runs (concepts.build.make_feature_fn).
+CONCEPT_NETWORKS = ("image_encoder", "mapper", "extractor")
+
+
 def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,
                  model=None) -> Row:
   """Adding one concept from one photo: segmentation, encoders, database commit."""
@@ -603,7 +670,7 @@ def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,
   from persvid_jax.concepts import database as db_lib
   from persvid_jax.pipeline import model as model_lib
   photo = pathlib.Path(photo or model_lib.DEMO_MODEL_DIR.parent / "demo_photos" / "sub1_a.png")
-  model = model or random_model(config)
+  model = model or random_model(config, networks=CONCEPT_NETWORKS)
   feature_fn = build.make_feature_fn(model)
   parts: dict[str, list[float]] = {"features": [], "commit": []}
 
@@ -636,24 +703,22 @@ def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,
 # FLOPs without a device: what each row costs, and what each target asks of it.
 # ----------------------------------------------------------------------------
 
-# Issue 8's targets per work: (what, peer time in ms the target is relative to,
-# factor): ours_ms must be <= factor * that time (strictly < for denoise256).
-TARGETS = {"train": ("<= peer eager / 1.5, and >= 40 % MFU", 373.0, 1 / 1.5),
-           "denoise256": ("< peer torch.compile", 42.6, 1.0),
-           "denoise512": ("<= 0.6 x peer eager", 201.0, 0.6)}
-TRAIN_MFU_TARGET = 0.40
-
-
 def ours_flops(config, shapes: Shapes, work: str) -> float:
   """FLOPs of one call of ``work`` (train / denoise256 / denoise512) from XLA's cost
   analysis of the lowered, unoptimised program: abstract params and inputs, so
-  no memory and no device (the 1.4 B-parameter generator counts in seconds on a CPU)."""
-  if work == "train":
-    train_step, state, batch, rng = _train_program(config, shapes, abstract=True)
-    return _cost_flops(jax.jit(train_step).lower(state, batch, rng))
-  denoise, params, inputs = _denoise_program(config, shapes, latent_side(shapes, work),
-                                             abstract=True)
-  return _cost_flops(jax.jit(denoise).lower(params, *inputs))
+  no memory and no device (the 1.4 B-parameter generator counts in seconds on a CPU).
+
+  Attention is traced as XLA's matmuls on every backend: a cuDNN call is opaque
+  to the cost analysis, as are the cuDNN convolutions of a *compiled* GPU program
+  (whose count is about 2 % of this one). This is the count every MFU uses."""
+  from persvid_jax.models import attention
+  with attention.assume_cudnn(False):
+    if work == "train":
+      train_step, state, batch, rng = _train_program(config, shapes, abstract=True)
+      return _cost_flops(jax.jit(train_step).lower(state, batch, rng))
+    denoise, params, inputs = _denoise_program(config, shapes, latent_side(shapes, work),
+                                               abstract=True)
+    return _cost_flops(jax.jit(denoise).lower(params, *inputs))
 
 
 def peer_flops(config, shapes: Shapes, work: str) -> float:
@@ -685,9 +750,10 @@ def peer_flops(config, shapes: Shapes, work: str) -> float:
 def count_flops(config, shapes: Shapes, works: Sequence[str], *, peer: bool = False,
                 peak_tflops: float | None = None,
                 log: Callable[[str], None] = print) -> dict:
-  """FLOPs of the peer-comparable works and, at the issue's shapes, what each of
-  issue 8's targets asks of our side: the time it allows and the TFLOP/s and MFU
-  that time needs with our FLOPs. Runs anywhere (abstract shapes only).
+  """FLOPs of the peer-comparable works and, at the reference shapes, what each
+  target (``assets/bench_reference.json``) asks of our side: the time it allows and
+  the TFLOP/s and MFU that time needs with our FLOPs. Runs anywhere (abstract
+  shapes only).
 
   Returns:
     ``{config, dtype, shapes, peak_tflops, rows: [{work, shape, flops, peer_flops,
@@ -702,13 +768,13 @@ def count_flops(config, shapes: Shapes, works: Sequence[str], *, peer: bool = Fa
     log(f"counting: {w} ...")
     row = dict(work=w, shape=labels[w], flops=ours_flops(config, shapes, w),
                peer_flops=peer_flops(config, shapes, w) if peer else None,
-               issue_tflop=PEER_H200[w][2] if at_issue else None,
+               issue_tflop=REFERENCE["peer_h200"][w]["tflop"] if at_issue else None,
                target=None, target_ms=None, need_tflops=None, need_mfu=None)
     if at_issue and row["flops"]:
-      what, ref_ms, factor = TARGETS[w]
-      target_ms = ref_ms * factor
-      if w == "train":   # the MFU floor may ask for less time than the peer ratio
-        target_ms = min(target_ms, row["flops"] / (TRAIN_MFU_TARGET * peak * 1e12) * 1e3)
+      target = REFERENCE["targets"][w]
+      what, target_ms = target["what"], target["ms"]
+      if target.get("min_mfu"):   # the MFU floor may ask for less time than the ms target
+        target_ms = min(target_ms, row["flops"] / (target["min_mfu"] * peak * 1e12) * 1e3)
       need = row["flops"] / (target_ms * 1e-3) / 1e12
       row.update(target=what, target_ms=target_ms, need_tflops=need, need_mfu=need / peak)
     rows.append(row)
@@ -722,7 +788,7 @@ def flops_markdown(result: dict) -> str:
            f"without running (ours: XLA cost analysis of the lowered program; peer: torch "
            f"FlopCounterMode on the meta device). Targets against a "
            f"{result['peak_tflops']:.0f} TFLOP/s peak.", "",
-           "| work | shape | ours | peer | ours/peer | issue 8 (peer, H200) | target | "
+           "| work | shape | ours | peer | ours/peer | peer on an H200 | target | "
            "ours ms at most | needs TFLOP/s | needs MFU |",
            "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
   for r in result["rows"]:
@@ -796,18 +862,17 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
                fsdp=fsdp if sharded else 1, error=None)
     try:
       with aot.cudnn_as_on(spec):
-        if sharded:
-          row.update(aot.compiled_report(*_sharded_train(config, shapes, devices, fsdp)))
-        else:
-          if w == "train":
-            fn, *args = _train_program(config, shapes, abstract=True)
-            donate = (0,)
-          else:
-            fn, params, inputs = _denoise_program(config, shapes, latent_side(shapes, w),
-                                                  abstract=True)
-            args, donate = (params, *inputs), ()
+        if w == "train":   # the trainer's own compile, over 1 or N GPUs
+          on = devices if sharded else devices[:1]
+          row.update(aot.compiled_report(*_sharded_train(config, shapes, on,
+                                                         fsdp if sharded else 1)))
+        else:   # as ours_denoise: inference params, their layouts XLA's choice
+          fn, params, inputs = _denoise_program(config, shapes, latent_side(shapes, w),
+                                                abstract=True)
           start = time.perf_counter()
-          lowered = jax.jit(fn, donate_argnums=donate).lower(*aot.place(args, devices[0]))
+          lowered = xla_options.jit(
+              fn, in_shardings=auto_layout_shardings(params, len(inputs), devices[0])
+          ).lower(*aot.place((params, *inputs), devices[0]))
           lower_s = time.perf_counter() - start
           row.update(aot.compile_report(lowered))
           row["compile_s"] += lower_s
@@ -827,7 +892,8 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
     row["memory_ms"] = row["memory_bound_bytes"] / (spec.bandwidth_tbs * 1e12) * 1e3
     rows.append(row)
   return dict(config=config.get("name", "?"), card=spec.name, memory_bytes=spec.memory_bytes,
-              bandwidth_tbs=spec.bandwidth_tbs, peak_tflops=peak, rows=rows)
+              bandwidth_tbs=spec.bandwidth_tbs, peak_tflops=peak, jax=jax.__version__,
+              xla=xla_options.describe(), git=records.git_state(), rows=rows)
 
 
 def aot_markdown(result: dict) -> str:
@@ -964,7 +1030,8 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
         peer_compile: bool | None = None, peak_tflops: float | None = None,
         sample_steps: int = 25, sr_steps: int = 10, log: Callable[[str], None] = print,
         on_row: Callable[[dict], None] | None = None) -> dict:
-  """Runs the works, smallest first, each row the peer's side then ours.
+  """Runs the works, smallest first, each row our side then the peer's (ours first:
+  a time limit that cuts a row leaves our number, the one being worked on).
 
   A row that fails (out of memory, a torch.compile error) records the error and
   the run goes on. ``on_row(result)`` gets the result so far after every row
@@ -989,14 +1056,14 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
           if w in works and w != "attention"}
   reference = None
   if dataclasses.asdict(shapes) == ISSUE_SHAPES:
-    reference = {w: dict(eager_ms=v[0], compile_ms=v[1], tflop=v[2])
-                 for w, v in PEER_H200.items()}
+    reference = REFERENCE["peer_h200"]
   from persvid_jax.models import attention
   result = dict(device=str(device), device_kind=kind, platform=device.platform,
                 peak_tflops=peak, config=config.get("name", "?"), dtype=str(config.dtype),
                 attention=dict(implementation=config.get("attention_impl"),
                                cudnn_available=attention.cudnn_available()),
                 shapes=dataclasses.asdict(shapes), steps=steps, jax=jax.__version__,
+                xla=xla_options.describe(), git=records.git_state(),
                 peer=None, peer_h200_reference=reference, rows=[])
 
   def publish():
@@ -1025,18 +1092,6 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
       continue
     r = rows[w]
     size = latent_side(shapes, w)
-    if p is not None and w in PEER_WORKS:
-      log(f"peer: {w} ...")
-      try:
-        got = p.train() if w == "train" else p.denoise(size, do_compile)
-        for f in ("peer_eager_ms", "peer_compile_ms", "peer_flops", "peer_peak_mem_bytes",
-                  "peer_compile_s"):
-          setattr(r, f, getattr(got, f))
-        r.peer_note = got.peer_note or ("train step: eager only" if w == "train" else
-                                        None if do_compile else reason)
-      except Exception as e:   # noqa: BLE001 -- a failed row must not lose the others
-        r.peer_note = f"peer failed: {type(e).__name__}: {str(e)[:200]}"
-      p.release()
     log(f"ours: {w} ...")
     try:
       if w in ("denoise256", "denoise512"):
@@ -1051,11 +1106,26 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
       else:
         got = ours_concept(config, steps)
         r.shape = f"1 photo ({got.extra['photo']})"
-      for f in ("ours_ms", "flops", "compile_s", "program_bytes", "peak_mem_bytes", "extra"):
+      for f in ("ours_ms", "compile_s", "program_bytes", "peak_mem_bytes", "extra"):
         setattr(r, f, getattr(got, f))
+      if w in PEER_WORKS:
+        r.flops = ours_flops(config, shapes, w)
     except Exception as e:     # noqa: BLE001
       r.extra = dict(error=f"{type(e).__name__}: {str(e)[:300]}")
       params = None
+    publish()
+    if p is not None and w in PEER_WORKS:
+      log(f"peer: {w} ...")
+      try:
+        got = p.train() if w == "train" else p.denoise(size, do_compile)
+        for f in ("peer_eager_ms", "peer_compile_ms", "peer_flops", "peer_peak_mem_bytes",
+                  "peer_compile_s"):
+          setattr(r, f, getattr(got, f))
+        r.peer_note = got.peer_note or ("train step: eager only" if w == "train" else
+                                        None if do_compile else reason)
+      except Exception as e:   # noqa: BLE001 -- a failed row must not lose the others
+        r.peer_note = f"peer failed: {type(e).__name__}: {str(e)[:200]}"
+      p.release(keep_bf16=w == "denoise256" and "denoise512" in works)
     if w in ("cascade", "concept"):
       r.peer_note = "no peer (our pipeline only)"
     publish()
@@ -1122,12 +1192,13 @@ def markdown(result: dict) -> str:
       notes.append(f"- {r['work']}: {r['peer_note']}.")
     if (r.get("extra") or {}).get("error"):
       notes.append(f"- {r['work']}: ours failed: {r['extra']['error']}")
-  lines += ["", "ratio = best peer ms / ours ms (> 1: ours is faster). FLOPs: XLA cost "
-            "analysis of our program. peak mem: the device's high-water mark after the row "
+  lines += ["", "ratio = best peer ms / ours ms (> 1: ours is faster). FLOPs: counted "
+            "from our lowered program, attention as matmuls (as --count). peak mem: the device's high-water mark after the row "
             "(n/a on CPU). compile s: ours, AOT lower + compile (cascade / concept: first "
             "call minus a warm call). peer H200 ref ms: the peer's eager / torch.compile "
-            "times that issue 8 measured on an H200 (torch 2.11, diffusers 0.42.1), shown "
-            "at the issue's shapes only; not measured by this run."] + notes
+            "times measured on an H200 (torch 2.11, diffusers 0.42.1, bf16 autocast; "
+            "assets/bench_reference.json), shown at those shapes only; not measured by "
+            "this run."] + notes
   if not result["rows"]:    # --which attention alone
     lines = lines[:1]
   if result.get("attention_ab"):

@@ -139,18 +139,18 @@ def test_count_flops_cli_runs_nothing_and_matches_the_peer(tmp_path):
 
 
 def test_count_flops_targets_at_the_issues_shapes(monkeypatch):
-  """What each target asks, from the issue's peer times and our FLOP count."""
+  """What each target asks (``assets/bench_reference.json``), from our FLOP count."""
   config = config_lib.load_config("modelscope")
   flops = {"denoise256": 9.4e12, "denoise512": 41e12, "train": 56e12}
   monkeypatch.setattr(bench, "ours_flops", lambda c, s, w: flops[w])
   got = bench.count_flops(config, bench.default_shapes(config), bench.PEER_WORKS, log=lambda m: None)
   rows = {r["work"]: r for r in got["rows"]}
-  assert rows["denoise256"]["target_ms"] == pytest.approx(42.6)
-  assert rows["denoise512"]["target_ms"] == pytest.approx(0.6 * 201.0)
-  # train: 40 % MFU (56e12 / (0.4 * 989e12) s = 141.6 ms) binds before 373 / 1.5 ms.
-  assert rows["train"]["target_ms"] == pytest.approx(56e12 / (0.4 * 989e12) * 1e3)
-  assert rows["train"]["need_mfu"] == pytest.approx(0.4)
-  assert rows["denoise256"]["need_tflops"] == pytest.approx(9.4e12 / 42.6e-3 / 1e12)
+  assert rows["denoise256"]["target_ms"] == pytest.approx(28.0)
+  assert rows["denoise512"]["target_ms"] == pytest.approx(100.0)
+  # train: 38 % MFU (56e12 / (0.38 * 989e12) s = 149.0 ms) binds before 150 ms.
+  assert rows["train"]["target_ms"] == pytest.approx(56e12 / (0.38 * 989e12) * 1e3)
+  assert rows["train"]["need_mfu"] == pytest.approx(0.38)
+  assert rows["denoise256"]["need_tflops"] == pytest.approx(9.4e12 / 28.0e-3 / 1e12)
   assert rows["train"]["issue_tflop"] == 58.7 and rows["train"]["peer_flops"] is None
   table = bench.flops_markdown(got)
-  assert "| train | 4x16x32x32x4, text 77x1024 | 56 T | — |" in table and "| 40.0 % |" in table
+  assert "| train | 4x16x32x32x4, text 77x1024 | 56 T | — |" in table and "| 38.0 % |" in table
