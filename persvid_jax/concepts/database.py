@@ -331,11 +331,12 @@ class ConceptDatabase:
 
   @classmethod
   def _steps(cls, directory: pathlib.Path, keep: int) -> list[int]:
-    manager = cls._manager(directory, keep, create=False)
-    try:
-      return sorted(manager.all_steps())
-    finally:
-      manager.close()
+    """The complete steps, oldest first. Orbax's listing of the finalized step
+    directories: every write syncs with it, and a CheckpointManager built for it
+    would read every step's metadata (a third of the time of adding a concept)."""
+    del keep
+    steps = directory / "steps"
+    return sorted(ocp.utils.checkpoint_steps(steps.absolute())) if steps.is_dir() else []
 
   @classmethod
   def _load(cls, directory: pathlib.Path, step: int, keep: int) -> "ConceptDatabase":
