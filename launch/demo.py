@@ -6,7 +6,7 @@ Builds a concept database from shipped photos of held-out subjects, generates
 one video per mode (concept, concept+target, target, concept+scene, text,
 text+scene) as mp4 + gif, a contact sheet, and prints the subject-fidelity
 numbers with and without the concept in the prompt. Under 2 minutes on a
-2-core CPU, compilation included (README: 1 min 21 s to 1 min 49 s measured).
+2-core CPU, compilation included (docs/concepts-and-generation.md).
 """
 
 from __future__ import annotations
