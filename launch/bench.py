@@ -7,7 +7,7 @@
   python -m launch.bench --aot h100|h200|a100 [--config modelscope] [--json FILE]
       [--hlo-dir DIR] [--gpus N --fsdp F]
 
-Prints a markdown table (``persvid_jax/bench.py`` says what each column
+Prints a markdown table (``persvid_jax/bench`` says what each column
 measures). The default config is ``modelscope`` at the issue's shapes (a GPU job:
 ``bash launch/bench_gpu.sh``); ``--config tiny`` runs on a CPU in seconds.
 ``--count`` runs nothing: it counts the FLOPs of train / denoise256 / denoise512
@@ -15,7 +15,7 @@ from the lowered programs (and, with ``--peer``, the peer's on torch's meta
 device) and prints what issue 8's targets ask in ms, TFLOP/s and MFU, in about a
 minute on a CPU at the full ModelScope size. ``--aot CARD`` compiles the same
 three programs for that GPU without one (jax's CUDA plugin, ``pip install
-'jax[cuda12]'``, no GPU or driver; ``persvid_jax/aot.py``) and prints whether
+'jax[cuda12]'``, no GPU or driver; ``persvid_jax/bench/aot.py``) and prints whether
 each compiles, the device memory XLA assigns, and the kernels it launches, in a
 few minutes per program on a CPU. Imports no TensorFlow.
 """
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
       os.replace(tmp, args.json)
 
   if args.aot:
-    from persvid_jax import aot
+    from persvid_jax.bench import aot
     if args.aot not in aot.CARDS:
       return _common.fail(f"--aot {args.aot!r}: use one of {', '.join(aot.CARDS)}")
     if args.hlo_dir:

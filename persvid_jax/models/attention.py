@@ -262,7 +262,7 @@ _ASSUMED: list[bool] = []   # innermost assume_cudnn() answer, if any
 def assume_cudnn(available: bool):
   """Within: ``'auto'`` resolves as if ``cudnn_available()`` answered ``available``.
 
-  For compiling on this host for a GPU that is not here (``persvid_jax.aot``):
+  For compiling on this host for a GPU that is not here (``persvid_jax.bench.aot``):
   the programs must be traced as that GPU would trace them. Tracing only; what
   runs here is unchanged.
   """

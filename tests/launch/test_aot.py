@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from persvid_jax import aot
+from persvid_jax.bench import aot
 from persvid_jax.models import attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

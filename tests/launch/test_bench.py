@@ -7,6 +7,7 @@ two sides' FLOPs -- XLA's cost analysis vs torch's flop counter, counted
 independently -- must roughly agree, since both run the same network.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -17,6 +18,8 @@ import jax
 import pytest
 
 from persvid_jax import bench, config_lib
+from persvid_jax import params as params_lib
+from persvid_jax.pipeline import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -88,7 +91,7 @@ def test_bad_input_exits_2(args, message):
 def test_default_shapes_are_the_issues_for_modelscope():
   config = config_lib.load_config("modelscope")
   shapes = bench.default_shapes(config)
-  assert bench.dataclasses.asdict(shapes) == bench.ISSUE_SHAPES
+  assert dataclasses.asdict(shapes) == bench.ISSUE_SHAPES
   assert bench.row_shapes(shapes)["denoise512"] == "2x16x64x64x4, text 77x1024"
   assert bench.peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
   assert bench.peak_tflops_of("cpu") is None
@@ -103,21 +106,25 @@ def test_default_shapes_are_the_issues_for_modelscope():
 
 def test_random_params_and_the_latent_models_vae():
   """N(0, std) leaves of the abstract shapes and dtypes, seeded, drawn in chunks;
-  ``random_model`` in latent space holds the VAE the cascade decodes with."""
+  ``random_model(std=...)`` in latent space holds the VAE the cascade decodes with,
+  and with ``networks`` only those (adding a concept builds the encoders only)."""
   import numpy as np
   abstract = {"a": jax.ShapeDtypeStruct((3, 5), np.float32),
               "b": {"c": jax.ShapeDtypeStruct((7,), jax.numpy.bfloat16)}}
-  p = bench.random_params(abstract, jax.random.key(0), std=0.5, chunk=4)
-  q = bench.random_params(abstract, jax.random.key(0), std=0.5, chunk=4)
+  p = params_lib.random_params(abstract, jax.random.key(0), std=0.5, chunk=4)
+  q = params_lib.random_params(abstract, jax.random.key(0), std=0.5, chunk=4)
   assert p["a"].shape == (3, 5) and p["b"]["c"].dtype == jax.numpy.bfloat16
   for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(q)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  big = bench.random_params({"w": jax.ShapeDtypeStruct((4000,), np.float32)},
-                            jax.random.key(1), std=0.5)["w"]
+  big = params_lib.random_params({"w": jax.ShapeDtypeStruct((4000,), np.float32)},
+                                 jax.random.key(1), std=0.5)["w"]
   assert 0.45 < float(np.std(big)) < 0.55 and abs(float(np.mean(big))) < 0.05
 
-  model = bench.random_model(config_lib.load_config("tiny:latent"))
+  model = model_lib.random_model(config_lib.load_config("tiny:latent"), std=0.02)
   assert set(model.params) == set(model.stack.network_names) and "vae" in model.params
+  model = model_lib.random_model(config_lib.load_config("tiny"), std=0.02,
+                                 networks=bench.CONCEPT_NETWORKS)
+  assert set(model.params) == set(bench.CONCEPT_NETWORKS)
 
 
 def test_count_flops_cli_runs_nothing_and_matches_the_peer(tmp_path):
@@ -142,7 +149,7 @@ def test_count_flops_targets_at_the_issues_shapes(monkeypatch):
   """What each target asks (``assets/bench_reference.json``), from our FLOP count."""
   config = config_lib.load_config("modelscope")
   flops = {"denoise256": 9.4e12, "denoise512": 41e12, "train": 56e12}
-  monkeypatch.setattr(bench, "ours_flops", lambda c, s, w: flops[w])
+  monkeypatch.setattr(bench.flops, "ours_flops", lambda c, s, w: flops[w])
   got = bench.count_flops(config, bench.default_shapes(config), bench.PEER_WORKS, log=lambda m: None)
   rows = {r["work"]: r for r in got["rows"]}
   assert rows["denoise256"]["target_ms"] == pytest.approx(28.0)

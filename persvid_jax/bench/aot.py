@@ -1,4 +1,4 @@
-"""Compile the benchmark's programs for a GPU that is not here (XLA's deviceless AOT).
+"""The benchmark's programs compiled for a GPU that is not here (XLA's deviceless AOT).
 
 jax's CUDA plugin (``pip install 'jax[cuda12]'``; no GPU and no driver needed)
 can build a compile-only device from a *target config*, the facts XLA reads
@@ -16,9 +16,10 @@ Triton rewrites, buffer assignment) except autotuning. Without a GPU this tells:
   cuDNN convolution / GEMM, and the bytes the memory-bound rest moves.
 
 It does not time anything, and kernel choices that autotuning would make on the
-card can differ. ``python -m launch.bench --aot h100`` prints the table. Checked
-with jax 0.11.2 and its ``jax-cuda12-plugin`` (Python 3.12, as on the GPU image);
-the plugin's topology options (``topology``, ``target_config``) are XLA's.
+card can differ. ``python -m launch.bench --aot h100`` prints the table
+(``aot_report``). Checked with jax 0.11.2 and its ``jax-cuda12-plugin`` (Python
+3.12, as on the GPU image); the plugin's topology options (``topology``,
+``target_config``) are XLA's.
 """
 
 from __future__ import annotations
@@ -26,12 +27,23 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import pathlib
 import re
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import topologies
+
+from persvid_jax import records, xla_options
+from persvid_jax import sharding as sh
+from persvid_jax.bench import ours
+from persvid_jax.bench.core import (BenchError, Shapes, fmt, fmt_bytes, fmt_flops, latent_side,
+                                    memory_of, peak_tflops_of, row_shapes)
+from persvid_jax.bench.flops import ours_flops
+from persvid_jax.models import attention
+from persvid_jax.train import step as step_lib
 
 
 class AotError(RuntimeError):
@@ -97,7 +109,7 @@ def plugin_hint() -> str:
 
 
 def _cudnn_version() -> tuple[int, int, int]:
-  from jax._src.lib import cuda_versions
+  from jax._src.lib import cuda_versions   # private: where jax keeps the plugin's cuDNN version
   if cuda_versions is None:
     raise AotError(plugin_hint())
   v = int(cuda_versions.cudnn_get_version())   # e.g. 92800 for 9.28.0
@@ -112,7 +124,6 @@ def compile_only_devices(card: Card, count: int = 1) -> list[jax.Device]:
     AotError: jax's CUDA plugin is missing, or the process's default backend is
       not the CPU (the plugin would then try to open a GPU).
   """
-  from jax.experimental import topologies
   if jax.default_backend() != "cpu":
     raise AotError("--aot compiles for an absent GPU: run it with JAX_PLATFORMS=cpu")
   config = target_config(card, _cudnn_version())
@@ -129,7 +140,6 @@ def compile_only_devices(card: Card, count: int = 1) -> list[jax.Device]:
 def cudnn_as_on(card: Card):
   """Within: ``attention_impl='auto'`` resolves as it would on ``card`` (cuDNN's
   fused attention from compute capability 8.0 on), not as on this CPU."""
-  from persvid_jax.models import attention
   with attention.assume_cudnn(card.capability >= (8, 0)):
     yield
 
@@ -244,20 +254,6 @@ def compile_report(lowered: Any) -> dict[str, Any]:
   return compiled_report(compiled, time.perf_counter() - start)
 
 
-def memory_of(compiled: Any) -> dict[str, int]:
-  """XLA's buffer assignment of a ``jax.stages.Compiled``: ``{argument_bytes,
-  output_bytes, temp_bytes, alias_bytes, total_bytes}``, ``total_bytes`` being
-  arguments + outputs + temporaries - aliased (donated), the device memory a call
-  needs (per device for a sharded program). Raises where the backend does not say."""
-  m = compiled.memory_analysis()
-  out = dict(argument_bytes=int(m.argument_size_in_bytes),
-             output_bytes=int(m.output_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
-             alias_bytes=int(m.alias_size_in_bytes))
-  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
-                        - out["alias_bytes"])
-  return out
-
-
 def compiled_report(compiled: Any, compile_s: float) -> dict[str, Any]:
   """``compile_report``'s dict of an already compiled program."""
   out = dict(compile_s=compile_s, **memory_of(compiled))
@@ -265,3 +261,122 @@ def compiled_report(compiled: Any, compile_s: float) -> dict[str, Any]:
   out.update(kernel_summary(hlo))
   out["hlo"] = hlo
   return out
+
+
+def _sharded_train(config, shapes: Shapes, devices, fsdp: int):
+  """Compiles the train step sharded as the trainer shards it (``train.step``'s
+  state shardings from the logical axis rules, batch over data x fsdp) over
+  ``devices``; returns ``(compiled, seconds)``."""
+  mesh = sh.make_mesh(data=len(devices) // fsdp, fsdp=fsdp, devices=devices)
+  train_step, state, batch, _ = ours.train_program(config, shapes, abstract=True)
+  boxed = {"unet": ours.abstract_unet_params(ours.our_unet(config), shapes, boxed=True)}
+  shards = step_lib.state_shardings(state, boxed, mesh)
+  return step_lib.compile_train_step(train_step, state, shards, batch, mesh)
+
+
+def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
+               gpus: int = 1, fsdp: int = 1, log: Callable[[str], None] = print,
+               dump_dir: str | None = None) -> dict:
+  """Compiles train / denoise256 / denoise512 for the GPU ``card`` (a key of
+  ``CARDS``) without one, as that GPU would trace them (``attention_impl``
+  'auto' answers as there), and reads what XLA assigned and emitted.
+
+  Args:
+    gpus: with more than one, the train step is compiled sharded over that many
+      GPUs of one host (``fsdp`` of them per parameter shard, the rest data
+      parallel), through the trainer's own ``compile_train_step``; memory is then
+      per GPU. The denoise rows stay on one GPU.
+    dump_dir: where to write each work's compiled HLO (``WORK.hlo.txt``), if given.
+
+  Returns:
+    ``{config, card, memory_bytes, bandwidth_tbs, peak_tflops, rows: [{work, shape,
+    gpus, fsdp, flops, compile_s, argument_bytes, output_bytes, temp_bytes,
+    alias_bytes, total_bytes, kernels, by_kind, memory_bound_bytes, compute_ms,
+    memory_ms, error}]}``: ``compute_ms`` = FLOPs per GPU at the card's dense bf16 peak,
+    ``memory_ms`` = the memory-bound kernels' bytes at its bandwidth (two
+    components of a roofline estimate, not a measurement); a work that does not
+    trace or compile has only ``error``.
+
+  Raises:
+    AotError: jax's CUDA plugin is missing or the process is not CPU-only.
+  """
+  spec = CARDS[card]
+  peak = peak_tflops_of(spec.name)
+  if gpus < 1 or fsdp < 1 or gpus % fsdp or shapes.batch % gpus:
+    raise BenchError(f"--gpus {gpus} --fsdp {fsdp}: fsdp must divide gpus, and gpus the "
+                     f"train batch {shapes.batch} (--batch)")
+  devices = compile_only_devices(spec, gpus)
+  labels = row_shapes(shapes)
+  rows = []
+  for w in (w for w in ("denoise256", "denoise512", "train") if w in works):
+    log(f"compiling {w} for {spec.name} (no device; minutes at the full size) ...")
+    sharded = w == "train" and gpus > 1
+    row = dict(work=w, shape=labels[w], gpus=gpus if sharded else 1,
+               fsdp=fsdp if sharded else 1, error=None)
+    try:
+      with cudnn_as_on(spec):
+        if w == "train":   # the trainer's own compile, over 1 or N GPUs
+          on = devices if sharded else devices[:1]
+          row.update(compiled_report(*_sharded_train(config, shapes, on,
+                                                         fsdp if sharded else 1)))
+        else:   # as ours_denoise: inference params, their layouts XLA's choice
+          fn, params, inputs = ours.denoise_program(config, shapes, latent_side(shapes, w),
+                                                abstract=True)
+          start = time.perf_counter()
+          lowered = xla_options.jit(
+              fn, in_shardings=ours.auto_layout_shardings(params, len(inputs), devices[0])
+          ).lower(*place((params, *inputs), devices[0]))
+          lower_s = time.perf_counter() - start
+          row.update(compile_report(lowered))
+          row["compile_s"] += lower_s
+      # Counted as --count does (on this CPU, attention as XLA's matmuls): the
+      # lowered GPU program holds cuDNN calls, which XLA's cost analysis does not see.
+      # The whole step's FLOPs, also when sharded (each GPU does 1/gpus of them).
+      row["flops"] = ours_flops(config, shapes, w)
+    except Exception as e:   # noqa: BLE001 -- the finding itself: report it, go on
+      row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      rows.append(row)
+      continue
+    hlo = row.pop("hlo")
+    if dump_dir:
+      pathlib.Path(dump_dir, f"{w}.hlo.txt").write_text(hlo)
+    row["compute_ms"] = (row["flops"] / row["gpus"] / (peak * 1e12) * 1e3
+                         if row["flops"] else None)
+    row["memory_ms"] = row["memory_bound_bytes"] / (spec.bandwidth_tbs * 1e12) * 1e3
+    rows.append(row)
+  return dict(config=config.get("name", "?"), card=spec.name, memory_bytes=spec.memory_bytes,
+              bandwidth_tbs=spec.bandwidth_tbs, peak_tflops=peak, jax=jax.__version__,
+              xla=xla_options.describe(), git=records.git_state(), rows=rows)
+
+
+def aot_markdown(result: dict) -> str:
+  """The table of ``aot_report``."""
+  lines = [f"Compiled for {result['card']} without one (XLA deviceless AOT, no autotuning), "
+           f"config `{result['config']}`. Memory: what XLA assigned (arguments + outputs + "
+           f"temporaries - donated), of the card's {fmt_bytes(result['memory_bytes'])}. "
+           f"Kernels: launches of one call. Roofline parts: FLOPs at "
+           f"{result['peak_tflops']:.0f} TFLOP/s; the elementwise / reduction / copy "
+           f"kernels' bytes at {result['bandwidth_tbs']} TB/s. A sharded row (x N GPUs): "
+           f"memory, kernels, bytes and compute per GPU, FLOPs of the whole step.", "",
+           "| work | shape | compile s (here) | memory | of card | kernels | cuDNN attention "
+           "fwd / bwd | cuDNN conv | gemm | elementwise, copies | collectives | their bytes | "
+           "FLOPs | compute ms | memory ms |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  notes = []
+  for r in result["rows"]:
+    work = r["work"] + (f" x {r['gpus']} GPUs (fsdp {r['fsdp']})" if r.get("gpus", 1) > 1
+                        else "")
+    if r["error"]:
+      lines.append(f"| {work} | {r['shape']} | fails | | | | | | | | | | | | |")
+      notes.append(f"- {work}: {r['error']}")
+      continue
+    k = r["by_kind"]
+    lines.append(
+        f"| {work} | {r['shape']} | {r['compile_s']:.0f} | {fmt_bytes(r['total_bytes'])} | "
+        f"{100 * r['total_bytes'] / result['memory_bytes']:.0f} % | {r['kernels']} | "
+        f"{k.get('attention fwd (cuDNN)', 0)} / {k.get('attention bwd (cuDNN)', 0)} | "
+        f"{k.get('conv (cuDNN)', 0)} | {k.get('gemm', 0)} | "
+        f"{k.get('elementwise / reduction', 0) + k.get('copy / transpose', 0)} | "
+        f"{k.get('collective', 0)} | {r['memory_bound_bytes'] / 1e9:.1f} GB | "
+        f"{fmt_flops(r['flops'])} | {fmt(r['compute_ms'], '.1f')} | {r['memory_ms']:.1f} |")
+  return "\n".join(lines + ([""] + notes if notes else []))
