@@ -29,6 +29,7 @@ def _env():
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
+@pytest.mark.slow
 def test_cli_with_peer_on_cpu(tmp_path):
   pytest.importorskip("torch")
   pytest.importorskip("diffusers")
@@ -127,6 +128,7 @@ def test_random_params_and_the_latent_models_vae():
   assert set(model.params) == set(bench.CONCEPT_NETWORKS)
 
 
+@pytest.mark.slow
 def test_count_flops_cli_runs_nothing_and_matches_the_peer(tmp_path):
   """``--count``: both sides counted from shapes only (lowered program / meta device)."""
   pytest.importorskip("torch")

@@ -100,6 +100,7 @@ def test_concept_from_dreambench_photos(tmp_path, micro_model_dir):
   assert all(0.02 <= i["coverage"] <= 0.9 for i in images)
 
 
+@pytest.mark.slow
 def test_every_mode_through_the_cli(db_with_concept, tmp_path):
   db, photos, _, model = db_with_concept
   scene = tmp_path / "scene.png"
@@ -143,6 +144,7 @@ def test_every_mode_through_the_cli(db_with_concept, tmp_path):
       assert frames == 2, (mode, frames)     # micro: 2 frames
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2_and_leaves_the_database(db_with_concept, tmp_path):
   db, photos, _, model = db_with_concept
   text = tmp_path / "notes.png"

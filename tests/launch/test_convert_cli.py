@@ -41,6 +41,7 @@ def sources(tmp_path_factory):
   return root, clip_model, unet, vae
 
 
+@pytest.mark.slow
 def test_convert_chain_loads_as_a_model(tmp_path, sources):
   root, clip_model, unet, vae = sources
   m1, m2, m3 = tmp_path / "m1", tmp_path / "m2", tmp_path / "m3"

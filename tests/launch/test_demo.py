@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_demo_main_job(tmp_path):
   flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags,

@@ -3,11 +3,14 @@
 import json
 import pathlib
 
+import pytest
+
 from tests.launch.test_concepts_generate_cli import _run, _start
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_ablations_table(tmp_path, micro_model_dir):
   out = tmp_path / "ablations.json"
   r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model", micro_model_dir,
@@ -53,6 +56,7 @@ def test_probe_table(tmp_path, micro_model_dir):
   assert "| shuffled |" in out.with_suffix(".md").read_text() and "reference gain" in r.stdout
 
 
+@pytest.mark.slow
 def test_dreambench_protocol(tmp_path, micro_model_dir):
   out = tmp_path / "db.json"
   r = _run("launch.evaluate", "--config", "configs/eval.py:size=tiny", "--model", micro_model_dir,
@@ -69,6 +73,7 @@ def test_dreambench_protocol(tmp_path, micro_model_dir):
   assert "random" in r.stdout and "| cat |" in out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_bad_input_exits_2(tmp_path, micro_model_dir):
   cases = [
       (["--out", tmp_path / "missing" / "r.json"], "does not exist"),

@@ -66,6 +66,7 @@ def test_print_mode_and_bad_grids_exit_2(tmp_path):
     assert len(stderr.strip().splitlines()) == 1 and match in stderr, (args, stderr)
 
 
+@pytest.mark.slow
 def test_two_point_sweep_table_and_identical_runs_agree(tmp_path):
   """Two launch.train runs at tiny:micro, collected into one table.
 

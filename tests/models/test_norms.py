@@ -12,7 +12,7 @@ import pytest
 
 from persvid_jax.models import attention
 from persvid_jax.models.attention import GroupNorm
-from persvid_jax.models.unet3d import FrameConv
+from persvid_jax.models.video_conv import FrameConv
 from persvid_jax.train import step as step_lib
 
 

@@ -19,7 +19,7 @@ from persvid_jax import config_lib
 from persvid_jax import sharding as sh
 from persvid_jax.convert import unet3d as unet3d_convert
 from persvid_jax.convert.common import torch_layout
-from persvid_jax.models import unet3d
+from persvid_jax.models import unet3d, video_conv
 from persvid_jax.models.unet3d import UNet3D
 
 MODELSCOPE_PARAMS = 1_411_233_860   # diffusers' default UNet3DConditionModel()
@@ -469,7 +469,7 @@ class _ConvChain(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i in range(self.n):
-      x = unet3d.spatial_conv(1, self.kernel, self.dilation, name=f"conv{i}",
+      x = video_conv.spatial_conv(1, self.kernel, self.dilation, name=f"conv{i}",
                               kernel_init=nn.initializers.ones_init())(x)
     return x
 

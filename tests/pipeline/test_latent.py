@@ -74,6 +74,7 @@ def base_run():
   return s, before, state, batch, metrics
 
 
+@pytest.mark.slow
 def test_base_stage_trains_on_latents_with_the_vae_frozen(base_run):
   s, before, state, batch, metrics = base_run
   assert set(state.params) == {"text_encoder", "unet", "vae"}

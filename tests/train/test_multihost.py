@@ -25,6 +25,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from persvid_jax import checkpoint as ckpt_lib
 from persvid_jax import config_lib
@@ -75,6 +76,7 @@ def _restore(setup, workdir: pathlib.Path):
     manager.close()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   port = _free_port()

@@ -44,6 +44,7 @@ def _fixed_loss(s, params, batch, n=4):
 
 @pytest.mark.parametrize("stage,steps,factor", [
     ("base", 60, 3.0), ("sr", 60, 3.0), ("personalize", 60, 3.0)])
+@pytest.mark.slow
 def test_overfit_one_batch(stage, steps, factor):
   """The loss on one fixed batch drops by a large factor (every stage learns).
 
@@ -98,6 +99,7 @@ def _check_personalize_trains_only_its_params(initial, trained, default_trainabl
   assert not any(v for k, v in mask.items() if "'unet'" in k and "_detail" not in k)
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
   """A step on a 4 data x 2 fsdp mesh == the same step on one device.
 
@@ -138,6 +140,7 @@ def test_sharded_step_matches_single_device():
   assert np.mean(np.abs(a - b) < 1e-6) > 0.99
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
   """N steps, stop, restart, N more == 2N straight (params and EMA equal)."""
   def run(workdir, total):
@@ -164,6 +167,7 @@ def test_resume_is_exact(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_launch_train_cli_writes_and_exports(tmp_path):
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -223,6 +227,7 @@ def test_sr_random_crop_is_the_same_window_of_each_video():
     assert found
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path):
   """Preemption: SIGTERM to the whole process group (as ``timeout`` and schedulers
   send it, input worker processes included) -> the step in flight finishes, a
