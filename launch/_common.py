@@ -131,6 +131,7 @@ def compilation_cache() -> None:
   """
   import jax
   from persvid_jax import xla_options
+  if jax.config.jax_compilation_cache_dir:
+    return
   default = os.path.join(os.path.expanduser("~"), ".cache", "persvid_jax", "xla")
-  xla_options.enable_cache(jax.config.jax_compilation_cache_dir
-                           or os.environ.get("PERSVID_JAX_CACHE", default))
+  xla_options.enable_cache(os.environ.get("PERSVID_JAX_CACHE", default))

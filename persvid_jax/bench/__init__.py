@@ -59,7 +59,7 @@ from persvid_jax.bench.core import (CFG_BATCH, DEFAULT_WORKS, ISSUE_SHAPES, PEAK
                                     REFERENCE, TRAIN_BATCH, WORKS, BenchError, Row, Shapes,
                                     bench_unet_config, default_shapes, latent_side, parse_works,
                                     peak_tflops_of, row_shapes)
-from persvid_jax.bench.ours import (CONCEPT_NETWORKS, auto_layout_shardings, ours_cascade,
+from persvid_jax.bench.ours import (CONCEPT_NETWORKS, jit_denoise, ours_cascade,
                                     ours_concept, ours_denoise, ours_train)
 from persvid_jax.bench.peer import peer_kwargs
 from persvid_jax.bench.flops import count_flops, flops_markdown, ours_flops, peer_flops
@@ -70,7 +70,7 @@ from persvid_jax.bench.runner import markdown, run
 __all__ = ["CFG_BATCH", "DEFAULT_WORKS", "ISSUE_SHAPES", "PEAK_TFLOPS", "PEER_WORKS",
            "REFERENCE", "TRAIN_BATCH", "WORKS", "BenchError", "Row", "Shapes",
            "bench_unet_config", "default_shapes", "latent_side", "parse_works", "peak_tflops_of",
-           "row_shapes", "CONCEPT_NETWORKS", "auto_layout_shardings", "ours_cascade",
+           "row_shapes", "CONCEPT_NETWORKS", "jit_denoise", "ours_cascade",
            "ours_concept", "ours_denoise", "ours_train", "peer_kwargs", "count_flops",
            "flops_markdown", "ours_flops", "peer_flops", "aot_markdown", "aot_report",
            "attention_ab", "attention_cases", "attention_markdown", "markdown", "run"]

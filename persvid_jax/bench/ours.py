@@ -36,19 +36,13 @@ def _program_bytes(compiled) -> int | None:
     return None
 
 
-def _compile(fn: Callable, *args, donate=(), in_shardings=None) -> tuple[Any, float]:
-  start = time.perf_counter()
-  kwargs = {} if in_shardings is None else dict(in_shardings=in_shardings)
-  compiled = xla_options.jit(fn, donate_argnums=donate, **kwargs).lower(*args).compile()
-  return compiled, time.perf_counter() - start
-
-
-def auto_layout_shardings(params: Any, n_inputs: int, device: jax.Device) -> tuple:
-  """``in_shardings`` of a denoise program ``(params, *inputs)`` on ``device``: the
-  params' layouts chosen by XLA (``Layout.AUTO``), the inputs' the default."""
+def jit_denoise(denoise: Callable, params: Any, n_inputs: int, device: jax.Device) -> Callable:
+  """``denoise(params, *inputs)`` jitted for ``device`` as the rows time it: the
+  project's compiler options, the params' layouts chosen by XLA (``Layout.AUTO``),
+  the inputs' the default."""
   single = jax.sharding.SingleDeviceSharding(device)
-  return ((jax.tree.map(lambda _: Format(Layout.AUTO, single), params),)
-          + (single,) * n_inputs)
+  params_formats = jax.tree.map(lambda _: Format(Layout.AUTO, single), params)
+  return xla_options.jit(denoise, in_shardings=(params_formats,) + (single,) * n_inputs)
 
 
 def our_unet(config):
@@ -101,9 +95,10 @@ def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
   and the params (reused by the next denoise row)."""
   denoise, params, (x, t, ctx) = denoise_program(config, shapes, size, params)
 
-  compiled, compile_s = _compile(
-      denoise, params, x, t, ctx,
-      in_shardings=auto_layout_shardings(params, 3, jax.local_devices()[0]))
+  start = time.perf_counter()
+  compiled = jit_denoise(denoise, params, 3, jax.local_devices()[0]).lower(
+      params, x, t, ctx).compile()
+  compile_s = time.perf_counter() - start
   # Once per generation in a sampler: the kernels in the layouts XLA chose.
   laid_out = jax.device_put(params, compiled.input_formats[0][0])
   times = time_calls(lambda: compiled(laid_out, x, t, ctx), steps)

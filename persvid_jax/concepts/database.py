@@ -309,7 +309,7 @@ class ConceptDatabase:
     if not cls.exists(directory):
       raise DatabaseError(f"{directory} is not a concept database; create one with "
                           "'python -m launch.concepts add --db DIR --name NAME --images ...'")
-    steps = cls._steps(directory, keep)
+    steps = cls._steps(directory)
     step = steps[-1] if step is None else step
     if step not in steps:
       raise DatabaseError(f"{directory} has no version {step}; it has {steps}")
@@ -330,11 +330,10 @@ class ConceptDatabase:
       raise DatabaseError(f"{directory} version {step} is damaged ({e}); {hint}") from None
 
   @classmethod
-  def _steps(cls, directory: pathlib.Path, keep: int) -> list[int]:
+  def _steps(cls, directory: pathlib.Path) -> list[int]:
     """The complete steps, oldest first. Orbax's listing of the finalized step
     directories: every write syncs with it, and a CheckpointManager built for it
     would read every step's metadata (a third of the time of adding a concept)."""
-    del keep
     steps = directory / "steps"
     return sorted(ocp.utils.checkpoint_steps(steps.absolute())) if steps.is_dir() else []
 
@@ -478,7 +477,7 @@ class ConceptDatabase:
     """Loads the latest step if it is not the one this object holds."""
     if not self.exists(self.directory):
       return
-    latest = self._steps(self.directory, self._keep)[-1]
+    latest = self._steps(self.directory)[-1]
     if latest == self.step:
       return
     fresh = self.open(self.directory, step=latest, keep=self._keep)
