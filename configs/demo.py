@@ -27,7 +27,8 @@ steps of personalize with the subject-weighted loss (1050 at weight 5, then
 stage: ``subject_weight``).
 
 Variants: ``stage=base|personalize|sr``, ``bf16``, ``swap_at=input|output``,
-``sr_kernel=K``, ``sr_dilation=D``, ``steps=N`` (this stage's length instead of ``STEPS``),
+``sr_kernel=K``, ``sr_dilation=D``, ``sr_factor=F`` (the SR scale: 2 -> 32-px frames,
+the shipped model; 4 -> 64 px, the SR network still trained on 16-px crops), ``steps=N`` (this stage's length instead of ``STEPS``),
 ``subject_weight=W`` (loss weight of subject pixels in base/personalize; 1 = off;
 default 10 for personalize, 1 for base), ``attention=auto|xla|cudnn`` (as in tiny).
 """
@@ -44,16 +45,16 @@ STEPS = {"base": 500, "personalize": 3600, "sr": 1500}
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", stage="base",
-                             sr_kernel=5, sr_dilation=1, steps=0, subject_weight=-1.0,
-                             attention="auto")
+                             sr_kernel=5, sr_dilation=1, sr_factor=2, steps=0,
+                             subject_weight=-1.0, attention="auto")
   # The model would refuse these only once built (a ValueError traceback).
-  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
+  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation", "sr_factor")
   config = tiny.get_config(f"stage={arg.stage},swap_at={arg.swap_at},attention={arg.attention}")
   config.name = "demo"
   config.dtype = "bfloat16" if arg.bf16 else "float32"
 
   config.video = ml_collections.ConfigDict(dict(
-      frames=8, height=16, width=16, channels=3, sr_factor=2))
+      frames=8, height=16, width=16, channels=3, sr_factor=arg.sr_factor))
   config.concepts = ml_collections.ConfigDict(dict(
       capacity=16, ref_tokens=2, detail_tokens=4, swap_at=arg.swap_at))
   config.text = ml_collections.ConfigDict(dict(
@@ -96,7 +97,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   config.data.update(dict(
       source="renderer", name="persvid_synthetic/demo", frames=config.video.frames,
-      height=32, width=32, reference_size=config.image.image_size,
+      height=16 * arg.sr_factor, width=16 * arg.sr_factor,
+      reference_size=config.image.image_size,
       shuffle_buffer=512, cache=False, workers=2, image_fraction=0.0))
 
   steps = arg.steps or STEPS[arg.stage]
@@ -119,6 +121,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # network's whole job -- after 400 min-SNR steps its samples kept
     # per-pixel noise (seen in every contact sheet).
     config.diffusion.min_snr_gamma = None
+  if arg.stage == "sr":
+    # Only the (frozen) text encoder comes from init_from: the SR network starts
+    # fresh whatever its kernel or scale, so SR variants get equal budgets.
+    config.train.init_networks = ("text_encoder",)
   if arg.stage == "personalize":
     # From a base model: the generator keeps learning with the new conditions
     # (it has never seen reference tokens or detail tokens before).

@@ -135,6 +135,7 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
       stage=stage,                 # 'base' | 'sr' | 'personalize'
       trainable=TRAINABLE[stage],
       init_from=None,              # earlier stage's workdir (its EMA params) or an exported model dir
+      init_networks=(),            # which networks init_from gives; (): every one this stage holds
       batch_size=8,                # global batch
       total_steps=200,
       schedule_steps=None,         # cosine decay horizon; None: total_steps

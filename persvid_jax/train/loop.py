@@ -14,7 +14,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -311,7 +311,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
     state = s.create_state()
     if tc.get("init_from"):
       random_vae = stack_lib.latent_enabled(config) and config.latent.get("random_vae", False)
-      state = _init_from(state, tc.init_from, state_shards, random_vae=random_vae)
+      state = _init_from(state, tc.init_from, state_shards, random_vae=random_vae,
+                         networks=tc.get("init_networks") or None)
     first_step = 0
 
   # ---- Input ----------------------------------------------------------------
@@ -514,7 +515,7 @@ _VAE_FIX = ("set config.train.init_from to a model holding one (python -m launch
 
 
 def _init_from(state: state_lib.TrainState, init_from: str, state_shards, *,
-               random_vae: bool = False):
+               random_vae: bool = False, networks: Sequence[str] | None = None):
   """Copies params of the networks another run holds into a fresh state.
 
   ``init_from`` is a training workdir (the EMA params of its latest
@@ -524,6 +525,10 @@ def _init_from(state: state_lib.TrainState, init_from: str, state_shards, *,
   network whose shapes differ is refused. A latent-space stage takes its VAE
   from there too; without one there, only ``config.latent.random_vae`` lets
   it keep its seeded init.
+
+  ``networks`` (``config.train.init_networks``): copy only these (default every
+  network this stage holds), e.g. the frozen text encoder alone, so that an SR
+  network of another shape starts fresh beside the same conditions.
   """
   from persvid_jax.pipeline import model as model_lib
   path = pathlib.Path(init_from)
@@ -533,8 +538,13 @@ def _init_from(state: state_lib.TrainState, init_from: str, state_shards, *,
                             f"{model_lib.WEIGHTS_FILE})")
   try:
     # Along the init_from chain (a converted CLIP under a converted UNet, ...).
-    _, source, _ = model_lib.collect_networks([path], fill_missing=False,
-                                              networks=tuple(state.params))
+    unknown = sorted(set(networks or ()) - set(state.params))
+    if unknown:
+      raise model_lib.ModelError(
+          f"config.train.init_networks names {unknown}, which this stage does not hold; "
+          f"use some of {sorted(state.params)}")
+    wanted = tuple(n for n in state.params if networks is None or n in networks)
+    _, source, _ = model_lib.collect_networks([path], fill_missing=False, networks=wanted)
   except model_lib.ModelError as e:
     if "holds no checkpoint" in str(e):
       raise FileNotFoundError(f"config.train.init_from={init_from!r} holds no checkpoint "
