@@ -16,6 +16,12 @@ uses) and from the subject's true colours:
   prompted background's colour than any other background's (``BACKGROUNDS``);
 * ``motion_correct`` — 1 if the subject's centroid / area track classifies
   as the prompted direction (``classify_motion``);
+* ``pattern_error`` — how far the subject's colours are *spread* unlike the
+  true subject's: the sliced Wasserstein-1 distance (RGB [0, 1]) between
+  the segmented subject's pixel colours and the true render's, each taken
+  about its own mean (``pattern_distance``). Stripes, dots and checks are
+  two colours in proportion; a blob of their average colour has the right
+  mean colour and silhouette, and only this metric sees it;
 * ``temporal_consistency`` — mean shape IoU of consecutive frames' subjects:
   1 when the subject keeps its silhouette from frame to frame;
 * ``instances`` / ``single_instance`` — the number of connected components
@@ -39,10 +45,11 @@ from persvid_jax.concepts import subject as subject_lib
 from persvid_jax.data import synthetic
 from persvid_jax.evaluate import fidelity
 
-METRICS = ("colour_error", "shape_iou", "background_correct", "motion_correct",
-           "temporal_consistency", "instances", "single_instance")
+METRICS = ("colour_error", "shape_iou", "pattern_error", "background_correct",
+           "motion_correct", "temporal_consistency", "instances", "single_instance")
 # Which way is better, for tables.
-HIGHER_IS_BETTER = dict(colour_error=False, shape_iou=True, background_correct=True,
+HIGHER_IS_BETTER = dict(colour_error=False, shape_iou=True, pattern_error=False,
+                        background_correct=True,
                         motion_correct=True, temporal_consistency=True, instances=None,
                         single_instance=True)
 
@@ -68,6 +75,44 @@ def true_colour(subject: synthetic.Subject) -> np.ndarray:
   alpha, premult = synthetic.render_subject(
       subject, np.array([[0.5, 0.5, 1.0]]), _REFERENCE_SIZE, _REFERENCE_SIZE)
   return premult[0].reshape(-1, 3).sum(0) / max(float(alpha.sum()), 1e-6)
+
+
+def true_pixels(subject: synthetic.Subject) -> np.ndarray:
+  """``[N, 3]`` RGB in [0, 1] of the true subject's fully covered pixels (its
+  pattern in proportion; the antialiased rim left out)."""
+  alpha, premult = synthetic.render_subject(
+      subject, np.array([[0.5, 0.5, 1.0]]), _REFERENCE_SIZE, _REFERENCE_SIZE)
+  inside = alpha[0] > 0.99
+  return premult[0][inside] / alpha[0][inside][:, None]
+
+
+# Fixed projection directions of the sliced distance (unit vectors in RGB):
+# the axes, the grey diagonal and 12 more, so every score uses the same slices.
+_SLICES = np.concatenate([np.eye(3), np.ones((1, 3)) / np.sqrt(3.0),
+                          np.random.default_rng(0).normal(size=(12, 3))])
+_SLICES = _SLICES / np.linalg.norm(_SLICES, axis=1, keepdims=True)
+_QUANTILES = np.linspace(0.0, 1.0, 33)
+
+
+def pattern_distance(pixels: np.ndarray, truth: np.ndarray) -> float:
+  """Sliced Wasserstein-1 distance between two colour sets about their means.
+
+  Args:
+    pixels: ``[N, 3]`` RGB in [0, 1] (a generated subject's pixels).
+    truth: ``[M, 3]`` RGB in [0, 1] (``true_pixels``).
+
+  Returns:
+    The mean over ``_SLICES`` of the 1-D W1 distance (33 quantiles) between
+    the projections of ``pixels - mean(pixels)`` and ``truth - mean(truth)``:
+    0 for the same spread of colours wherever its mean lies; for a two-colour
+    pattern against a plain blob, about the distance between its colours
+    weighted by their shares. Mean colour is ``colour_error``'s business.
+  """
+  a = (pixels - pixels.mean(0)) @ _SLICES.T
+  b = (truth - truth.mean(0)) @ _SLICES.T
+  qa = np.quantile(a, _QUANTILES, axis=0)
+  qb = np.quantile(b, _QUANTILES, axis=0)
+  return float(np.mean(np.abs(qa - qb)))
 
 
 def subject_colours(subject: synthetic.Subject, background: int) -> list[np.ndarray]:
@@ -196,6 +241,11 @@ def score_video(video: np.ndarray, target: Target, *, segment_size: int | None =
   truth = synthetic.subject_mask(subject, _REFERENCE_SIZE)
   colour_err = [float(np.linalg.norm(fidelity.mean_colour(f, m) - colour))
                 for f, m in zip(video, masks)]
+  truth_pixels = true_pixels(subject)
+  # A frame where segmentation finds no subject is scored on all its pixels
+  # (as mean_colour weighs them): missing the subject is no pattern match.
+  pattern = [pattern_distance((f[m] if m.sum() >= 4 else f.reshape(-1, 3)) / 255.0,
+                              truth_pixels) for f, m in zip(video, masks)]
   ious = [fidelity.shape_iou(m, truth) for m in masks]
   consistency = [fidelity.shape_iou(a, b) for a, b in zip(masks[:-1], masks[1:])]
   bg_hits = [classify_background(f, m) == target.background for f, m in zip(video, masks)]
@@ -209,6 +259,7 @@ def score_video(video: np.ndarray, target: Target, *, segment_size: int | None =
   return dict(
       colour_error=float(np.mean(colour_err)),
       shape_iou=float(np.mean(ious)),
+      pattern_error=float(np.mean(pattern)),
       background_correct=float(np.mean(bg_hits)),
       motion_correct=float(classify_motion(masks) == target.direction),
       temporal_consistency=float(np.mean(consistency)) if consistency else 1.0,

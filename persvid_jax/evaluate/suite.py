@@ -372,7 +372,8 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
         scores = [gt.score_video(v, c.target) for v, c in zip(videos, cases)]
         if sheet_dir is not None and seed == cfg.seeds[0]:
           sheet = media.contact_sheet([(c.photos[0], v) for c, v in zip(cases, videos)],
-                                      scale=4)
+                                      scale=4, labels=[f"{variant.name}: {r.prompt}"
+                                                       for r in resolved])
           media.save_png(pathlib.Path(sheet_dir) / f"{variant.name}.png", sheet)
         for m in gt.METRICS:
           per_seed[m].append(float(np.mean([s[m] for s in scores])))
@@ -395,6 +396,8 @@ def compare(results: Mapping[str, Any]) -> dict[str, Any]:
   * personalization: method vs removed on colour error and shape IoU — the
     method wins a metric when the mean difference exceeds the two spreads
     combined (sqrt of the summed variances over seeds);
+  * detail: method vs detail_off, and the fused target vs the stored-only
+    one, on pattern error;
   * cascade: method vs no_cascade on single-instance frames and colour error;
   * SR kernel: the equal-budget 5x5 vs 3x3 and 3x3 dilated, single-instance;
   * swap site: input vs output on colour error and shape IoU.
@@ -415,6 +418,11 @@ def compare(results: Mapping[str, Any]) -> dict[str, Any]:
     v = verdict("method", "removed", metric, hb)
     if v:
       out[f"personalization/{metric}"] = v
+  # Detail: the detail tokens carry what mean colour and silhouette cannot see.
+  for a, b in (("method", "detail_off"), ("target_fused", "target_stored")):
+    v = verdict(a, b, "pattern_error", False)
+    if v:
+      out[f"detail/{b}"] = v
   for metric in ("single_instance", "colour_error"):
     v = verdict("method", "no_cascade", metric, gt.HIGHER_IS_BETTER[metric])
     if v:
@@ -433,6 +441,7 @@ def compare(results: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _COLUMNS = (("colour_error", "colour err ↓"), ("shape_iou", "shape IoU ↑"),
+            ("pattern_error", "pattern err ↓"),
             ("background_correct", "background ↑"), ("motion_correct", "motion ↑"),
             ("temporal_consistency", "temporal ↑"), ("instances", "instances (1)"),
             ("single_instance", "1 instance ↑"))

@@ -163,8 +163,11 @@ def run_demo(model, out_dir: str | pathlib.Path, *, photos_dir=PHOTOS_DIR, seed:
   sheet_rows = [(r.reference.crop if r.reference is not None
                  else references[row.subject].crop if row.subject else None, videos[i])
                 for i, (row, r) in enumerate(zip(ROWS, resolved))]
+  labels = [f"{row.label} [{r.mode}]: {row.prompt}" + (f"  + {row.image} as {row.role}"
+                                                      if row.image else "")
+            for row, r in zip(ROWS, resolved)]
   sheet = media.save_png(out_dir / "contact_sheet.png",
-                         media.contact_sheet(sheet_rows, scale=scale // 2 or 1))
+                         media.contact_sheet(sheet_rows, scale=scale // 2 or 1, labels=labels))
 
   # 4. Fidelity against each subject's reference crop.
   rows_out = []

@@ -12,9 +12,10 @@ import contextlib
 import os
 import pathlib
 import warnings
+from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def to_uint8(video) -> np.ndarray:
@@ -122,43 +123,70 @@ def save_video(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int =
   raise ValueError(f"unknown video format {suffix!r} of {path}; use .mp4 or .gif")
 
 
-def contact_sheet(rows, *, scale: int = 4, pad: int = 2) -> np.ndarray:
-  """One row per video: its reference image (or a blank) beside every frame.
+def contact_sheet(rows, *, scale: int = 4, pad: int = 2,
+                  labels: Sequence[str] | None = None) -> np.ndarray:
+  """One row per video: its reference image (or a blank) beside every frame,
+  each row under its label (e.g. the mode and the prompt) when ``labels`` is given.
 
   Args:
     rows: ``[(reference uint8 [R, R, 3] or None, video [T, H, W, 3] in [-1, 1]
       or uint8)]``; the reference is resized (nearest) to the frame height.
-    scale: pixel repetition of everything (small videos become visible).
+    scale: pixel repetition of the images (small videos become visible).
     pad: white gap in pixels (before scaling).
+    labels: one line of text per row (``len(rows)``), drawn at the sheet's final
+      size in a band above the row; longer lines are cut to fit the width.
 
   Returns:
-    uint8 ``[rows * (H + pad) + pad, (1 + T) * (W + pad) + pad + pad, 3] * scale``.
+    uint8 ``[rows * ((H + pad) * scale + band) + pad * scale,
+    ((1 + T) * (W + pad) + 2 * pad) * scale, 3]``, ``band`` the label band's
+    height (0 without labels).
   """
-  from PIL import Image
+  if labels is not None and len(labels) != len(rows):
+    raise ValueError(f"{len(labels)} labels for {len(rows)} rows")
   videos = [np.asarray(v) if np.asarray(v).dtype == np.uint8 else to_uint8(v)
             for _, v in rows]
   t = max(v.shape[0] for v in videos)
   h = max(v.shape[1] for v in videos)
   w = max(v.shape[2] for v in videos)
-  sheet = np.full((len(rows) * (h + pad) + pad, (1 + t) * (w + pad) + 2 * pad, 3), 255,
-                  np.uint8)
-  for i, ((ref, _), v) in enumerate(zip(rows, videos)):
-    y = pad + i * (h + pad)
+  width = (1 + t) * (w + pad) + 2 * pad
+  strips = []
+  for (ref, _), v in zip(rows, videos):
+    strip = np.full((h + pad, width, 3), 255, np.uint8)
     if ref is not None:
-      ref = np.asarray(Image.fromarray(np.asarray(ref, np.uint8)).resize(
-          (w, h), Image.Resampling.NEAREST))
-      sheet[y:y + h, pad:pad + w] = ref
+      strip[pad:pad + h, pad:pad + w] = np.asarray(Image.fromarray(
+          np.asarray(ref, np.uint8)).resize((w, h), Image.Resampling.NEAREST))
     else:
-      sheet[y:y + h, pad:pad + w] = 230
+      strip[pad:pad + h, pad:pad + w] = 230
     for j, frame in enumerate(v):
       x = 2 * pad + (j + 1) * (w + pad)
-      sheet[y:y + frame.shape[0], x:x + frame.shape[1]] = frame
-  return _upscale(sheet, scale)
+      strip[pad:pad + frame.shape[0], x:x + frame.shape[1]] = frame
+    strips.append(_upscale(strip, scale))
+  parts = []
+  for i, strip in enumerate(strips):
+    if labels is not None:
+      parts.append(_label_band(labels[i], strip.shape[1], left=pad * scale))
+    parts.append(strip)
+  parts.append(np.full((pad * scale, width * scale, 3), 255, np.uint8))
+  return np.concatenate(parts, axis=0)
+
+
+# Label text: Pillow's built-in font at this pixel size (no font files needed).
+_LABEL_PX = 12
+
+
+def _label_band(text: str, width: int, *, left: int) -> np.ndarray:
+  """uint8 ``[_LABEL_PX + 6, width, 3]``: ``text`` in black on white, cut to fit."""
+  font = ImageFont.load_default(size=_LABEL_PX)
+  band = Image.new("RGB", (width, _LABEL_PX + 6), (255, 255, 255))
+  draw = ImageDraw.Draw(band)
+  while text and draw.textlength(text, font=font) > width - 2 * left:
+    text = text[:-2] + "…"
+  draw.text((left, 3), text, fill=(0, 0, 0), font=font)
+  return np.asarray(band)
 
 
 def save_png(path: str | os.PathLike, image) -> pathlib.Path:
   """Writes uint8 ``[H, W, 3]`` as PNG (atomically)."""
-  from PIL import Image
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")

@@ -27,6 +27,31 @@ def test_truth_scores_perfectly():
   assert mean["colour_error"] < 0.08
   assert mean["shape_iou"] > 0.75
   assert mean["temporal_consistency"] > 0.75
+  assert mean["pattern_error"] < 0.06
+
+
+def test_pattern_error_sees_a_pattern_lost():
+  """A patterned subject filled with its own mean colour keeps (nearly) its
+  colour error and silhouette; the pattern error triples."""
+  for i in range(24):
+    ex, target = _example(i)
+    if synthetic.PATTERNS[target.subject.pattern] != "plain":
+      break
+  masks = gt.segment_video(ex["video"])
+  blob = ex["video"].copy()
+  for frame, mask in zip(blob, masks):
+    frame[mask] = frame[mask].mean(0).astype(np.uint8)
+  truth, lost = gt.score_video(ex["video"], target), gt.score_video(blob, target)
+  assert lost["shape_iou"] == pytest.approx(truth["shape_iou"], abs=0.05)
+  assert lost["colour_error"] < truth["colour_error"] + 0.05
+  assert lost["pattern_error"] > 2.5 * truth["pattern_error"]
+
+
+def test_pattern_distance_ignores_the_mean():
+  rng = np.random.default_rng(0)
+  two_tone = np.where(rng.random((400, 1)) < 0.5, [0.9, 0.1, 0.1], [0.1, 0.1, 0.9])
+  assert gt.pattern_distance(two_tone + 0.05, two_tone) < 1e-6
+  assert gt.pattern_distance(np.full((400, 3), 0.5), two_tone) > 0.2
 
 
 def test_wrong_prompt_is_caught():
