@@ -30,13 +30,14 @@ Variants: ``stage=base|personalize|sr``, ``bf16``, ``swap_at=input|output``,
 ``sr_kernel=K``, ``sr_dilation=D``, ``steps=N`` (this stage's length instead of ``STEPS``),
 ``subject_weight=W`` (loss weight of subject pixels in base/personalize; 1 = off;
 default 10 for personalize, 1 for base), ``attention=auto|xla|cudnn`` (as in tiny).
+Built on ``common.py``'s schema, like its siblings ``tiny.py`` and ``modelscope.py``.
 """
 
 import ml_collections
 
 from persvid_jax import config_lib
 
-tiny = config_lib.import_config_module("tiny")
+common = config_lib.import_sibling(__file__, "common")
 
 # Steps per stage of the shipped model (README: how it was run, resumes included).
 STEPS = {"base": 500, "personalize": 3600, "sr": 1500}
@@ -46,11 +47,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", stage="base",
                              sr_kernel=5, sr_dilation=1, steps=0, subject_weight=-1.0,
                              attention="auto")
-  # The model would refuse these only once built (a ValueError traceback).
-  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
-  config = tiny.get_config(f"stage={arg.stage},swap_at={arg.swap_at},attention={arg.attention}")
-  config.name = "demo"
-  config.dtype = "bfloat16" if arg.bf16 else "float32"
+  common.check_shared_options(arg)
+  config = common.base_config("demo", bf16=arg.bf16, stage=arg.stage, swap_at=arg.swap_at,
+                              attention=arg.attention)
 
   config.video = ml_collections.ConfigDict(dict(
       frames=8, height=16, width=16, channels=3, sr_factor=2))
@@ -69,18 +68,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   # Widths measured on a 2-core CPU (fwd+bwd, batch 8 x 8 frames): base
   # 16x16 ~0.9 s; SR on 16x16 crops ~1.1 s (at 32x32 it would be ~4 s).
-  common = dict(layers_per_block=1, head_dim=16, transformer_in_heads=1, norm_num_groups=8,
-                cross_attention_dim=config.text.width, detail_dim=config.extractor.detail_dim)
+  both = dict(layers_per_block=1, head_dim=16, transformer_in_heads=1, norm_num_groups=8,
+              cross_attention_dim=config.text.width, detail_dim=config.extractor.detail_dim)
   # Base: attention (self, text, detail, temporal) at 8x8 and 4x4.
-  config.unet = tiny.unet_config(
-      **common, block_out_channels=(16, 32, 64),
+  config.unet = common.unet_config(
+      **both, block_out_channels=(16, 32, 64),
       down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
       up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"),
       detail_cross_attention=True)
   # SR: 32 -> 16 -> 8 px, attention at 8x8 only; the detail comes through the
   # base video it is conditioned on.
-  config.sr_unet = tiny.unet_config(
-      **common, block_out_channels=(16, 32, 32),
+  config.sr_unet = common.unet_config(
+      **both, block_out_channels=(16, 32, 32),
       down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
       up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
       detail_cross_attention=False, sr=True, cond_channels=3,
