@@ -51,20 +51,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config = common.base_config("demo", bf16=arg.bf16, stage=arg.stage, swap_at=arg.swap_at,
                               attention=arg.attention)
 
-  config.video = ml_collections.ConfigDict(dict(
-      frames=8, height=16, width=16, channels=3, sr_factor=2))
-  config.concepts = ml_collections.ConfigDict(dict(
-      capacity=16, ref_tokens=2, detail_tokens=4, swap_at=arg.swap_at))
-  config.text = ml_collections.ConfigDict(dict(
-      vocab_size=512, max_length=24, width=64, layers=2, heads=4, mlp_dim=128,
-      act="quick_gelu", layer_norm_eps=1e-5, tokenizer_dir=None))
-  config.image = ml_collections.ConfigDict(dict(
-      image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_dim=128,
-      act="quick_gelu", layer_norm_eps=1e-5, projection_dim=0))
-  config.mapper = ml_collections.ConfigDict(dict(width=64, layers=1, heads=4, mlp_dim=128))
-  config.extractor = ml_collections.ConfigDict(dict(
-      image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_dim=128,
-      detail_dim=64))
+  # The schema's toy sizes, widened: 8 frames, 16 concept slots, 64-wide encoders
+  # with 4 heads, 4 px patches (the rest as in common.py).
+  config.video.frames = 8
+  config.concepts.capacity = 16
+  config.text.update(dict(max_length=24, width=64, heads=4, mlp_dim=128))
+  config.image.update(dict(patch_size=4, width=64, heads=4, mlp_dim=128))
+  config.mapper.update(dict(width=64, heads=4, mlp_dim=128))
+  config.extractor.update(dict(patch_size=4, width=64, heads=4, mlp_dim=128, detail_dim=64))
 
   # Widths measured on a 2-core CPU (fwd+bwd, batch 8 x 8 frames): base
   # 16x16 ~0.9 s; SR on 16x16 crops ~1.1 s (at 32x32 it would be ~4 s).
@@ -91,7 +85,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.diffusion.update(dict(prediction="v", sample_steps=25, sr_sample_steps=10,
                                guidance_text=4.0,
                                guidance_detail=2.0))
-  config.concepts.update(dict(fusion="concat", fusion_weight=0.5, subject_fill=0.4))
 
   config.data.update(dict(
       source="renderer", name="persvid_synthetic/demo", frames=config.video.frames,
