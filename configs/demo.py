@@ -28,16 +28,18 @@ stage: ``subject_weight``).
 
 Variants: ``stage=base|personalize|sr``, ``bf16``, ``swap_at=input|output``,
 ``sr_kernel=K``, ``sr_dilation=D``, ``sr_factor=F`` (the SR scale: 2 -> 32-px frames,
-the shipped model; 4 -> 64 px, the SR network still trained on 16-px crops), ``steps=N`` (this stage's length instead of ``STEPS``),
+the shipped model; 4 -> 64 px, the SR network still trained on 16-px crops),
+``steps=N`` (this stage's length instead of ``STEPS``),
 ``subject_weight=W`` (loss weight of subject pixels in base/personalize; 1 = off;
 default 10 for personalize, 1 for base), ``attention=auto|xla|cudnn`` (as in tiny).
+Built on ``common.py``'s schema, like its siblings ``tiny.py`` and ``modelscope.py``.
 """
 
 import ml_collections
 
 from persvid_jax import config_lib
 
-tiny = config_lib.import_config_module("tiny")
+common = config_lib.import_sibling(__file__, "common")
 
 # Steps per stage of the shipped model (README: how it was run, resumes included).
 STEPS = {"base": 500, "personalize": 3600, "sr": 1500}
@@ -47,41 +49,35 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", stage="base",
                              sr_kernel=5, sr_dilation=1, sr_factor=2, steps=0,
                              subject_weight=-1.0, attention="auto")
-  # The model would refuse these only once built (a ValueError traceback).
-  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation", "sr_factor")
-  config = tiny.get_config(f"stage={arg.stage},swap_at={arg.swap_at},attention={arg.attention}")
-  config.name = "demo"
-  config.dtype = "bfloat16" if arg.bf16 else "float32"
+  common.check_shared_options(arg)
+  # The model would refuse it only once built (a ValueError traceback).
+  config_lib.positive_int_options(arg, "sr_factor")
+  config = common.base_config("demo", bf16=arg.bf16, stage=arg.stage, swap_at=arg.swap_at,
+                              attention=arg.attention)
 
-  config.video = ml_collections.ConfigDict(dict(
-      frames=8, height=16, width=16, channels=3, sr_factor=arg.sr_factor))
-  config.concepts = ml_collections.ConfigDict(dict(
-      capacity=16, ref_tokens=2, detail_tokens=4, swap_at=arg.swap_at))
-  config.text = ml_collections.ConfigDict(dict(
-      vocab_size=512, max_length=24, width=64, layers=2, heads=4, mlp_dim=128,
-      act="quick_gelu", layer_norm_eps=1e-5, tokenizer_dir=None))
-  config.image = ml_collections.ConfigDict(dict(
-      image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_dim=128,
-      act="quick_gelu", layer_norm_eps=1e-5, projection_dim=0))
-  config.mapper = ml_collections.ConfigDict(dict(width=64, layers=1, heads=4, mlp_dim=128))
-  config.extractor = ml_collections.ConfigDict(dict(
-      image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp_dim=128,
-      detail_dim=64))
+  # The schema's toy sizes, widened: 8 frames, 16 concept slots, 64-wide encoders
+  # with 4 heads, 4 px patches (the rest as in common.py).
+  config.video.update(dict(frames=8, sr_factor=arg.sr_factor))
+  config.concepts.capacity = 16
+  config.text.update(dict(max_length=24, width=64, heads=4, mlp_dim=128))
+  config.image.update(dict(patch_size=4, width=64, heads=4, mlp_dim=128))
+  config.mapper.update(dict(width=64, heads=4, mlp_dim=128))
+  config.extractor.update(dict(patch_size=4, width=64, heads=4, mlp_dim=128, detail_dim=64))
 
   # Widths measured on a 2-core CPU (fwd+bwd, batch 8 x 8 frames): base
   # 16x16 ~0.9 s; SR on 16x16 crops ~1.1 s (at 32x32 it would be ~4 s).
-  common = dict(layers_per_block=1, head_dim=16, transformer_in_heads=1, norm_num_groups=8,
-                cross_attention_dim=config.text.width, detail_dim=config.extractor.detail_dim)
+  both = dict(layers_per_block=1, head_dim=16, transformer_in_heads=1, norm_num_groups=8,
+              cross_attention_dim=config.text.width, detail_dim=config.extractor.detail_dim)
   # Base: attention (self, text, detail, temporal) at 8x8 and 4x4.
-  config.unet = tiny.unet_config(
-      **common, block_out_channels=(16, 32, 64),
+  config.unet = common.unet_config(
+      **both, block_out_channels=(16, 32, 64),
       down_block_types=("DownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
       up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "UpBlock3D"),
       detail_cross_attention=True)
   # SR: 32 -> 16 -> 8 px, attention at 8x8 only; the detail comes through the
   # base video it is conditioned on.
-  config.sr_unet = tiny.unet_config(
-      **common, block_out_channels=(16, 32, 32),
+  config.sr_unet = common.unet_config(
+      **both, block_out_channels=(16, 32, 32),
       down_block_types=("DownBlock3D", "DownBlock3D", "CrossAttnDownBlock3D"),
       up_block_types=("CrossAttnUpBlock3D", "UpBlock3D", "UpBlock3D"),
       detail_cross_attention=False, sr=True, cond_channels=3,
@@ -93,7 +89,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.diffusion.update(dict(prediction="v", sample_steps=25, sr_sample_steps=10,
                                guidance_text=4.0,
                                guidance_detail=2.0))
-  config.concepts.update(dict(fusion="concat", fusion_weight=0.5, subject_fill=0.4))
 
   config.data.update(dict(
       source="renderer", name="persvid_synthetic/demo", frames=config.video.frames,

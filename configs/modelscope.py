@@ -23,18 +23,15 @@ import ml_collections
 
 from persvid_jax import config_lib
 
-tiny = config_lib.import_config_module("tiny")
+common = config_lib.import_sibling(__file__, "common")
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=True, swap_at="input", detail=1,
                              sr_kernel=3, sr_dilation=2, attention="auto")
-  # The model would refuse these only once built (a ValueError traceback).
-  config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
-  config_lib.choice_option(arg, "swap_at", ("input", "output"))
-  config = tiny.get_config(f"attention={arg.attention}")
-  config.name = "modelscope"
-  config.dtype = "bfloat16" if arg.bf16 else "float32"
+  common.check_shared_options(arg)
+  # Sizes below replace the schema's toy ones; its defaults stay for the rest.
+  config = common.base_config("modelscope", bf16=arg.bf16, attention=arg.attention)
 
   # 256 px video in the VAE's latent space (factor 8): 32x32x4 latents.
   config.video = ml_collections.ConfigDict(dict(
@@ -63,10 +60,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       layers_per_block=2, head_dim=64, transformer_in_heads=8,
       norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1024,
       detail_cross_attention=detail, detail_dim=768)
-  config.unet = tiny.unet_config(**full)
-  config.sr_unet = tiny.unet_config(**full, sr=True, cond_channels=4,
-                                    spatial_kernel_size=arg.sr_kernel,
-                                    spatial_dilation=arg.sr_dilation)
+  config.unet = common.unet_config(**full)
+  config.sr_unet = common.unet_config(**full, sr=True, cond_channels=4,
+                                      spatial_kernel_size=arg.sr_kernel,
+                                      spatial_dilation=arg.sr_dilation)
   # ModelScope's scheduler (scaled-linear, eps, 50 DDIM steps, CFG 9) in VAE
   # latent space, so x0 is not clipped.
   config.diffusion = ml_collections.ConfigDict(dict(

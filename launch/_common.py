@@ -3,6 +3,9 @@
 Every user error (bad image, unknown concept, bad name, unusable model, ...)
 is an exception class listed in ``user_errors()``; ``run`` turns it into one
 line ``error: ...`` on stderr and exit status 2, never a traceback.
+
+Only the launchers know where the repository's ``configs/`` folder lies: this
+module puts it on ``config_lib``'s search path, so ``--config tiny`` works.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ import os
 import pathlib
 import sys
 from typing import Callable
+
+from persvid_jax import config_lib
+
+# Bare names (--config tiny) are looked up here; config_lib itself knows no folder.
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+config_lib.set_search_path(CONFIGS_DIR)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,7 +50,6 @@ def quiet() -> None:
 
 def user_errors() -> tuple[type[BaseException], ...]:
   """The exception classes whose message is meant for the user."""
-  from persvid_jax import config_lib
   from persvid_jax.concepts.database import DatabaseError
   from persvid_jax.concepts.subject import ImageError
   from persvid_jax.evaluate.dreambench import DreamBenchError
@@ -64,7 +72,6 @@ def out_dir_problem(out: pathlib.Path, flag: str = "--out") -> str | None:
     return f"{flag} {out} already exists and is a directory; give another path"
   parent = out.parent
   if not parent.is_dir():
-    from persvid_jax import config_lib
     existing = config_lib.nearest_existing(parent)
     if existing.exists() and not existing.is_dir():
       return f"{flag} {out}: {existing} is a file, not a directory"
@@ -80,7 +87,6 @@ def dir_problem(directory: pathlib.Path, flag: str = "--out") -> str | None:
   For flags naming an output directory; checked before any model is loaded
   (``config_lib.workdir_problem``, which the trainer and sweeps use too).
   """
-  from persvid_jax import config_lib
   return config_lib.workdir_problem(directory, flag)
 
 

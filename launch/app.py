@@ -3,7 +3,7 @@
   python -m launch.app [--host 127.0.0.1] [--port 7860] [--db DIR] [--model DIR]
       [--steps N] [--sr-steps N] [--max-upload-mb 10] [--out-dir DIR]
 
-Serves ``persvid_jax.ui.app`` (Gradio) on loopback unless ``--host`` says
+Serves ``persvid_jax.apps.ui`` (Gradio) on loopback unless ``--host`` says
 otherwise. ``--db`` defaults to the database ``launch.demo`` builds
 (``outputs/concepts_db``); concepts added in the page land there. Bad flags
 or a database built by another model exit with status 2 and one line.
@@ -20,7 +20,7 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _parse(argv):
-  from persvid_jax.ui.app import DEFAULT_DB
+  from persvid_jax.apps.ui import DEFAULT_DB
   p = _common.ArgumentParser(prog="python -m launch.app", description="persvid_jax web UI.")
   p.add_argument("--host", default="127.0.0.1",
                  help="interface to bind (default loopback; 0.0.0.0 exposes it to the network)")
@@ -85,15 +85,15 @@ def main(argv=None) -> int:
       raise GenerationError(problem)
     _common.compilation_cache()
     from persvid_jax.pipeline import model as model_lib
-    from persvid_jax.ui import app
-    studio = app.Studio(model_lib.load_model(args.model), db, args.out_dir,
+    from persvid_jax.apps import ui
+    studio = ui.Studio(model_lib.load_model(args.model), db, args.out_dir,
                         steps=args.steps, sr_steps=args.sr_steps)
     if args.host not in _LOOPBACK:
       print(f"warning: --host {args.host} serves the app beyond this machine", file=sys.stderr)
     print(f"persvid_jax UI on http://{args.host}:{args.port} (database {db}, "
           f"{len(studio.names())} concept(s); Ctrl-C stops)", flush=True)
     try:
-      app.launch(studio, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+      ui.launch(studio, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
     except OSError as e:
       # E.g. the port was taken between the check and now: Gradio's message, one line.
       raise GenerationError(f"cannot serve on {args.host}:{args.port}: "

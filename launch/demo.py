@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     if problem:
       return _common.fail(problem)
     _common.compilation_cache()
-    from persvid_jax.pipeline import demo
+    from persvid_jax.apps import demo
     if args.make_photos:
       for path in demo.make_photos(args.make_photos):
         print(path)

@@ -35,9 +35,12 @@ def main(argv=None) -> int:
   # parent process never needs (the points run in their own processes).
   _common.quiet()
   from persvid_jax import sweep
+  # Printed commands are for the machines that will run them: their own python.
+  python = "python" if args.mode == "print" else sys.executable
   try:
-    summary = sweep.run(args.config, args.grid, args.workdir, kind=args.kind, mode=args.mode,
-                        fixed=overrides, model=args.model, log=lambda s: print(s, flush=True))
+    summary = sweep.run(args.config, args.grid, args.workdir, [python, "-m", f"launch.{args.kind}"],
+                        kind=args.kind, mode=args.mode, fixed=overrides, model=args.model,
+                        log=lambda s: print(s, flush=True))
   except sweep.SweepError as e:
     return _common.fail(str(e))
   except KeyboardInterrupt:

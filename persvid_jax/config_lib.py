@@ -9,8 +9,10 @@ string after a colon selects a variant and is handed to ``get_config`` as is;
     configs/tiny.py:sr                  -> get_config("sr")
     configs/modelscope.py:bf16,detail=0 -> get_config("bf16,detail=0")
 
-``load_config`` also accepts a bare name (``tiny``) that is looked up in the
-repository's ``configs/`` folder.
+``load_config`` also accepts a bare name (``tiny``), looked up in the folders
+of the search path (``set_search_path``). The library knows no folder of its
+own: ``launch/_common.py`` puts the repository's ``configs/`` there, and a
+config builds on its siblings relative to its own file (``import_sibling``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import ast
 import importlib.util
 import os
 import pathlib
+import re
 from typing import Any
 
 import ml_collections
 
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# Folders where a bare config name is looked up, first match first; empty until
+# a program (launch/_common.py, tests/conftest.py) names its configs folder.
+_search_path: list[pathlib.Path] = []
 
 
 class ConfigError(ValueError):
@@ -123,13 +128,34 @@ def choice_option(arg: ml_collections.ConfigDict, key: str, choices: tuple) -> N
     raise ConfigError(f"config option {key}={arg[key]!r}; use one of {', '.join(choices)}")
 
 
+def set_search_path(*dirs: str | os.PathLike) -> None:
+  """Makes ``dirs`` the folders where bare config names (``tiny``) are looked up.
+
+  The first folder holding ``NAME.py`` wins. Replaces the previous search path;
+  no arguments: bare names are refused and configs are given by path.
+  """
+  _search_path[:] = [pathlib.Path(d) for d in dirs]
+
+
+def _named(name: str) -> pathlib.Path | None:
+  """``NAME.py`` in the first folder of the search path that has it, else None."""
+  for folder in _search_path:
+    if (folder / f"{name}.py").is_file():
+      return folder / f"{name}.py"
+  return None
+
+
 def known_configs() -> list[str]:
-  """The names of the configs in the repository's ``configs/`` folder."""
-  return sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if p.stem != "__init__")
+  """The names of the configs (files with a ``get_config``) in the search path's folders.
+
+  A file without one is a schema its siblings import (``configs/common.py``).
+  """
+  return sorted({p.stem for folder in _search_path for p in folder.glob("*.py")
+                 if re.search(r"^def get_config\(", p.read_text(errors="replace"), re.M)})
 
 
 def resolve_path(spec: str) -> tuple[pathlib.Path, str | None]:
-  """Splits ``path[:variant]`` and finds the file (bare names -> configs/).
+  """Splits ``path[:variant]`` and finds the file (bare names: the search path).
 
   Raises ``ConfigError`` saying what is wrong: no such file (with the path or
   name that was probably meant), a directory, or a file that is no ``.py``.
@@ -140,10 +166,13 @@ def resolve_path(spec: str) -> tuple[pathlib.Path, str | None]:
   if not path_str.strip():
     raise ConfigError(f"--config is empty; give configs/NAME.py or a name from {known}")
   if not path.suffix and len(path.parts) == 1:
-    named = CONFIGS_DIR / f"{path_str}.py"
-    if named.is_file():
+    named = _named(path_str)
+    if named is not None:
       return named, (variant or None)
     if not path.exists():
+      if not _search_path:
+        raise ConfigError(f"no config named {path_str!r}: no configs folder is set to look "
+                          f"names up in; give the config's path (configs/{path_str}.py)")
       raise ConfigError(f"no config named {path_str!r}; known configs: {known}")
   if path.is_dir():
     raise ConfigError(f"config {path_str!r} is a directory, not a config file; give "
@@ -157,7 +186,7 @@ def resolve_path(spec: str) -> tuple[pathlib.Path, str | None]:
   if path.with_suffix(".py").is_file() and path.suffix != ".py":
     hint = f"; did you mean {str(path.with_suffix('.py'))!r}"
   elif path.stem in known:
-    hint = f"; did you mean {os.path.relpath(CONFIGS_DIR / (path.stem + '.py'))!r}"
+    hint = f"; did you mean {os.path.relpath(_named(path.stem))!r}"
   if hint and path.stem in known:
     hint += f" or the name {path.stem!r}"
   raise ConfigError(f"config file {path_str!r} not found"
@@ -170,7 +199,7 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 
 def import_config_module(spec: str):
-  """Imports a config file as a module (configs build on each other this way)."""
+  """Imports the config file ``spec`` (a path or a bare name) as a new module."""
   path, _ = resolve_path(spec)
   module_name = f"_persvid_config_{path.stem}_{abs(hash(os.fspath(path)))}"
   module_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -183,6 +212,17 @@ def import_config_module(spec: str):
     # A config file is user input: a syntax error in it is one line, not a traceback.
     raise ConfigError(f"config file {str(path)!r} failed to load: {_one_line(e)}") from e
   return module
+
+
+def import_sibling(config_file: str | os.PathLike, name: str):
+  """Imports config ``name`` from the folder of ``config_file`` (a config's ``__file__``).
+
+  How configs build on each other (``common = config_lib.import_sibling(__file__,
+  "common")``): relative to their own file, so a configs folder works wherever
+  it lies, on the search path or not.
+  """
+  return import_config_module(os.fspath(pathlib.Path(config_file).resolve().with_name(
+      f"{name}.py")))
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

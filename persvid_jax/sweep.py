@@ -11,10 +11,11 @@ product of the axes in the order given; each gets its own workdir
 ``DIR/<key>=<value>,...`` (characters outside ``[A-Za-z0-9._=,+-]`` become
 ``_`` and a hash of the point is appended).
 
-Modes: ``run`` runs the points one after another as subprocesses
-(``python -m launch.train`` or ``python -m launch.evaluate``, each writing
-its run record), skipping points that are complete and resuming the rest;
-``print`` prints one command per point (to start on a pod) and runs nothing;
+Modes: ``run`` runs the points one after another as subprocesses of the
+``launcher`` the caller gives (``launch/sweep.py``: ``python -m launch.train``
+or ``python -m launch.evaluate``, each writing its run record), skipping
+points that are complete and resuming the rest; ``print`` prints one command
+per point (to start on a pod) and runs nothing;
 ``collect`` only gathers. ``run`` and ``collect`` write ``DIR/sweep.json``
 and ``DIR/sweep.md``: one row per point (train: the final metrics of
 ``result.json``; evaluate: one row per variant of ``results.json``).
@@ -35,7 +36,6 @@ import pathlib
 import re
 import shlex
 import subprocess
-import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -179,15 +179,17 @@ def resolve(config_spec: str, fixed: Sequence[str], points: Sequence[Point], *,
 
 # ---- Commands ---------------------------------------------------------------------------
 
-def command(kind: str, config_spec: str, workdir: pathlib.Path, overrides: Sequence[str], *,
-            python: str = "python", model: str | None = None) -> list[str]:
-  """The command line of one point (``overrides``: fixed ones, then the point's)."""
+def command(launcher: Sequence[str], kind: str, config_spec: str, workdir: pathlib.Path,
+            overrides: Sequence[str], *, model: str | None = None) -> list[str]:
+  """The command line of one point: ``launcher`` and the flags of a ``kind`` run.
+
+  ``launcher`` is the program that runs one point (``[python, '-m',
+  'launch.train']``); ``overrides``: the fixed ones, then the point's.
+  """
   if kind == "train":
-    cmd = [python, "-m", "launch.train", "--config", config_spec, "--workdir", str(workdir),
-           "--no-progress"]
+    cmd = [*launcher, "--config", config_spec, "--workdir", str(workdir), "--no-progress"]
   elif kind == "evaluate":
-    cmd = [python, "-m", "launch.evaluate", "--config", config_spec,
-           "--out", str(workdir / RESULT_FILE["evaluate"])]
+    cmd = [*launcher, "--config", config_spec, "--out", str(workdir / RESULT_FILE["evaluate"])]
     if model:
       cmd += ["--model", model]
   else:
@@ -215,23 +217,25 @@ def status(kind: str, workdir: pathlib.Path, config) -> str:
 
 # ---- Run / collect ----------------------------------------------------------------------
 
-def run(config_spec: str, grid: str, workdir, *, kind: str = "train", mode: str = "run",
-        fixed: Sequence[str] = (), model: str | None = None,
-        log: Callable[[str], None] = print, python: str | None = None,
-        env: dict | None = None) -> dict[str, Any]:
+def run(config_spec: str, grid: str, workdir, launcher: Sequence[str], *, kind: str = "train",
+        mode: str = "run", fixed: Sequence[str] = (), model: str | None = None,
+        log: Callable[[str], None] = print, env: dict | None = None) -> dict[str, Any]:
   """Runs, prints or collects a sweep; returns the collected summary.
 
   Args:
     config_spec: ``configs/NAME.py[:variant]`` of every point.
     grid: ``'key=v1,v2;other=a,b'`` (see ``parse_grid``).
     workdir: the sweep's directory; point ``p`` runs in ``workdir/p.name``.
-    kind: ``'train'`` (``launch.train``) or ``'evaluate'`` (``launch.evaluate``).
+    launcher: the command that runs one point, before its flags, e.g.
+      ``[sys.executable, '-m', 'launch.train']``: a trainer for ``kind='train'``
+      (``--config --workdir --no-progress --config.KEY=VALUE``), an evaluator
+      for ``'evaluate'`` (``--config --out [--model] --config.KEY=VALUE``).
+    kind: ``'train'`` or ``'evaluate'``: the flags and the result file of a point.
     mode: ``'run'``, ``'print'`` or ``'collect'`` (module docstring).
     fixed: ``key=value`` overrides applied to every point (before the grid's).
     model: ``--model`` of the evaluate points.
     log: receives one progress line per point (``print``: the commands).
-    python: interpreter of the subprocesses (default this one).
-    env: their environment (default this process's).
+    env: the subprocesses' environment (default this process's).
 
   Returns:
     The summary written to ``sweep.json`` (``{'kind', 'config', 'grid',
@@ -256,8 +260,8 @@ def run(config_spec: str, grid: str, workdir, *, kind: str = "train", mode: str 
 
   if mode == "print":
     for p in points:
-      log(shlex.join(command(kind, config_spec, workdir / p.name, [*fixed, *p.overrides],
-                             model=model)))
+      log(shlex.join(command(launcher, kind, config_spec, workdir / p.name,
+                             [*fixed, *p.overrides], model=model)))
     return {"kind": kind, "config": config_spec, "points": []}
 
   if mode == "run":
@@ -270,8 +274,7 @@ def run(config_spec: str, grid: str, workdir, *, kind: str = "train", mode: str 
         log(f"{head} complete, skipped")
         continue
       pdir.mkdir(parents=True, exist_ok=True)
-      cmd = command(kind, config_spec, pdir, [*fixed, *p.overrides],
-                    python=python or sys.executable, model=model)
+      cmd = command(launcher, kind, config_spec, pdir, [*fixed, *p.overrides], model=model)
       t0 = time.perf_counter()
       rc = _run_logged(cmd, pdir / "log.txt", env)
       seconds = time.perf_counter() - t0

@@ -24,7 +24,11 @@ jax.config.update("jax_compilation_cache_dir", os.environ.get(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+from launch import _common  # noqa: E402
 from persvid_jax import config_lib  # noqa: E402
+
+# Bare config names (tiny), looked up where the CLIs look: launch/ knows configs/.
+config_lib.set_search_path(_common.CONFIGS_DIR)
 
 
 @pytest.fixture(scope="session")

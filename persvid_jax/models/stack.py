@@ -256,7 +256,7 @@ def _check_latent_channels(config, latent_channels: int) -> None:
   wrong = {k: v for k, v in got.items() if v != latent_channels}
   if wrong:
     raise ValueError(f"config.latent.enabled with a VAE of {latent_channels} latent channels, "
-                     f"but config {wrong} (use configs/tiny.py's use_latent_space)")
+                     f"but config {wrong} (use configs/common.py's use_latent_space)")
 
 
 def encode_latents(stack: ModelStack, vae_params: Any, video: jax.Array,

@@ -63,7 +63,7 @@ class UNet3DSpec:
   """Hashable copy of a ``config.unet`` / ``config.sr_unet`` ConfigDict.
 
   Linen module attributes must be hashable, which ``ConfigDict`` is not. The
-  fields are the ``unet_config`` schema of ``configs/tiny.py``.
+  fields are the ``unet_config`` schema of ``configs/common.py``.
   """
   in_channels: int
   out_channels: int

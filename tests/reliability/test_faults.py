@@ -36,7 +36,7 @@ _CHILD = textwrap.dedent("""
 
     if __name__ == "__main__":
       workdir = pathlib.Path(sys.argv[1])
-      config = config_lib.load_config("tiny")
+      config = config_lib.load_config("configs/tiny.py")   # cwd: the repository root
       config.data.source, config.data.processes = "renderer", 2
       batches = pipeline.make_dataset(config, "train", batch_size=2, process_index=0,
                                       process_count=1)

@@ -21,7 +21,7 @@ import time
 import jax
 import pytest
 
-from persvid_jax.ui import app
+from persvid_jax.apps import ui
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PHOTOS = ROOT / "persvid_jax" / "assets" / "demo_photos"
@@ -29,25 +29,25 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def test_match_typed_names():
-  assert app.match_typed_names("a sub1 on snow", ["sub1"]) == ("a <sub1> on snow", ["sub1"])
+  assert ui.match_typed_names("a sub1 on snow", ["sub1"]) == ("a <sub1> on snow", ["sub1"])
   # whole words only, case-insensitive, brackets left alone, longest name first
-  assert app.match_typed_names("a sub10 on snow", ["sub1"]) == ("a sub10 on snow", [])
-  assert app.match_typed_names("a <sub1> and SUB1", ["sub1"]) == ("a <sub1> and <sub1>", ["sub1"])
-  assert app.match_typed_names("a dog_2 and a dog", ["dog", "dog_2"]) == (
+  assert ui.match_typed_names("a sub10 on snow", ["sub1"]) == ("a sub10 on snow", [])
+  assert ui.match_typed_names("a <sub1> and SUB1", ["sub1"]) == ("a <sub1> and <sub1>", ["sub1"])
+  assert ui.match_typed_names("a dog_2 and a dog", ["dog", "dog_2"]) == (
       "a <dog_2> and a <dog>", ["dog_2", "dog"])
 
 
 def test_insert_concept():
-  assert app.insert_concept("", "sub1") == "a <sub1>"
-  assert app.insert_concept("a dog next to", "sub1") == "a dog next to <sub1>"
-  assert app.insert_concept("a <sub1> on snow", "sub1") == "a <sub1> on snow"
+  assert ui.insert_concept("", "sub1") == "a <sub1>"
+  assert ui.insert_concept("a dog next to", "sub1") == "a dog next to <sub1>"
+  assert ui.insert_concept("a <sub1> on snow", "sub1") == "a <sub1> on snow"
 
 
 @pytest.fixture(scope="module")
 def studio_db(micro_model, tmp_path_factory):
   """A Studio over the micro model with one concept added through it."""
   root = tmp_path_factory.mktemp("ui")
-  studio = app.Studio(micro_model, root / "db", root / "out", steps=2, sr_steps=2)
+  studio = ui.Studio(micro_model, root / "db", root / "out", steps=2, sr_steps=2)
   assert studio.names() == []
   msg = studio.add("sub1", sorted(glob.glob(str(PHOTOS / "sub1_*.png"))))
   assert "added <sub1>" in msg
