@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persvid_jax.concepts import conditioning
 from persvid_jax.concepts import subject as subject_lib
 
 
@@ -76,17 +77,16 @@ def scene_reference(image: np.ndarray, config) -> ReferenceImage:
 
 
 def make_feature_fn(model):
-  """``features(params, images [B,R,R,3], masks [B,R,R,1]) -> (ref [B,K,D], detail [B,N,Dd])``.
+  """``features(params, crops [B,R,R,3], masks [B,R,R,1]) -> (ref [B,K,D], detail [B,N,Dd])``.
 
   Jitted; the encoders see the subject only (image * mask), as in training.
   """
-  stack = model.stack
+  ctx = conditioning.Context.from_model(model)
 
   @jax.jit
-  def features(params, images, masks):
-    feats = stack.image_encoder.apply({"params": params["image_encoder"]}, images * masks)
-    ref = stack.mapper.apply({"params": params["mapper"]}, feats)
-    detail = stack.extractor.apply({"params": params["extractor"]}, images, masks)
+  def features(params, crops, masks):
+    ref = conditioning.reference_tokens(ctx, params, crops, masks)
+    detail = conditioning.detail_tokens(ctx, params, crops, masks)
     return ref.astype(jnp.float32), detail.astype(jnp.float32)
 
   return features

@@ -25,6 +25,7 @@ import tqdm
 from persvid_jax import checkpoint as ckpt_lib
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
+from persvid_jax.concepts import conditioning
 from persvid_jax.concepts.tokens import PromptTokenizer
 from persvid_jax.diffusion import cascade, samplers, schedules
 from persvid_jax.models import stack as stack_lib
@@ -141,20 +142,20 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
   """
   stack, c = ctx.stack, ctx.config
 
-  base_denoise = stages.base_denoise_fn(stack)
-  sr_denoise = stages.sr_denoise_fn(stack)
+  base_denoise = stack_lib.base_denoise_fn(stack)
+  sr_denoise = stack_lib.sr_denoise_fn(stack)
 
   @jax.jit
   def preview(params, batch, rng):
     video = batch["video"]
     b, t_frames = video.shape[:2]
     ch = c.video.channels
-    to_pixels = functools.partial(stages.to_pixel_space, ctx, params)
-    base_pixels = stages.resize_video(video, *stack_lib.pixel_size(c))
+    to_pixels = functools.partial(conditioning.to_pixel_space, ctx, params)
+    base_pixels = conditioning.resize_video(video, *stack_lib.pixel_size(c))
     if stage == "personalize":
       tokens = batch["placeholder_caption_tokens"]
       yes = jnp.ones((b,), bool)
-      context, detail = stages.personalization_conditions(
+      context, detail = conditioning.personalization_conditions(
           ctx, params, batch["reference"], batch["reference_mask"],
           batch["has_reference"] > 0.5, tokens, use_ref=yes, use_detail=yes)
       cond = dict(context=context, detail_tokens=detail)
@@ -162,8 +163,7 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
       out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
                             cond=cond)
       return to_pixels(out), base_pixels
-    context, _ = stack.text_encoder.apply({"params": params["text_encoder"]},
-                                          batch["caption_tokens"])
+    context = conditioning.encode_text(ctx, params, batch["caption_tokens"])
     if stage == "base":
       shape = (b, t_frames, c.video.height, c.video.width, ch)
       out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
@@ -171,7 +171,7 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
       return to_pixels(out), base_pixels
     f = stack_lib.vae_factor(c)           # the SR scale in diffusion space
     sr_size = (video.shape[2] // f, video.shape[3] // f)
-    up = stages.low_res_condition(ctx, params, video, sr_size, None)
+    up = conditioning.low_res_condition(ctx, params, video, sr_size, None)
     cond_video, level = cascade.noise_augment(ctx.schedule, up, c.diffusion.sr_noise_aug,
                                               jax.random.fold_in(rng, 1))
     out = samplers.sample(sr_denoise, params["sr_unet"], rng, (b, t_frames, *sr_size, ch),
