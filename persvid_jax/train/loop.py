@@ -21,16 +21,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 
 from persvid_jax import checkpoint as ckpt_lib
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
 from persvid_jax.concepts import conditioning
 from persvid_jax.concepts.tokens import PromptTokenizer
+# data.pipeline imports TensorFlow only inside the functions that use it.
+from persvid_jax.data import DataError, pipeline
 from persvid_jax.diffusion import cascade, samplers, schedules
 from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import ModelStack
 from persvid_jax.pipeline import media
+from persvid_jax.pipeline import model as model_lib
 from persvid_jax.train import stages
 from persvid_jax.train import state as state_lib
 from persvid_jax.train import step as step_lib
@@ -91,7 +96,6 @@ class _StopRequest:
       return self.signal is not None
     if step % every:
       return False
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
     return bool(np.any(flags))
 
@@ -105,7 +109,6 @@ def _device_batch(batch: dict, keys, shardings: dict) -> dict:
 def _abstract_batch(batch: dict, keys, global_batch: int) -> dict:
   missing = [k for k in keys if k not in batch]
   if missing:
-    from persvid_jax.data import DataError
     raise DataError(f"the training data has no {missing} (this stage and config need "
                     f"them; config.train.subject_loss_weight needs subject masks, which "
                     f"the synthetic data has and a video folder has not)")
@@ -119,7 +122,6 @@ class _Writer:
   def __init__(self, logdir: pathlib.Path):
     self._w = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
       self._w = SummaryWriter(str(logdir))
 
   def scalars(self, step: int, values: dict):
@@ -238,7 +240,6 @@ def setup(config, mesh=None) -> Setup:
   names = stages.stage_networks(stage, config)
   if (stack_lib.VAE in names and not config.latent.get("random_vae", False)
       and not tc.get("init_from")):
-    from persvid_jax.pipeline import model as model_lib
     raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {_VAE_FIX}")
 
   # ---- Mesh ---------------------------------------------------------------
@@ -315,7 +316,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
     first_step = 0
 
   # ---- Input ----------------------------------------------------------------
-  from persvid_jax.data import pipeline  # TF (if used) only after JAX owns the devices
   train_iter = pipeline.make_dataset(config, config.data.train_split, batch_size=local_batch,
                                      start_batch=first_step, tokenize=tokenizer.encode)
   eval_batch = next(pipeline.make_dataset(config, config.data.eval_split,
@@ -525,7 +525,6 @@ def _init_from(state: state_lib.TrainState, init_from: str, state_shards, *,
   from there too; without one there, only ``config.latent.random_vae`` lets
   it keep its seeded init.
   """
-  from persvid_jax.pipeline import model as model_lib
   path = pathlib.Path(init_from)
   if not model_lib.is_exported(path) and not (path / "checkpoints").is_dir():
     raise FileNotFoundError(f"config.train.init_from={init_from!r} is no training workdir "
