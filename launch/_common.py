@@ -51,7 +51,7 @@ def quiet() -> None:
 def user_errors() -> tuple[type[BaseException], ...]:
   """The exception classes whose message is meant for the user."""
   from persvid_jax.concepts.database import DatabaseError
-  from persvid_jax.concepts.subject import ImageError
+  from persvid_jax.concepts.images import ImageError
   from persvid_jax.evaluate.dreambench import DreamBenchError
   from persvid_jax.convert import ConvertError
   from persvid_jax.evaluate.probe import ProbeError

@@ -28,6 +28,7 @@ import pathlib
 import sys
 
 from launch import _common
+from persvid_jax import atomic
 
 
 def _parse(argv):
@@ -112,9 +113,7 @@ def main(argv=None) -> int:
 
   def save(result):   # after every row: a run cut by a time limit keeps its rows
     if args.json:
-      tmp = pathlib.Path(args.json + ".tmp")
-      tmp.write_text(json.dumps(result, indent=2))
-      os.replace(tmp, args.json)
+      atomic.write_text(args.json, json.dumps(result, indent=2))
 
   if args.aot:
     from persvid_jax.bench import aot

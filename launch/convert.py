@@ -31,10 +31,10 @@ import pathlib
 import resource
 import shutil
 import sys
-import tempfile
 import time
 
 from launch import _common
+from persvid_jax import atomic
 
 KINDS = ("clip", "unet3d", "vae")
 
@@ -126,8 +126,7 @@ def main(argv=None) -> int:
     if args.kind != "vae":      # the VAE is no training stage's network
       config.train.stage = "personalize" if args.kind == "clip" else (
           "sr" if args.network == "sr_unet" else "base")
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic.directory(out) as tmp:
       manager = ckpt_lib.make_manager(tmp / "checkpoints", async_save=False)
       ckpt_lib.save(manager, 0, {"ema_params": params}, config)
       manager.wait_until_finished()
@@ -143,11 +142,6 @@ def main(argv=None) -> int:
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                       timespec="seconds"))
       (tmp / "convert.json").write_text(json.dumps(info, indent=2))
-      tmp.chmod(0o755)
-      tmp.rename(out)
-    finally:
-      if tmp.exists():
-        shutil.rmtree(tmp)
     # Read back what was written (Orbax round trip), checked against the code again.
     _, written, _ = model_lib.collect_networks([out], fill_missing=False,
                                                networks=tuple(params))

@@ -21,22 +21,12 @@ appear only when the run is complete.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 import time
 
 from launch import _common
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)      # no stray temp file beside the results
-    raise
+from persvid_jax import atomic
 
 
 def main(argv=None) -> int:
@@ -145,8 +135,8 @@ def main(argv=None) -> int:
                        extra={"kind": "evaluate", "model": args.model or "shipped demo",
                               "variant_models": variant_paths, "ablations": args.ablations,
                               "dreambench": args.dreambench, "probe": args.probe})
-    _write_atomic(out.with_suffix(".md"), table)
-    _write_atomic(out, json.dumps(result, indent=2))
+    atomic.write_text(out.with_suffix(".md"), table)
+    atomic.write_text(out, json.dumps(result, indent=2))
     print("\n" + table)
     print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
   def body() -> int:
     _common.compilation_cache()
     from persvid_jax.concepts import database as db_lib
-    from persvid_jax.concepts import subject as subject_lib
+    from persvid_jax.concepts import images
     from persvid_jax.pipeline import generate as gen
     out = pathlib.Path(args.out)
     if out.suffix.lower() not in (".mp4", ".gif"):
@@ -86,8 +86,8 @@ def main(argv=None) -> int:
                                   "condition, 1 follows it without guidance)")
     if args.scale < 1:
       raise gen.GenerationError(f"--scale {args.scale} must be >= 1")
-    image = subject_lib.load_image(args.image) if args.image else None
-    mask = subject_lib.load_mask(args.mask, image.shape[:2]) if args.mask and image is not None else None
+    image = images.load_image(args.image) if args.image else None
+    mask = images.load_mask(args.mask, image.shape[:2]) if args.mask and image is not None else None
     # Options of an image that is not there: refused, not silently ignored.
     for flag, value in (("--mask", args.mask), ("--image-role", args.image_role),
                         ("--fusion", args.fusion)):

@@ -36,7 +36,10 @@ import subprocess
 import sys
 from typing import Any, Mapping
 
-from persvid_jax import xla_options
+import jax
+
+from persvid_jax import atomic, xla_options
+from persvid_jax.models import attention
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +101,6 @@ def device_info() -> dict[str, Any]:
   """Platform, device kind and counts, and whether cuDNN's fused attention runs
   here (what ``attention_impl='auto'`` then picks: the numerics differ slightly).
   Initialises jax's backend: call it after ``jax.distributed.initialize``."""
-  import jax
-  from persvid_jax.models import attention
   devices = jax.devices()
   return {"platform": devices[0].platform, "kind": devices[0].device_kind,
           "count": len(devices), "local_count": jax.local_device_count(),
@@ -194,12 +195,6 @@ def _paths(workdir: pathlib.Path, name: str) -> tuple[pathlib.Path, pathlib.Path
   return workdir / f"{name}.json", workdir / f"{name}s"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def write(workdir, record: Mapping[str, Any], *, name: str = "run_record") -> pathlib.Path:
   """Writes ``workdir/<name>.json`` (atomically) and appends it to the history.
 
@@ -212,8 +207,8 @@ def write(workdir, record: Mapping[str, Any], *, name: str = "run_record") -> pa
   numbers = [int(p.stem) for p in history.glob("[0-9][0-9][0-9]*.json") if p.stem.isdigit()]
   entry = history / f"{max(numbers, default=-1) + 1:03d}.json"
   text = json.dumps(record, indent=2, sort_keys=False) + "\n"
-  _write_atomic(entry, text)
-  _write_atomic(latest, text)
+  atomic.write_text(entry, text)
+  atomic.write_text(latest, text)
   return entry
 
 
@@ -258,7 +253,6 @@ def record_run(workdir, config, *, extra: Mapping[str, Any] | None = None,
   warning, then writes it (``write``). Other processes do nothing. Returns
   the differences (empty on a first run or another process).
   """
-  import jax
   if jax.process_index() != 0:
     return []
   workdir = pathlib.Path(workdir)

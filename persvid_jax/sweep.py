@@ -39,7 +39,7 @@ import subprocess
 import time
 from typing import Any, Callable, Sequence
 
-from persvid_jax import config_lib
+from persvid_jax import atomic, config_lib
 
 KINDS = ("train", "evaluate")
 MODES = ("run", "print", "collect")
@@ -417,6 +417,4 @@ def write(workdir: pathlib.Path, summary: dict[str, Any]) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   for name, text in (("sweep.json", json.dumps(summary, indent=2) + "\n"),
                      ("sweep.md", markdown(summary))):
-    tmp = workdir / f".{name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, workdir / name)
+    atomic.write_text(workdir / name, text)

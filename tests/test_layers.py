@@ -16,8 +16,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "persvid_jax"
 # Bottom to top. A unit (a top-level module or subpackage of persvid_jax) may
 # import from its own floor and the floors below it, never from one above.
 FLOORS = (
-    # Base: configs, mesh rules, checkpoints, param dicts, XLA options; no model.
-    ("config_lib", "sharding", "checkpoint", "params", "xla_options"),
+    # Base: configs, mesh rules, checkpoints, param dicts, XLA options, atomic writes; no model.
+    ("config_lib", "sharding", "checkpoint", "params", "xla_options", "atomic"),
     # The networks, and the diffusion math (pure functions of a denoise_fn).
     ("models", "diffusion"),
     # Built on the networks: the concept bank and database, the data sources,
@@ -29,7 +29,7 @@ FLOORS = (
     # Training: its previews go through pipeline.media, init_from reads an
     # exported model through pipeline.model.
     ("train",),
-    # Evaluation: generates through pipeline, probes the training losses (train.stages).
+    # Evaluation: generates through pipeline, scores with the ground truth of data.
     ("evaluate",),
     # Over everything: the applications (the demo job, the UI), the benchmark, sweeps.
     ("apps", "bench", "sweep"),

@@ -28,7 +28,7 @@ import numpy as np
 
 from persvid_jax.concepts import build
 from persvid_jax.concepts import database as db_lib
-from persvid_jax.concepts import subject as subject_lib
+from persvid_jax.concepts import images
 from persvid_jax.evaluate import fidelity
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import media
@@ -131,7 +131,7 @@ def run_demo(model, out_dir: str | pathlib.Path, *, photos_dir=PHOTOS_DIR, seed:
   for name, _ in SUBJECTS:
     paths = sorted(photos_dir.glob(f"{name}_*.png"))
     if name == "sub3":        # sub3 stays out of the database: the target-image-only row
-      references[name] = build.subject_reference(subject_lib.load_image(paths[0]), config)
+      references[name] = build.subject_reference(images.load_image(paths[0]), config)
       continue
     feats = build.encode_concept(model, build.load_photos(paths), paths, feature_fn)
     db.add(name, feats.ref_tokens, feats.detail_tokens, list(feats.provenance))
@@ -145,7 +145,7 @@ def run_demo(model, out_dir: str | pathlib.Path, *, photos_dir=PHOTOS_DIR, seed:
   image_slot = config.concepts.capacity - 1
   resolved = []
   for row in ROWS:
-    image = subject_lib.load_image(photos_dir / row.image) if row.image else None
+    image = images.load_image(photos_dir / row.image) if row.image else None
     resolved.append(gen.resolve(gen.Request(row.prompt, image=image, image_role=row.role),
                                 concepts, image_slot, config))
   generator = gen.Generator(model, steps=steps, sr_steps=sr_steps)

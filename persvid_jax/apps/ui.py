@@ -12,7 +12,7 @@ Two layers:
 
 Safety: the server binds to 127.0.0.1 unless told otherwise, uploads are
 capped (``max_upload_mb``), and every uploaded image goes through
-``concepts.subject.load_image`` (which refuses decompression bombs and
+``concepts.images.load_image`` (which refuses decompression bombs and
 unreadable files) rather than Gradio's own decoding.
 """
 
@@ -28,6 +28,15 @@ import time
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
+
+from persvid_jax.concepts import build, images
+from persvid_jax.concepts import database as db_lib
+from persvid_jax.concepts import subject as subject_lib
+from persvid_jax.concepts.bank import ConceptBank
+from persvid_jax.pipeline import generate as gen
+from persvid_jax.pipeline import media
+from persvid_jax.pipeline.model import ModelError
 
 # Gradio's usage analytics would try the network at import and launch.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -45,11 +54,7 @@ _MODE_TEXT = {
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-  from persvid_jax.concepts.database import DatabaseError
-  from persvid_jax.concepts.subject import ImageError
-  from persvid_jax.pipeline.generate import GenerationError
-  from persvid_jax.pipeline.model import ModelError
-  return (DatabaseError, ImageError, GenerationError, ModelError)
+  return (db_lib.DatabaseError, images.ImageError, gen.GenerationError, ModelError)
 
 
 def match_typed_names(prompt: str, names: Sequence[str]) -> tuple[str, list[str]]:
@@ -108,8 +113,6 @@ class Studio:
   def __init__(self, model, db_dir: str | os.PathLike = DEFAULT_DB,
                out_dir: str | os.PathLike | None = None, *, steps: int | None = None,
                sr_steps: int | None = None, scale: int = 8):
-    from persvid_jax.concepts import build
-    from persvid_jax.pipeline import generate as gen
     self.model = model
     self.db_dir = pathlib.Path(db_dir)
     self.out_dir = pathlib.Path(out_dir or tempfile.mkdtemp(prefix="persvid_ui_"))
@@ -130,14 +133,12 @@ class Studio:
   # ---- database -------------------------------------------------------------------
 
   def _open(self):
-    from persvid_jax.concepts import database as db_lib
     if not db_lib.ConceptDatabase.exists(self.db_dir):
       return None
     return db_lib.ConceptDatabase.open(self.db_dir)
 
   def check_database(self) -> None:
     """Raises ``DatabaseError`` if the database was built with another model."""
-    from persvid_jax.concepts import database as db_lib
     db = self._open()
     if db is not None and db.feature_id != self.model.feature_id:
       raise db_lib.DatabaseError(
@@ -157,7 +158,6 @@ class Studio:
 
   def describe(self, prompt: str, has_image: bool, image_role: str = "target") -> str:
     """One markdown line for the page: the concepts matched and the mode, or the problem."""
-    from persvid_jax.pipeline import generate as gen
     concepts = self.concepts()
     text, typed = match_typed_names(prompt or "", list(concepts))
     try:
@@ -181,14 +181,10 @@ class Studio:
     Raises the library's user errors (unknown concept, unreadable image, ...)
     before any sampling.
     """
-    from persvid_jax.concepts import subject as subject_lib
-    from persvid_jax.concepts.bank import ConceptBank
-    from persvid_jax.pipeline import generate as gen
-    from persvid_jax.pipeline import media
     if not (prompt or "").strip():
       raise gen.GenerationError("the prompt is empty; describe the video, naming a concept "
                                 "with its button or as <name>")
-    image = subject_lib.load_image(image_path) if image_path else None
+    image = images.load_image(image_path) if image_path else None
     with self._lock:
       db = self._open()
       concepts = {n: r.slot for n, r in db.concepts.items()} if db is not None else {}
@@ -214,9 +210,6 @@ class Studio:
     One row per photo: the photo with the background dimmed and the subject
     outlined in red, beside the square crop the encoders see.
     """
-    from persvid_jax.concepts import build
-    from persvid_jax.concepts import subject as subject_lib
-    from PIL import Image
     if not paths:
       raise _image_error("no photos; upload one or more photos of the subject")
     if len(paths) > MAX_PHOTOS:
@@ -249,8 +242,6 @@ class Studio:
     Every check (name, photos, model match) runs before anything is written;
     the database gets a new version only when the features are computed.
     """
-    from persvid_jax.concepts import build
-    from persvid_jax.concepts import database as db_lib
     name = (name or "").strip()
     db_lib.validate_name(name)
     if not paths:
@@ -275,8 +266,7 @@ class Studio:
 
 
 def _image_error(message: str):
-  from persvid_jax.concepts.subject import ImageError
-  return ImageError(message)
+  return images.ImageError(message)
 
 
 def _eroded(mask: np.ndarray) -> np.ndarray:
@@ -293,7 +283,7 @@ def _escape(text: str) -> str:
 
 
 def _theme():
-  import gradio as gr
+  import gradio as gr   # optional ([ui] extra): Studio works without it
   # System fonts: the default theme fetches web fonts, which an offline
   # machine (or a pod's login node) cannot reach.
   return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
@@ -308,7 +298,7 @@ def build_ui(studio: Studio):
   buttons have the class ``concept-button``; the add panel has
   ``new-name``, ``new-photos``, ``preview``, ``add-concept``, ``add-status``.
   """
-  import gradio as gr
+  import gradio as gr   # optional ([ui] extra): Studio works without it
   errors = _user_errors()
 
   def fail(e: BaseException) -> str:

@@ -24,7 +24,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
+from persvid_jax.concepts import conditioning, images
 from persvid_jax.concepts import subject as subject_lib
 
 
@@ -64,7 +66,6 @@ def subject_reference(image: np.ndarray, config, mask: np.ndarray | None = None
 
 def scene_reference(image: np.ndarray, config) -> ReferenceImage:
   """A non-target (scene / style) image: the centre square, whole image as mask."""
-  from PIL import Image
   h, w = image.shape[:2]
   side = min(h, w)
   y0, x0 = (h - side) // 2, (w - side) // 2
@@ -76,17 +77,16 @@ def scene_reference(image: np.ndarray, config) -> ReferenceImage:
 
 
 def make_feature_fn(model):
-  """``features(params, images [B,R,R,3], masks [B,R,R,1]) -> (ref [B,K,D], detail [B,N,Dd])``.
+  """``features(params, crops [B,R,R,3], masks [B,R,R,1]) -> (ref [B,K,D], detail [B,N,Dd])``.
 
   Jitted; the encoders see the subject only (image * mask), as in training.
   """
-  stack = model.stack
+  ctx = conditioning.Context.from_model(model)
 
   @jax.jit
-  def features(params, images, masks):
-    feats = stack.image_encoder.apply({"params": params["image_encoder"]}, images * masks)
-    ref = stack.mapper.apply({"params": params["mapper"]}, feats)
-    detail = stack.extractor.apply({"params": params["extractor"]}, images, masks)
+  def features(params, crops, masks):
+    ref = conditioning.reference_tokens(ctx, params, crops, masks)
+    detail = conditioning.detail_tokens(ctx, params, crops, masks)
     return ref.astype(jnp.float32), detail.astype(jnp.float32)
 
   return features
@@ -109,20 +109,20 @@ class ConceptFeatures:
 def load_photos(paths: Sequence[str | pathlib.Path], mask_paths=None):
   """Reads photos (and optional masks) -> ``[(uint8 [H,W,3], mask or None)]``.
 
-  Raises ``subject.ImageError`` naming the first unusable file, before any work:
-  among them a photo of one flat colour without a mask (``subject.flat_range``),
+  Raises ``images.ImageError`` naming the first unusable file, before any work:
+  among them a photo of one flat colour without a mask (``images.flat_range``),
   where the segmentation would return an arbitrary blob as "the subject".
   """
   if mask_paths and len(mask_paths) != len(paths):
-    raise subject_lib.ImageError(f"{len(mask_paths)} masks for {len(paths)} images; give one "
-                                 "mask per image or none")
+    raise images.ImageError(f"{len(mask_paths)} masks for {len(paths)} images; give one "
+                            "mask per image or none")
   out = []
   for i, p in enumerate(paths):
-    image = subject_lib.load_image(p)
-    mask = subject_lib.load_mask(mask_paths[i], image.shape[:2]) if mask_paths else None
-    levels = subject_lib.flat_range(image) if mask is None else None
+    image = images.load_image(p)
+    mask = images.load_mask(mask_paths[i], image.shape[:2]) if mask_paths else None
+    levels = images.flat_range(image) if mask is None else None
     if levels is not None:
-      raise subject_lib.ImageError(
+      raise images.ImageError(
           f"image {str(p)!r} is one flat colour (every channel within {levels} levels of 255): "
           f"there is no subject to find; use a photo of the subject, or give a mask with it")
     out.append((image, mask))

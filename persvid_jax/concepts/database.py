@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from persvid_jax import config_lib
+from persvid_jax import atomic, config_lib
 from persvid_jax.concepts.bank import ConceptBank
 
 MANIFEST_VERSION = 1
@@ -512,10 +512,8 @@ class ConceptDatabase:
       manager.close()
     self.step = step
     # The human-readable mirror, atomically replaced.
-    mirror = self.directory / "concepts.json"
-    tmp = mirror.with_name(mirror.name + ".tmp")
-    tmp.write_text(json.dumps(dict(self.manifest(), step=step), indent=2))
-    os.replace(tmp, mirror)
+    atomic.write_text(self.directory / "concepts.json",
+                      json.dumps(dict(self.manifest(), step=step), indent=2))
 
 
 def describe(db: ConceptDatabase) -> list[dict[str, Any]]:

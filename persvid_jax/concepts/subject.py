@@ -28,11 +28,11 @@ pixels):
    finds something of a subject's size (``_MIN_SUBJECT``); else the contrast
    candidate stays if it found anything, and a centred ellipse stands in if
    not (a loose crop beats none).
-5. *Clean-up*: the main connected component (largest, weighted towards the
-   centre) with its holes filled; parts split by a background-coloured
-   pattern are joined; back at the input resolution the boundary of small
-   inputs is re-decided per pixel (``_refine_edges``). The mask is always one
-   4-connected component without holes.
+5. *Clean-up* (``concepts.masks``): the main connected component (largest,
+   weighted towards the centre) with its holes filled; parts split by a
+   background-coloured pattern are joined; back at the input resolution the
+   boundary of small inputs is re-decided per pixel (``_refine_edges``). The
+   mask is always one 4-connected component without holes.
 
 Deterministic: GrabCut's colour models are seeded (``cv2.setRNGSeed``).
 
@@ -42,25 +42,20 @@ masks are the subject; the rest are a part of it (a lid, one lens), take in a
 neighbour (the hand holding a clock, a bench slat) or, for a dark subject in
 dark clutter, miss it (twice: the ellipse). Colour and edges are all there is.
 
-**Users' files.** ``load_image`` / ``load_mask`` read a photo / a hand-made
-mask (``segment_subject(image, mask=...)`` then skips segmentation). A file
-that cannot be used (missing, a directory, empty, not an image, truncated,
-tiny, over ``_MAX_PIXELS`` -- refused from its header, before any pixel is
-decoded --, an empty mask) raises ``ImageError`` with one line naming it and
-what to do. ``flat_range`` tells a photo of one flat colour (a blank frame, a
-grey test card), which registering a concept refuses unless a mask is given. Of an animated GIF/WebP/APNG the first frame is used.
+**Users' files** are read by ``concepts.images`` (``load_image``,
+``load_mask``); a hand-made mask (``segment_subject(image, mask=...)``)
+skips segmentation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
-import warnings
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+
+from persvid_jax.concepts import masks
+from persvid_jax.concepts.images import ImageError, check_mask
 
 # Working resolution (longest side, pixels). Above _WORK_MAX GrabCut gets slow
 # for no gain in a mask that is cropped and downsampled anyway; below
@@ -68,12 +63,6 @@ from PIL import Image, ImageOps
 _WORK_MAX = 160
 _WORK_MIN = 128
 _ITERATIONS = 3               # GrabCut iterations (more change little)
-MIN_SIDE = 8                  # smallest image side load_image accepts
-# Largest image load_image decodes (a 108 MP phone photo fits). A header
-# claiming more is refused before decoding: a few-KB "decompression bomb"
-# can claim gigapixels. (PIL itself only warns up to 2x its own limit.)
-_MAX_PIXELS = 120_000_000
-_MIN_MASK_FRACTION = 0.005    # a user mask must cover [0.5%, 99.5%] of the image
 _BAR_TOLERANCE = 12           # letterbox bars: uniform within this (uint8, JPEG noise)
 # Colour contrast: each border strip's rarest colours (this fraction of its
 # pixels: stars, a subject's ears reaching the edge) are ignored; Lab
@@ -88,181 +77,9 @@ _FRAME = 0.08                 # framed candidate: the outer 8% is background
 _CORE = 0.1                   # ... and, on retry, the central 10% is subject
 _MIN_SUBJECT = 0.025          # a candidate smaller than this found a part at best
 _MIN_CANDIDATE = 0.002        # below this a candidate found nothing
-_PART_AREA = 0.05             # _join_parts: parts this big (of the main one)
-_PART_GAP = 0.5               # ... and this close (of its size) are joined,
-_JOIN_GROWTH = 2.0            # ... unless the result is this much larger than its parts
 _MIN_EDGE_CONTRAST = 20.0     # _refine_edges: RGB distance below which an edge is kept
 _FIT_ABS, _FIT_REL = 12.0, 0.1  # ... and the largest misfit of a two-colour mix
 _PART_OF_BOX = 0.05           # user masks: components this big (of the largest) widen the box
-
-
-class ImageError(ValueError):
-  """A user-supplied image cannot be used (the message says what is wrong and what to do)."""
-
-
-# ----------------------------------------------------------------------------
-# Reading users' files
-# ----------------------------------------------------------------------------
-
-def _open(path, what: str) -> Image.Image:
-  """The fully decoded PIL image at ``path``, or ``ImageError`` naming it."""
-  path = pathlib.Path(os.fspath(path))
-  if not path.exists():
-    raise ImageError(f"{what} {str(path)!r} does not exist; check the path")
-  if path.is_dir():
-    raise ImageError(f"{what} {str(path)!r} is a directory; pass an image file "
-                     f"(.jpg, .png, ...) inside it")
-  if path.stat().st_size == 0:
-    raise ImageError(f"{what} {str(path)!r} is an empty file (0 bytes); re-export or "
-                     f"re-download it")
-  try:
-    with warnings.catch_warnings():
-      # Our own limit below replaces PIL's warning (which would print a
-      # multi-line warning and then decode anyway).
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      img = Image.open(path)
-  except Image.UnidentifiedImageError:
-    raise ImageError(f"{what} {str(path)!r} is not an image PIL can read; pass a "
-                     f".jpg, .png, .webp or .bmp file") from None
-  except Image.DecompressionBombError as e:
-    raise ImageError(f"{what} {str(path)!r} is too large to decode ({e}); "
-                     f"downscale it first") from None
-  except (OSError, ValueError) as e:
-    raise ImageError(f"{what} {str(path)!r} cannot be opened ({e}); check the "
-                     f"file and its permissions") from None
-  w, h = img.size
-  if w * h > _MAX_PIXELS:
-    img.close()
-    raise ImageError(f"{what} {str(path)!r} claims {w}x{h} pixels ({w * h / 1e6:.0f} "
-                     f"megapixels), over the {_MAX_PIXELS / 1e6:.0f}-megapixel limit; "
-                     f"downscale it first")
-  try:
-    # Image.open only parses the header: decode everything now, so that a
-    # truncated or corrupt file fails here and not deep inside segmentation.
-    img.load()
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    img.close()
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ImageError(f"{what} {str(path)!r} is truncated or corrupt ({reason}); "
-                     f"re-export or re-download it") from None
-  w, h = img.size
-  if min(w, h) < MIN_SIDE:
-    img.close()
-    raise ImageError(f"{what} {str(path)!r} is {w}x{h} pixels; it needs at least "
-                     f"{MIN_SIDE} pixels a side")
-  return img
-
-
-def _gray16(img: Image.Image) -> np.ndarray | None:
-  """float ``[H, W]`` in [0, 1] for 16-bit / int / float grayscale, else None."""
-  if not img.mode.startswith(("I", "F")):
-    return None
-  # PIL's convert("L") clips these to 255 instead of rescaling.
-  a = np.asarray(img, np.float64)
-  if img.mode.startswith("I;16") or (img.mode == "I" and a.max() > 255):
-    return np.clip(a / 65535.0, 0, 1)
-  if img.mode == "F" and a.max() <= 1.0:
-    return np.clip(a, 0, 1)
-  return np.clip(a / 255.0, 0, 1)
-
-
-def _to_rgb(img: Image.Image) -> np.ndarray:
-  """uint8 ``[H, W, 3]``; transparency is composited over white."""
-  img = ImageOps.exif_transpose(img)   # phone photos: honour the rotation tag
-  gray = _gray16(img)
-  if gray is not None:
-    g = np.round(gray * 255).astype(np.uint8)
-    return np.repeat(g[..., None], 3, axis=-1)
-  if "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info):
-    # Transparent pixels often hold arbitrary colours: white is what a viewer
-    # shows, and what product photos with cut-out backgrounds intend.
-    rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), np.uint8)
-  return np.asarray(img.convert("RGB"), np.uint8)
-
-
-# A photo whose every channel spans at most this many levels (of 255), its
-# brightest and darkest 0.5 % aside, is one flat colour: nothing to segment.
-# Above camera noise on a blank card (sigma 2: ~10 levels), far below any photo
-# of a thing (the 158 DreamBench photos span 125 levels or more).
-FLAT_LEVELS = 12
-
-
-def flat_range(image: np.ndarray) -> int | None:
-  """The level range of a flat-coloured uint8 ``[H, W, 3]`` image, else None.
-
-  Range = the largest over channels of the 99.5th minus the 0.5th percentile,
-  on at most ~250k pixels (a regular subsample of large photos). Returns it
-  when it is at most ``FLAT_LEVELS``: the image shows no subject.
-  """
-  step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / 250_000)))
-  px = image[::step, ::step].reshape(-1, image.shape[-1])
-  lo, hi = np.percentile(px, [0.5, 99.5], axis=0)
-  levels = int(np.ceil((hi - lo).max()))
-  return levels if levels <= FLAT_LEVELS else None
-
-
-def load_image(path) -> np.ndarray:
-  """Reads a user's photo as uint8 ``[H, W, 3]`` RGB.
-
-  Grayscale (8/16-bit), palette and CMYK images are converted to RGB; an
-  alpha channel is composited over white; the EXIF orientation is applied;
-  of an animated image (GIF, WebP, APNG) the first frame is used.
-
-  Raises:
-    ImageError: one line naming the file, for a missing file, a directory,
-      an empty file, a file that is not an image, a truncated or corrupt
-      image (it is fully decoded here), an image under 8 pixels a side, or
-      one whose header claims over 120 megapixels (refused before decoding).
-  """
-  with _open(path, "image") as img:
-    return _to_rgb(img)
-
-
-def load_mask(path, shape) -> np.ndarray:
-  """Reads a user's subject mask as float32 ``[H, W]`` in {0, 1}.
-
-  Args:
-    path: an image file; white (> half intensity) is the subject. If it has a
-      non-constant alpha channel, the alpha is the mask instead (cut-outs).
-    shape: ``(H, W)`` of the photo; the mask is resized (nearest) to it.
-
-  Raises:
-    ImageError: unreadable file (as ``load_image``), or a mask that is empty
-      or full (under 0.5% or over 99.5% of the pixels).
-  """
-  h, w = int(shape[0]), int(shape[1])
-  with _open(path, "mask") as img:
-    img = ImageOps.exif_transpose(img)
-    alpha = None
-    if "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info):
-      alpha = np.asarray(img.convert("RGBA"), np.uint8)[..., 3]
-      if alpha.min() == alpha.max():
-        alpha = None              # an opaque RGBA file: the colour is the mask
-    gray = _gray16(img)
-    if alpha is not None:
-      values = alpha.astype(np.float32) / 255.0
-    elif gray is not None:
-      values = gray
-    else:
-      values = np.asarray(img.convert("L"), np.float32) / 255.0
-  binary = (values > 0.5).astype(np.uint8)
-  if binary.shape != (h, w):
-    binary = cv2.resize(binary, (w, h), interpolation=cv2.INTER_NEAREST)
-  mask = binary.astype(np.float32)
-  _check_mask(mask, f"mask {str(path)!r}")
-  return mask
-
-
-def _check_mask(mask: np.ndarray, what: str) -> None:
-  fraction = float(mask.mean())
-  if fraction < _MIN_MASK_FRACTION:
-    raise ImageError(f"{what} is empty ({100 * fraction:.2f}% of the pixels are "
-                     f"subject); paint the subject white on black")
-  if fraction > 1 - _MIN_MASK_FRACTION:
-    raise ImageError(f"{what} is full ({100 * fraction:.2f}% of the pixels are "
-                     f"subject); paint the background black")
 
 
 # ----------------------------------------------------------------------------
@@ -280,13 +97,6 @@ class SubjectCrop:
   crop: np.ndarray                      # uint8 [S, S, 3]: square crop around the subject
   crop_mask: np.ndarray                 # float32 [S, S] in [0, 1]: the mask, cropped the same way
   coverage: float                       # mask area / image area
-
-
-def _centre_weight(h: int, w: int, sigma: float = 0.35) -> np.ndarray:
-  """``[h, w]`` Gaussian centre prior in (0, 1] (unit = the image side)."""
-  y = (np.arange(h) + 0.5) / h - 0.5
-  x = (np.arange(w) + 0.5) / w - 0.5
-  return np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2))
 
 
 def _content_box(image: np.ndarray) -> tuple[int, int, int, int]:
@@ -364,75 +174,6 @@ def _side_distance(lab: np.ndarray, width: int) -> np.ndarray:
   return np.sort(d, axis=0)[1][inverse].reshape(h, w)
 
 
-def _components(fg: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-  return cv2.connectedComponentsWithStats(fg.astype(np.uint8), connectivity=4)[:3]
-
-
-def _main_component(fg: np.ndarray) -> np.ndarray:
-  """uint8 ``[h, w]``: the main 4-connected component of ``fg``, holes filled.
-
-  Main = largest area weighted by centre-ness (a large background blob at the
-  edge loses to a slightly smaller subject in the middle).
-  """
-  count, labels, stats = _components(fg)
-  if count <= 1:
-    return np.zeros(fg.shape, np.uint8)
-  centre = _centre_weight(*fg.shape)
-  area = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
-  weight = np.bincount(labels.ravel(), weights=centre.ravel(), minlength=count)[1:]
-  score = area * (0.5 + 0.5 * weight / area)
-  keep = (labels == 1 + int(np.argmax(score))).astype(np.uint8)
-  return _fill_holes(keep)
-
-
-def _fill_holes(keep: np.ndarray) -> np.ndarray:
-  """uint8 ``[h, w]``: ``keep`` with its holes filled.
-
-  Holes are the 4-connected background pieces that do not touch the image
-  border (filling them keeps a 4-connected region 4-connected).
-  """
-  keep = keep.astype(np.uint8).copy()
-  _, bg_labels, _ = _components(1 - keep)
-  edge = np.unique(np.concatenate([bg_labels[0], bg_labels[-1], bg_labels[:, 0], bg_labels[:, -1]]))
-  keep[(keep == 0) & ~np.isin(bg_labels, edge)] = 1
-  return keep
-
-
-def _join_parts(fg: np.ndarray, main: np.ndarray) -> np.ndarray:
-  """uint8 ``[h, w]``: ``main`` joined with the sizeable parts of ``fg`` just beside it.
-
-  A subject whose pattern shares a colour with the background (white stripes
-  on snow) comes out of the cut as several parts separated by narrow gaps.
-  When such parts exist (each at least ``_PART_AREA`` of the main one's area,
-  at most ``_PART_GAP`` of its size away), the gaps are closed with a disc
-  just wide enough to bridge them, and holes filled. A subject in one piece
-  is left as it is (closing would blunt its corners).
-  """
-  count, labels, stats = _components(fg)
-  area = float(main.sum())
-  gap = cv2.distanceTransform((1 - main).astype(np.uint8), cv2.DIST_L2, 3)
-  widest = 0.0
-  for i in range(1, count):
-    if stats[i, cv2.CC_STAT_AREA] < _PART_AREA * area:
-      continue
-    d = float(gap[labels == i].min())
-    if 0 < d <= _PART_GAP * np.sqrt(area):
-      widest = max(widest, d)
-  if widest == 0.0:
-    return main
-  r = int(np.ceil(widest / 2)) + 1
-  disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-  # Padded with background, so that the closing cannot glue parts to the frame.
-  padded = cv2.copyMakeBorder(fg.astype(np.uint8), r, r, r, r, cv2.BORDER_CONSTANT, value=0)
-  closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disc)[r:-r, r:-r]
-  _, labels, _ = _components(closed)
-  joined = _fill_holes(np.isin(labels, np.unique(labels[main > 0])))
-  # Bridging gaps adds little area; a join that balloons has swallowed background.
-  if joined.sum() > _JOIN_GROWTH * (fg & (joined > 0)).sum():
-    return main
-  return joined
-
-
 def _working_copy(image: np.ndarray) -> tuple[np.ndarray, float]:
   """The image at the working resolution, and the scale factor applied."""
   H, W = image.shape[:2]
@@ -470,8 +211,8 @@ def _clean(fg: np.ndarray) -> np.ndarray:
   k = max(1, round(0.006 * max(fg.shape)))
   fg = cv2.morphologyEx(fg.astype(np.uint8), cv2.MORPH_OPEN,
                         cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1)))
-  main = _main_component(fg)
-  return _join_parts(fg, main) if main.any() else main
+  main = masks.main_component(fg)
+  return masks.join_parts(fg, main) if main.any() else main
 
 
 def _by_contrast(work: np.ndarray, contrast: np.ndarray, seed: int) -> np.ndarray:
@@ -479,7 +220,7 @@ def _by_contrast(work: np.ndarray, contrast: np.ndarray, seed: int) -> np.ndarra
   colours its surroundings lack, anywhere in the frame (all synthetic data,
   studio shots)."""
   h, w = contrast.shape
-  prior = contrast * (0.4 + 0.6 * _centre_weight(h, w))
+  prior = contrast * (0.4 + 0.6 * masks.centre_weight(h, w))
   seeds = np.full((h, w), cv2.GC_PR_BGD, np.uint8)
   seeds[prior > 0.5] = cv2.GC_PR_FGD
   strip = max(1, round(0.02 * max(h, w)))
@@ -492,7 +233,7 @@ def _by_contrast(work: np.ndarray, contrast: np.ndarray, seed: int) -> np.ndarra
   m = max(1, round(_REACH * max(h, w)))
   near = cv2.dilate((prior > _REACH_PRIOR).astype(np.uint8),
                     cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * m + 1, 2 * m + 1)))
-  return _clean(fg & (_fill_holes(near) > 0))
+  return _clean(fg & (masks.fill_holes(near) > 0))
 
 
 def _by_frame(work: np.ndarray, seed: int, core: bool) -> np.ndarray:
@@ -516,7 +257,7 @@ def _captured(contrast: np.ndarray, mask: np.ndarray) -> float:
   Only blobs the mask touches or of at least ``_RIVAL`` of its area count:
   stars in a night sky are not rival subjects, a bright patch of clutter is.
   """
-  count, labels, stats = _components(contrast > 0.5)
+  count, labels, stats = masks.components(contrast > 0.5)
   if count <= 1 or not mask.any():
     return 0.0
   inside = np.bincount(labels.ravel(), weights=(mask > 0).ravel(), minlength=count)
@@ -544,7 +285,7 @@ def _resize_mask(mask: np.ndarray, W: int, H: int, scale: float) -> np.ndarray:
     return mask
   interp = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
   soft = cv2.resize(mask.astype(np.float32), (W, H), interpolation=interp)
-  out = _main_component(soft > 0.5)
+  out = masks.main_component(soft > 0.5)
   if not out.any():           # the subject vanished in the downsample: keep a pixel
     y, x = np.unravel_index(int(np.argmax(soft)), soft.shape)
     out[y, x] = 1
@@ -579,7 +320,7 @@ def _segment_content(image: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
   if scale >= 1:
     # Only for inputs no larger than the working size: a large input's crop is
     # downsampled anyway, and the cost grows with its perimeter.
-    main = _main_component(_refine_edges(image, main, 1))
+    main = masks.main_component(_refine_edges(image, main, 1))
   return main, how
 
 
@@ -644,7 +385,7 @@ def _refine_edges(image: np.ndarray, mask: np.ndarray, radius: int) -> np.ndarra
 def _box(mask: np.ndarray, others: float = 0.0) -> tuple[int, int, int, int]:
   """``(y0, x0, y1, x1)``, exclusive ends, around the largest 4-connected
   component of ``mask`` and every other one of at least ``others`` of its area."""
-  count, _, stats = _components(mask > 0.5)
+  count, _, stats = masks.components(mask > 0.5)
   if count <= 1:
     raise ImageError("the subject mask is empty; paint the subject white on black")
   area = stats[1:, cv2.CC_STAT_AREA]
@@ -721,7 +462,7 @@ def segment_subject(image: np.ndarray, *, mask: np.ndarray | None = None, size: 
                        f"{image.shape[1]}x{image.shape[0]}; use load_mask(path, "
                        f"image.shape[:2]) to resize it")
     binary = (mask > 0.5).astype(np.float32)
-    _check_mask(binary, "the mask")
+    check_mask(binary, "the mask")
     box = _box(binary, others=_PART_OF_BOX)
   else:
     binary = _segment(image, seed)[0].astype(np.float32)

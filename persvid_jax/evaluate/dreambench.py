@@ -27,7 +27,7 @@ import numpy as np
 
 from persvid_jax.concepts import build
 from persvid_jax.concepts import database as db_lib
-from persvid_jax.concepts import subject as subject_lib
+from persvid_jax.concepts import images
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import media
 
@@ -177,7 +177,7 @@ def run(model, scorer, bench: DreamBench, *, subjects: Iterable[str] | None = No
         out = generator(db.bank, batch, image_slot=image_slot, seed=int(seed),
                         progress=progress)
         videos.extend(zip([m for m in meta if m[1] == seed], media.to_uint8(out.video)))
-      references = np.stack([_fit(subject_lib.load_image(p), 224) for p in paths])
+      references = np.stack([_fit(images.load_image(p), 224) for p in paths])
       for (template, seed), video in videos:
         text = re.sub(r"\s+", " ", template.format("", subj.class_word)).strip()
         rows.append(dict(subject=name, prompt=template.format(f"<{concept}>", subj.class_word),

@@ -27,6 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from persvid_jax.concepts import conditioning
+from persvid_jax.data import pipeline
+from persvid_jax.diffusion import schedules
+from persvid_jax.models import stack as stack_lib
+
 CASES = ("matched", "shuffled", "ref_only", "detail_only", "none", "words")
 DESCRIPTIONS = {
     "matched": "own reference: mapped tokens + detail tokens",
@@ -64,11 +69,6 @@ def condition_probe(model, *, examples: int = 32,
     with ``space == "latent"`` in the VAE's scaled latent units, each cell
     weighted by the subject's coverage.
   """
-  from persvid_jax.data import pipeline
-  from persvid_jax.diffusion import schedules
-  from persvid_jax.models import stack as stack_lib
-  from persvid_jax.train import stages
-
   config = model.config.copy_and_resolve_references()
   if not str(config.data.get("name", "")).startswith("persvid_synthetic"):
     raise ProbeError(f"the probe needs a persvid_synthetic dataset (masks, references); "
@@ -84,17 +84,16 @@ def condition_probe(model, *, examples: int = 32,
   tok = model.tokenizer
   batch = next(pipeline.make_dataset(config, split, batch_size=examples, process_index=0,
                                      process_count=1, seed=seed, tokenize=tok.encode))
-  ctx = stages.StageContext(stack=model.stack, schedule=schedule,
-                            null_tokens=tok.encode([""])[0],
-                            placeholder_start=tok.placeholder_start, config=config)
+  ctx = conditioning.Context(stack=model.stack, config=config,
+                             placeholder_start=tok.placeholder_start)
   params = model.params
   latent = stack_lib.latent_enabled(config)
   # What the base network denoises: the base-size pixel video, or in latent
   # space its VAE latents (posterior mean) at config.video's size.
-  pixels = stages.resize_video(jnp.asarray(batch["video"]), *stack_lib.pixel_size(config))
-  video = stages.to_diffusion_space(ctx, params, pixels, None)
+  pixels = conditioning.resize_video(jnp.asarray(batch["video"]), *stack_lib.pixel_size(config))
+  video = conditioning.to_diffusion_space(ctx, params, pixels, None)
   h, w = config.video.height, config.video.width
-  mask = jnp.clip(stages.resize_video(jnp.asarray(batch["mask"]), h, w), 0.0, 1.0)
+  mask = jnp.clip(conditioning.resize_video(jnp.asarray(batch["mask"]), h, w), 0.0, 1.0)
   if not latent:
     mask = (mask > 0.5).astype(jnp.float32)   # the subject's pixels
   # Latent space: each cell weighs by the subject's coverage (a cell spans
@@ -102,7 +101,7 @@ def condition_probe(model, *, examples: int = 32,
   frames = jnp.asarray(batch["frame_mask"], jnp.float32)[:, :, None, None, None]
   subject_w, background_w = mask * frames, (1.0 - mask) * frames
   channels = video.shape[-1]
-  denoise = stages.base_denoise_fn(model.stack)
+  denoise = stack_lib.base_denoise_fn(model.stack)
   prediction = config.diffusion.prediction
 
   @jax.jit
@@ -110,7 +109,7 @@ def condition_probe(model, *, examples: int = 32,
     # params as an argument, not a closure: a large model is not baked into
     # the program as constants.
     has = jnp.ones((examples,), bool)
-    context, detail = stages.personalization_conditions(
+    context, detail = conditioning.personalization_conditions(
         ctx, params, ref, ref_mask, has, tokens, use_ref=use_ref, use_detail=use_detail)
     x_t = schedules.q_sample(schedule, video, t, noise)
     out = denoise(params["unet"], x_t, t, context=context, detail_tokens=detail)

@@ -49,7 +49,7 @@ import numpy as np
 from persvid_jax.concepts import bank as bank_lib
 from persvid_jax.concepts import build
 from persvid_jax.concepts import database as db_lib
-from persvid_jax.concepts import subject as subject_lib
+from persvid_jax.concepts import images
 from persvid_jax.data import synthetic
 from persvid_jax.evaluate import groundtruth as gt
 from persvid_jax.pipeline import generate as gen
@@ -100,8 +100,8 @@ class SuiteConfig:
         raise ValueError(f"{name}={getattr(self, name)}; use at least 1")
     if not self.seeds:
       raise ValueError("seeds=(); give at least one seed, e.g. (0,)")
-    if self.photo_size < subject_lib.MIN_SIDE:   # what load_image accepts
-      raise ValueError(f"photo_size={self.photo_size}; use at least {subject_lib.MIN_SIDE} px")
+    if self.photo_size < images.MIN_SIDE:   # what load_image accepts
+      raise ValueError(f"photo_size={self.photo_size}; use at least {images.MIN_SIDE} px")
     for name in ("steps", "sr_steps"):
       value = getattr(self, name)
       if value is not None and value < 1:

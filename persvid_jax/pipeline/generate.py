@@ -22,12 +22,8 @@ image + mask, ``ref_from_image`` / ``override_slot`` (which slot the image's
 mapped tokens replace), ``detail_weights [B, C]`` (the stored detail tokens
 mixed in: the concepts of the prompt, equally) and ``use_image_detail``.
 
-Detail fusion (claim 6, ``config.concepts.fusion``): ``concat`` — the stored
-and the extracted tokens side by side (``2N`` tokens; a row with only one
-source gets it twice, which is exactly attention to that source alone, since
-duplicated keys do not change a softmax-weighted mean); ``mean`` — their
-average; ``weighted`` — ``w * stored + (1 - w) * extracted`` with
-``config.concepts.fusion_weight``.
+The conditions themselves (reference and detail tokens, the concept swap,
+detail fusion of claim 6) are ``concepts.conditioning``'s, shared with training.
 
 Sampling: classifier-free guidance with separate text and detail scales on
 the base network (three branches in one batched call), then the SR network on
@@ -48,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from persvid_jax.concepts import bank as bank_lib
-from persvid_jax.concepts import build
+from persvid_jax.concepts import build, conditioning
 from persvid_jax.concepts.tokens import placeholder
 from persvid_jax.diffusion import cascade as cascade_lib
 from persvid_jax.diffusion import guidance, samplers, schedules
@@ -57,7 +53,7 @@ from persvid_jax.models.stack import base_denoise_fn, sr_denoise_fn
 
 MODES = ("concept", "concept+target", "target", "concept+scene", "text", "text+scene")
 IMAGE_ROLES = ("target", "scene")
-FUSIONS = ("concat", "mean", "weighted")
+FUSIONS = conditioning.FUSIONS
 # Which detail tokens reach the network (ablations of claims 5-6): "auto" is
 # the method (per mode, fused where both exist); the others restrict it.
 DETAIL_SOURCES = ("auto", "stored", "image", "off")
@@ -354,6 +350,7 @@ class Generator:
     self._unet_params = {n: stack_lib.inference_params(model.params[n], c.dtype)
                          for n in ("unet", "sr_unet")}
     self._null_ids = jnp.asarray(model.tokenizer.encode([""]))
+    self._ctx = conditioning.Context.from_model(model)
     self._conditions = jax.jit(self._conditions_fn)
     self._decode = (jax.jit(lambda p, x: stack_lib.decode_latents(model.stack, p, x))
                     if model.stack.vae is not None else None)
@@ -368,45 +365,10 @@ class Generator:
 
   def _conditions_fn(self, params, bank: bank_lib.ConceptBank, inputs: dict):
     """Guidance branches for the base network and the SR context (one graph, all modes)."""
-    stack, c = self.model.stack, self.model.config
-    ids = inputs["ids"]
-    b = ids.shape[0]
-    image, image_mask = inputs["image"], inputs["image_mask"]
-    # Claims 3-4: reference tokens of the (target) image.
-    feats = stack.image_encoder.apply({"params": params["image_encoder"]}, image * image_mask)
-    image_ref = stack.mapper.apply({"params": params["mapper"]}, feats)         # [B, K, D]
-    # Claim 2: the text encoding with the concepts' reference tokens swapped in.
-    context, _ = bank_lib.encode_prompt(
-        stack.text_encoder, params["text_encoder"], ids, bank, swap_at=c.concepts.swap_at,
-        placeholder_start=self.model.tokenizer.placeholder_start, ref_override=image_ref,
-        override_mask=inputs["ref_from_image"], override_slot=inputs["override_slot"])
-    null_context, _ = stack.text_encoder.apply({"params": params["text_encoder"]},
-                                               self._null_ids)
-    null_context = jnp.broadcast_to(null_context, context.shape)
-
-    # Claims 5, 6, 10-12: stored, extracted, fused or null detail tokens.
-    use_image = inputs["use_image_detail"]
-    null = stack.extractor.apply({"params": params["extractor"]}, b, method="null_tokens")
-    extracted = stack.extractor.apply({"params": params["extractor"]}, image, image_mask,
-                                      use_image)                            # [B, N, Dd]
-    # An empty slot has no detail tokens (its zeros are not a concept): a row
-    # whose concepts are all empty gets the null tokens, as in training when
-    # the reference is dropped.
-    weights = inputs["detail_weights"] * bank.valid[None, :].astype(jnp.float32)  # [B, C]
-    has_stored = jnp.sum(weights, -1) > 0
-    stored = jnp.einsum("bc,cnd->bnd", weights,
-                        bank.detail_tokens.astype(jnp.float32)).astype(null.dtype)
-    stored = jnp.where(has_stored[:, None, None], stored, null)
-    both = (has_stored & use_image)[:, None, None]
-    if self.fusion == "concat":
-      first = jnp.where(has_stored[:, None, None], stored, extracted)
-      second = jnp.where(use_image[:, None, None], extracted, stored)
-      detail = jnp.concatenate([first, second], axis=1)                     # [B, 2N, Dd]
-      null = jnp.concatenate([null, null], axis=1)
-    else:
-      w = 0.5 if self.fusion == "mean" else self.fusion_weight
-      fused = w * stored + (1.0 - w) * extracted
-      detail = jnp.where(both, fused, jnp.where(has_stored[:, None, None], stored, extracted))
+    context, null_context, detail, null = conditioning.generation_conditions(
+        self._ctx, params, bank, inputs, self._null_ids, fusion=self.fusion,
+        fusion_weight=self.fusion_weight)
+    b = context.shape[0]
     base_cond = dict(uncond=dict(context=null_context, detail_tokens=null),
                      text_only=dict(context=context, detail_tokens=null),
                      cond=dict(context=context, detail_tokens=detail),

@@ -8,14 +8,16 @@ half-written file.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import warnings
 from typing import Sequence
 
+import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from persvid_jax import atomic
 
 
 def to_uint8(video) -> np.ndarray:
@@ -52,25 +54,10 @@ def save_gif(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   images = [Image.fromarray(f) for f in frames]
-  tmp = path.with_name(path.name + ".tmp")
-  with _discarded_on_error(tmp):
+  with atomic.file(path) as tmp:
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
                    duration=int(round(1000 / fps)), loop=0)
-    os.replace(tmp, path)
   return path
-
-
-@contextlib.contextmanager
-def _discarded_on_error(tmp: pathlib.Path):
-  """Deletes the temp file ``tmp`` if the block fails (no ``*.tmp`` left behind)."""
-  try:
-    yield
-  except BaseException:
-    try:
-      tmp.unlink(missing_ok=True)
-    except OSError:
-      pass       # the original error is the one to report
-    raise
 
 
 def _upscale(frames: np.ndarray, scale: int) -> np.ndarray:
@@ -84,7 +71,6 @@ def save_mp4(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
   ``scale`` enlarges by pixel repetition; odd sizes are padded to even ones
   (yuv420p needs them), so players that ignore the pixel aspect still work.
   """
-  import imageio_ffmpeg
   frames = np.asarray(video)
   if frames.dtype != np.uint8:
     frames = to_uint8(frames)
@@ -93,11 +79,11 @@ def save_mp4(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
   frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.mp4")
-  writer = imageio_ffmpeg.write_frames(
-      str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
-      pix_fmt_out="yuv420p", quality=8, macro_block_size=1, ffmpeg_log_level="error")
-  with _discarded_on_error(tmp):
+  # ffmpeg picks the container by the extension: the temporary keeps ".mp4".
+  with atomic.file(path, suffix=".mp4") as tmp:
+    writer = imageio_ffmpeg.write_frames(
+        str(tmp), (frames.shape[2], frames.shape[1]), fps=fps, codec="libx264",
+        pix_fmt_out="yuv420p", quality=8, macro_block_size=1, ffmpeg_log_level="error")
     try:
       with warnings.catch_warnings():
         # Python warns on any fork from a multithreaded (JAX) process; subprocess
@@ -108,7 +94,6 @@ def save_mp4(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int = 1
         writer.send(np.ascontiguousarray(f))
     finally:
       writer.close()      # ffmpeg exits (and closes tmp) before tmp is renamed or deleted
-    os.replace(tmp, path)
   return path
 
 
@@ -189,8 +174,6 @@ def save_png(path: str | os.PathLike, image) -> pathlib.Path:
   """Writes uint8 ``[H, W, 3]`` as PNG (atomically)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with _discarded_on_error(tmp):
+  with atomic.file(path) as tmp:
     Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
   return path

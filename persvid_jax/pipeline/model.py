@@ -31,17 +31,18 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from persvid_jax import atomic
 from persvid_jax import checkpoint as ckpt_lib
 from persvid_jax import params as params_lib
+from persvid_jax import sharding as sharding_lib
 from persvid_jax.concepts.tokens import PromptTokenizer
 from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import NETWORKS, ModelStack
@@ -133,7 +134,6 @@ def read_exported(d: str | os.PathLike) -> tuple[ml_collections.ConfigDict, dict
   Params are numpy arrays as stored; ``validate_params`` checks them against
   the code. Raises ``ModelError`` if a file is unreadable.
   """
-  from safetensors.numpy import load_file
   d = pathlib.Path(d)
   try:
     config = ckpt_lib.config_from_json(json.loads((d / CONFIG_FILE).read_text()))
@@ -212,8 +212,8 @@ def _collect(workdirs: Sequence[pathlib.Path], fill_missing: bool = True,
     # A network no stage trained (e.g. the image encoder, which no stage
     # updates) keeps its seeded init: re-create it exactly as training did.
     stack, _ = _build(config)
-    from persvid_jax.models.stack import init_params   # the same keys as training
-    init = init_params(stack, missing, jax.random.split(jax.random.key(config.seed), 3)[0])
+    init = stack_lib.init_params(   # the same keys as training
+        stack, missing, jax.random.split(jax.random.key(config.seed), 3)[0])
     for n in missing:
       params[n] = jax.tree.map(np.asarray, nn.meta.unbox(init[n]))
     sources.append(dict(init_seed=int(config.seed), networks=missing))
@@ -270,7 +270,6 @@ def place(model: Model, mesh) -> Model:
   Returns:
     A ``Model`` whose ``params`` are ``jax.Array``s sharded over ``mesh``.
   """
-  from persvid_jax import sharding as sharding_lib
   names = list(model.params)
   abstract = model.stack.abstract_variables(names)
   params = {}
@@ -318,7 +317,6 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
   An existing exported model at ``out_dir`` is replaced; any other non-empty
   directory is refused (``check_export_target``), never deleted.
   """
-  from safetensors.numpy import save_file
   out_dir = pathlib.Path(out_dir)
   check_export_target(out_dir)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -328,38 +326,15 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
   info = dict(model.info, created=datetime.datetime.now(datetime.timezone.utc).isoformat(
       timespec="seconds"), parameters=int(sum(v.size for v in flat.values())),
       feature_id=model.feature_id, **extra_info)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-  old = None
-  try:
+  with atomic.directory(out_dir) as tmp:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in flat.items()},
               str(tmp / WEIGHTS_FILE))
     (tmp / CONFIG_FILE).write_text(json.dumps(ckpt_lib.config_to_json(model.config),
                                               indent=2))
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    # mkdtemp makes a private (0700) directory; a model is meant to be shared.
-    os.chmod(tmp, 0o755)
-    for f in tmp.iterdir():
+    for f in tmp.iterdir():   # a model is meant to be shared, whatever the umask
       os.chmod(f, 0o644)
     check_export_target(out_dir)      # again: it may have changed while we wrote
-    if out_dir.exists():
-      # Move the old model aside, put the new one in, then delete the old:
-      # at every moment one complete model exists (out_dir, or old if the
-      # swap is cut), never a half-deleted one.
-      old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-      os.replace(out_dir, old)
-      try:
-        os.replace(tmp, out_dir)
-      except BaseException:
-        os.replace(old, out_dir)
-        old = None
-        raise
-    else:
-      os.replace(tmp, out_dir)
-  finally:
-    if tmp.exists():
-      shutil.rmtree(tmp)
-    if old is not None and old.exists():
-      shutil.rmtree(old)
   return out_dir
 
 

@@ -21,15 +21,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
+from tensorboardX import SummaryWriter
 
 from persvid_jax import checkpoint as ckpt_lib
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
+from persvid_jax.concepts import conditioning
 from persvid_jax.concepts.tokens import PromptTokenizer
+# data.pipeline imports TensorFlow only inside the functions that use it.
+from persvid_jax.data import DataError, pipeline
 from persvid_jax.diffusion import cascade, samplers, schedules
 from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import ModelStack
 from persvid_jax.pipeline import media
+from persvid_jax.pipeline import model as model_lib
 from persvid_jax.train import stages
 from persvid_jax.train import state as state_lib
 from persvid_jax.train import step as step_lib
@@ -90,7 +96,6 @@ class _StopRequest:
       return self.signal is not None
     if step % every:
       return False
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.int32(self.signal is not None))
     return bool(np.any(flags))
 
@@ -104,7 +109,6 @@ def _device_batch(batch: dict, keys, shardings: dict) -> dict:
 def _abstract_batch(batch: dict, keys, global_batch: int) -> dict:
   missing = [k for k in keys if k not in batch]
   if missing:
-    from persvid_jax.data import DataError
     raise DataError(f"the training data has no {missing} (this stage and config need "
                     f"them; config.train.subject_loss_weight needs subject masks, which "
                     f"the synthetic data has and a video folder has not)")
@@ -118,7 +122,6 @@ class _Writer:
   def __init__(self, logdir: pathlib.Path):
     self._w = None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
       self._w = SummaryWriter(str(logdir))
 
   def scalars(self, step: int, values: dict):
@@ -141,20 +144,20 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
   """
   stack, c = ctx.stack, ctx.config
 
-  base_denoise = stages.base_denoise_fn(stack)
-  sr_denoise = stages.sr_denoise_fn(stack)
+  base_denoise = stack_lib.base_denoise_fn(stack)
+  sr_denoise = stack_lib.sr_denoise_fn(stack)
 
   @jax.jit
   def preview(params, batch, rng):
     video = batch["video"]
     b, t_frames = video.shape[:2]
     ch = c.video.channels
-    to_pixels = functools.partial(stages.to_pixel_space, ctx, params)
-    base_pixels = stages.resize_video(video, *stack_lib.pixel_size(c))
+    to_pixels = functools.partial(conditioning.to_pixel_space, ctx, params)
+    base_pixels = conditioning.resize_video(video, *stack_lib.pixel_size(c))
     if stage == "personalize":
       tokens = batch["placeholder_caption_tokens"]
       yes = jnp.ones((b,), bool)
-      context, detail = stages.personalization_conditions(
+      context, detail = conditioning.personalization_conditions(
           ctx, params, batch["reference"], batch["reference_mask"],
           batch["has_reference"] > 0.5, tokens, use_ref=yes, use_detail=yes)
       cond = dict(context=context, detail_tokens=detail)
@@ -162,8 +165,7 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
       out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
                             cond=cond)
       return to_pixels(out), base_pixels
-    context, _ = stack.text_encoder.apply({"params": params["text_encoder"]},
-                                          batch["caption_tokens"])
+    context = conditioning.encode_text(ctx, params, batch["caption_tokens"])
     if stage == "base":
       shape = (b, t_frames, c.video.height, c.video.width, ch)
       out = samplers.sample(base_denoise, params["unet"], rng, shape, sampler=sampler,
@@ -171,7 +173,7 @@ def _make_preview(stage: str, ctx: stages.StageContext, sampler) -> Any:
       return to_pixels(out), base_pixels
     f = stack_lib.vae_factor(c)           # the SR scale in diffusion space
     sr_size = (video.shape[2] // f, video.shape[3] // f)
-    up = stages.low_res_condition(ctx, params, video, sr_size, None)
+    up = conditioning.low_res_condition(ctx, params, video, sr_size, None)
     cond_video, level = cascade.noise_augment(ctx.schedule, up, c.diffusion.sr_noise_aug,
                                               jax.random.fold_in(rng, 1))
     out = samplers.sample(sr_denoise, params["sr_unet"], rng, (b, t_frames, *sr_size, ch),
@@ -238,7 +240,6 @@ def setup(config, mesh=None) -> Setup:
   names = stages.stage_networks(stage, config)
   if (stack_lib.VAE in names and not config.latent.get("random_vae", False)
       and not tc.get("init_from")):
-    from persvid_jax.pipeline import model as model_lib
     raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {_VAE_FIX}")
 
   # ---- Mesh ---------------------------------------------------------------
@@ -316,7 +317,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
     first_step = 0
 
   # ---- Input ----------------------------------------------------------------
-  from persvid_jax.data import pipeline  # TF (if used) only after JAX owns the devices
   train_iter = pipeline.make_dataset(config, config.data.train_split, batch_size=local_batch,
                                      start_batch=first_step, tokenize=tokenizer.encode)
   eval_batch = next(pipeline.make_dataset(config, config.data.eval_split,
@@ -530,7 +530,6 @@ def _init_from(state: state_lib.TrainState, init_from: str, state_shards, *,
   network this stage holds), e.g. the frozen text encoder alone, so that an SR
   network of another shape starts fresh beside the same conditions.
   """
-  from persvid_jax.pipeline import model as model_lib
   path = pathlib.Path(init_from)
   if not model_lib.is_exported(path) and not (path / "checkpoints").is_dir():
     raise FileNotFoundError(f"config.train.init_from={init_from!r} is no training workdir "

@@ -38,6 +38,10 @@ stage encodes the full video (its target) and, for its low-res condition,
 the downsampled video (the latents the base network learns to generate),
 upsampled in latent space as the cascade does at inference. The subject
 mask is resized to the latent size (``config.video``).
+
+The conditions themselves (reference and detail tokens, the concept swap, the
+diffusion space) are ``concepts.conditioning``'s, shared with generation and
+the probe; this module adds what only training does: dropping them.
 """
 
 from __future__ import annotations
@@ -50,11 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from persvid_jax import config_lib
-from persvid_jax.concepts import bank as bank_lib
-from persvid_jax.diffusion import losses, schedules
-from persvid_jax.diffusion import cascade
+from persvid_jax.concepts import conditioning
+from persvid_jax.concepts.conditioning import (
+    encode_text, low_res_condition, personalization_conditions, resize_video,
+    to_diffusion_space)
+from persvid_jax.diffusion import cascade, losses, schedules
 from persvid_jax.models import stack as stack_lib
-from persvid_jax.models.stack import ModelStack, base_denoise_fn, sr_denoise_fn
+from persvid_jax.models.stack import base_denoise_fn, sr_denoise_fn
 
 # Defined in config_lib, which checks configs before jax is imported.
 STAGES = config_lib.TRAIN_STAGES
@@ -121,46 +127,11 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 @dataclasses.dataclass(frozen=True)
-class StageContext:
-  """What a stage's loss closes over (static: modules, constants)."""
-  stack: ModelStack
+class StageContext(conditioning.Context):
+  """What a stage's loss closes over (static: modules, constants): the
+  conditioning's ``stack``, ``config``, ``placeholder_start``, and these."""
   schedule: schedules.Schedule
   null_tokens: np.ndarray       # [L] int32, the empty prompt
-  placeholder_start: int        # id of <c0>
-  config: Any
-
-
-def resize_video(video: jax.Array, height: int, width: int) -> jax.Array:
-  """``[B, T, H, W, C] -> [B, T, height, width, C]`` (antialiased linear)."""
-  b, t, _, _, c = video.shape
-  return jax.image.resize(video, (b, t, height, width, c), "linear", antialias=True)
-
-
-# fold_in constant of the posterior-sample keys (the stages' own splits stay as they were).
-_ENCODE_STREAM = 0x7AE
-
-
-def to_diffusion_space(ctx: StageContext, params, video: jax.Array,
-                       rng: jax.Array | None) -> jax.Array:
-  """Pixel video ``[B, T, H, W, 3]`` -> what the generators denoise.
-
-  Pixel space: ``video`` itself. Latent space: the frozen VAE's scaled latents
-  ``[B, T, H/f, W/f, C]`` of ``params['vae']``; a posterior sample drawn with
-  ``rng`` if ``config.latent.sample_posterior`` (and ``rng`` is given), else the mean.
-  """
-  if not stack_lib.latent_enabled(ctx.config):
-    return video
-  if not ctx.config.latent.get("sample_posterior", True):
-    rng = None
-  rng = None if rng is None else jax.random.fold_in(rng, _ENCODE_STREAM)
-  return stack_lib.encode_latents(ctx.stack, params[stack_lib.VAE], video, rng)
-
-
-def to_pixel_space(ctx: StageContext, params, x: jax.Array) -> jax.Array:
-  """Inverse of ``to_diffusion_space`` (the VAE's decoder, clipped), for previews."""
-  if not stack_lib.latent_enabled(ctx.config):
-    return x
-  return stack_lib.decode_latents(ctx.stack, params[stack_lib.VAE], x)
 
 
 def _drop(rng: jax.Array, p: float, batch: int) -> jax.Array:
@@ -214,7 +185,7 @@ def base_loss(ctx: StageContext) -> LossFn:
     b = video.shape[0]
     drop_text = _drop(rng_drop, c.train.p_drop_text, b)
     tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
-    context, _ = stack.text_encoder.apply({"params": params["text_encoder"]}, tokens)
+    context = encode_text(ctx, params, tokens)
 
     out = losses.diffusion_loss(base_denoise_fn(stack), params["unet"], video, rng_loss,
                                 dict(context=context), frame_mask=batch["frame_mask"],
@@ -246,7 +217,7 @@ def sr_loss(ctx: StageContext) -> LossFn:
       video, cond_video = random_crop((video, cond_video), crop, rng_crop)
     drop_text = _drop(rng_drop, c.train.p_drop_text, b)
     tokens = _text_tokens(ctx, batch["caption_tokens"], drop_text)
-    context, _ = stack.text_encoder.apply({"params": params["text_encoder"]}, tokens)
+    context = encode_text(ctx, params, tokens)
 
     out = losses.diffusion_loss(
         sr_denoise_fn(stack), params["sr_unet"], video, rng_loss,
@@ -255,54 +226,6 @@ def sr_loss(ctx: StageContext) -> LossFn:
     return _loss_metrics(out)
 
   return loss_fn
-
-
-def low_res_condition(ctx: StageContext, params, video: jax.Array, size: tuple[int, int],
-                      rng: jax.Array | None) -> jax.Array:
-  """The SR network's low-res input of a pixel video, before noise augmentation.
-
-  ``video [B, T, H, W, 3]`` (SR-scale pixels) is downsampled to the base pixel
-  size, brought to diffusion space (latent space: the VAE's latents of the
-  downsampled video, posterior per ``to_diffusion_space`` with ``rng``) and
-  upsampled per frame to ``size`` (the SR scale of the diffusion space), as
-  the cascade upsamples the base network's output. Returns ``[B, T, *size, C]``.
-  """
-  c = ctx.config
-  low = to_diffusion_space(ctx, params, resize_video(video, *stack_lib.pixel_size(c)), rng)
-  return cascade.upsample_video(low, size, method=c.diffusion.resize_method,
-                                clip=c.diffusion.clip_x0)
-
-
-def personalization_conditions(ctx: StageContext, params, reference, reference_mask,
-                               has_reference, tokens, *, use_ref, use_detail):
-  """Text states with the reference's mapped tokens swapped in, and detail tokens.
-
-  Args:
-    params: ``{network: params}`` with text/image encoders, mapper, extractor.
-    reference: ``[B, R, R, 3]`` in [-1, 1]; reference_mask ``[B, R, R, 1]``.
-    has_reference: ``[B]`` bool.
-    tokens: ``[B, L]`` prompt ids holding ``<c0>`` (K copies).
-    use_ref, use_detail: ``[B]`` bool, rows that get the mapped reference
-      tokens / the extracted detail tokens (else raw placeholder / null tokens).
-
-  Returns:
-    ``(context [B, L, D], detail_tokens [B, N, Dd])``.
-  """
-  stack, c = ctx.stack, ctx.config
-  # Subject recognition in the loop: the encoders see the subject only.
-  masked = reference * reference_mask
-  feats = stack.image_encoder.apply({"params": params["image_encoder"]}, masked)
-  ref_tokens = stack.mapper.apply({"params": params["mapper"]}, feats)        # [B, K, D]
-  # The bank is empty during training: the reference tokens arrive per row
-  # through the override (the "target image" path of inference).
-  empty = bank_lib.ConceptBank.from_config(c, dtype=ref_tokens.dtype)
-  context, _ = bank_lib.encode_prompt(
-      stack.text_encoder, params["text_encoder"], tokens, empty,
-      swap_at=c.concepts.swap_at, placeholder_start=ctx.placeholder_start,
-      ref_override=ref_tokens, override_mask=use_ref & has_reference)
-  detail = stack.extractor.apply({"params": params["extractor"]}, reference, reference_mask,
-                                 use_detail & has_reference)
-  return context, detail
 
 
 def personalize_loss(ctx: StageContext) -> LossFn:

@@ -68,7 +68,7 @@ def test_studio_describe_generate_and_errors(studio_db):
   sheet = studio.preview([str(PHOTOS / "sub1_a.png")])
   assert sheet.ndim == 3 and sheet.shape[2] == 3 and (sheet[..., 0] == 255).any()
   from persvid_jax.concepts.database import DatabaseError
-  from persvid_jax.concepts.subject import ImageError
+  from persvid_jax.concepts.images import ImageError
   from persvid_jax.pipeline.generate import GenerationError
   with pytest.raises(DatabaseError):
     studio.add("sub1", [str(PHOTOS / "sub2_a.png")])          # duplicate name

@@ -97,7 +97,7 @@ def test_add_refuses_a_flat_coloured_photo_before_the_model_unless_masked(tmp_pa
   """A blank grey card (camera noise of sigma 2 levels) has no subject to find: the
   segmentation would store an arbitrary blob. With a mask it is the user's call."""
   from persvid_jax.concepts import build
-  from persvid_jax.concepts import subject as subject_lib
+  from persvid_jax.concepts import images
   rng = np.random.default_rng(1)
   grey = tmp_path / "grey card.png"
   Image.fromarray(np.clip(np.full((240, 320, 3), 128.0) + rng.normal(0, 2, (240, 320, 3)),
@@ -111,12 +111,12 @@ def test_add_refuses_a_flat_coloured_photo_before_the_model_unless_masked(tmp_pa
   mask = tmp_path / "mask.png"
   Image.fromarray(np.pad(np.full((80, 80), 255, np.uint8), ((80, 80), (120, 120)))).save(mask)
   (image, given), = build.load_photos([grey], [mask])   # masked: accepted
-  assert given.shape == (240, 320) and subject_lib.flat_range(image) is not None
+  assert given.shape == (240, 320) and images.flat_range(image) is not None
   # The rule is far from photos of things: a random photo and a real one pass.
   dreambench = sorted(pathlib.Path(__file__).resolve().parents[3].glob(
       "shared/dreambench/dog/*.jpg"))[:1]
   assert len(build.load_photos([photo, *dreambench])) == 1 + len(dreambench)
-  assert subject_lib.flat_range(np.full((9, 9, 3), 7, np.uint8)) == 0
+  assert images.flat_range(np.full((9, 9, 3), 7, np.uint8)) == 0
 
 
 def test_check_writable_refuses_files_and_accepts_new_directories(tmp_path):

@@ -20,7 +20,7 @@ from PIL import Image
 from launch import concepts as concepts_cli
 from launch import generate as generate_cli
 from persvid_jax.concepts import database as db_lib
-from persvid_jax.concepts import subject as subject_lib
+from persvid_jax.concepts import images
 from persvid_jax.concepts.tokens import PromptTokenizer
 
 
@@ -40,8 +40,8 @@ def test_decompression_bomb_is_refused_from_its_header(tmp_path, width, height):
   # 144 MP: PIL would only warn and decode (432 MB); 1.6 GP: PIL's own error.
   path = _png_claiming(tmp_path / "bomb.png", width, height)
   t0 = time.perf_counter()
-  with pytest.raises(subject_lib.ImageError) as info:
-    subject_lib.load_image(path)
+  with pytest.raises(images.ImageError) as info:
+    images.load_image(path)
   assert time.perf_counter() - t0 < 1.0                 # nothing was decoded
   message = str(info.value)
   assert str(path) in message and "\n" not in message
@@ -52,27 +52,27 @@ def test_awkward_images_load_or_are_refused(tmp_path):
   rgb = np.random.default_rng(0).integers(0, 256, (16, 12, 3), dtype=np.uint8)
   # CMYK (print workflows): converted to RGB.
   Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
-  out = subject_lib.load_image(tmp_path / "cmyk.jpg")
+  out = images.load_image(tmp_path / "cmyk.jpg")
   assert out.shape == (16, 12, 3) and out.dtype == np.uint8
   assert np.abs(out.astype(int) - rgb).mean() < 20      # the same picture (JPEG-lossy)
   # An animated GIF given as a photo: its first frame.
   frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
   frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:],
                  duration=100, loop=0)
-  out = subject_lib.load_image(tmp_path / "anim.gif")
+  out = images.load_image(tmp_path / "anim.gif")
   assert out.shape == (16, 16, 3) and tuple(out[8, 8]) == (255, 0, 0)
   # 16-bit grayscale with most values above 255: rescaled, not clipped to white.
   Image.fromarray(np.full((10, 10), 30000, np.uint16)).save(tmp_path / "deep.png")
-  assert 110 < subject_lib.load_image(tmp_path / "deep.png")[0, 0, 0] < 125
+  assert 110 < images.load_image(tmp_path / "deep.png")[0, 0, 0] < 125
   # Refused, one line each: 1x1, an empty file.
   Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
-  with pytest.raises(subject_lib.ImageError, match=r"is 1x1 pixels; it needs at least 8"):
-    subject_lib.load_image(tmp_path / "dot.png")
+  with pytest.raises(images.ImageError, match=r"is 1x1 pixels; it needs at least 8"):
+    images.load_image(tmp_path / "dot.png")
   (tmp_path / "empty.jpg").write_bytes(b"")
-  with pytest.raises(subject_lib.ImageError, match=r"empty file \(0 bytes\)"):
-    subject_lib.load_image(tmp_path / "empty.jpg")
-  with pytest.raises(subject_lib.ImageError, match=r"mask .*empty file"):
-    subject_lib.load_mask(tmp_path / "empty.jpg", (16, 16))
+  with pytest.raises(images.ImageError, match=r"empty file \(0 bytes\)"):
+    images.load_image(tmp_path / "empty.jpg")
+  with pytest.raises(images.ImageError, match=r"mask .*empty file"):
+    images.load_mask(tmp_path / "empty.jpg", (16, 16))
 
 
 @pytest.mark.parametrize("name", ["dog\n", "do\tg", "dog\x00", "\x1b[31mdog", "café",
