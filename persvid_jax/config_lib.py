@@ -24,6 +24,7 @@ from typing import Any
 import ml_collections
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+SEED_MAX = 2**32 - 1      # jax.random.key takes a uint32 seed
 
 
 class ConfigError(ValueError):
