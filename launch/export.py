@@ -29,6 +29,8 @@ def main(argv=None) -> int:
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
   def body() -> int:
+    # Deferred: importing jax and the models takes seconds; --help answers first.
+    import jax
     from persvid_jax.pipeline import model as model_lib
     out = pathlib.Path(args.out)
     # Before loading: the new model goes to a temp sibling, then replaces OUT.
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
       return _common.fail(f"--out {e}")
     model = model_lib.load_model(args.workdir)
     out = model_lib.export_model(model, out)
-    n = sum(v.size for v in __import__("jax").tree.leaves(model.params))
+    n = sum(v.size for v in jax.tree.leaves(model.params))
     print(f"exported {n:,} parameters to {out} (feature id {model.feature_id})")
     for s in model.info.get("sources", []):
       if "workdir" in s:
