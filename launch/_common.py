@@ -20,6 +20,10 @@ from typing import Callable
 
 from persvid_jax import config_lib
 
+try:
+  from absl import logging as absl_logging
+except ImportError:     # absl comes with jax and orbax; without them nothing logs through it
+  absl_logging = None
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -116,11 +120,8 @@ def quiet() -> None:
   """Only warnings from libraries (absl/orbax/jax INFO lines would drown the output)."""
   _quiet_environment()
   logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-  try:
-    from absl import logging as absl_logging
+  if absl_logging is not None:
     absl_logging.set_verbosity(absl_logging.ERROR)
-  except ImportError:
-    pass
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

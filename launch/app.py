@@ -36,6 +36,7 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+  """``python -m launch.app`` (see the module docstring); returns the exit status."""
   _common.quiet()
   args = _parse(sys.argv[1:] if argv is None else argv)
 

@@ -71,6 +71,7 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+  """``python -m launch.bench`` (see the module docstring); returns the exit status."""
   args = _parse(sys.argv[1:] if argv is None else argv)
   if args.json:   # checked now, not when the first row is saved after minutes
     problem = _common.out_dir_problem(pathlib.Path(args.json), "--json")

@@ -49,6 +49,7 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+  """``python -m launch.concepts`` (see the module docstring); returns the exit status."""
   _common.quiet()           # before any library import (transformers logs on import)
   args = _parse(sys.argv[1:] if argv is None else argv)
 

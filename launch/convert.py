@@ -35,6 +35,7 @@ KINDS = ("clip", "unet3d", "vae")      # persvid_jax.convert.run.KINDS, without 
 
 
 def main(argv=None) -> int:
+  """``python -m launch.convert`` (see the module docstring); returns the exit status."""
   _common.quiet()
   p = _common.ArgumentParser(prog="python -m launch.convert",
                               description=__doc__.split("\n")[0],

@@ -19,6 +19,7 @@ from launch import _common
 
 
 def main(argv=None) -> int:
+  """``python -m launch.demo`` (see the module docstring); returns the exit status."""
   _common.quiet()           # before any library import (transformers logs on import)
   p = _common.ArgumentParser(prog="python -m launch.demo", description=__doc__.split("\n")[0])
   p.add_argument("--out", default="outputs", help="output directory (default ./outputs)")

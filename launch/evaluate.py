@@ -28,6 +28,7 @@ from persvid_jax import config_lib
 
 
 def main(argv=None) -> int:
+  """``python -m launch.evaluate`` (see the module docstring); returns the exit status."""
   _common.quiet()
   argv = sys.argv[1:] if argv is None else argv
   p = _common.ArgumentParser(prog="python -m launch.evaluate",

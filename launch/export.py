@@ -21,6 +21,7 @@ from launch import _common
 
 
 def main(argv=None) -> int:
+  """``python -m launch.export`` (see the module docstring); returns the exit status."""
   _common.quiet()           # before any library import (transformers logs on import)
   p = _common.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", action="append", required=True,

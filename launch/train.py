@@ -37,6 +37,7 @@ def _parse(argv):
 
 
 def main(argv=None) -> int:
+  """``python -m launch.train`` (see the module docstring); returns the exit status."""
   args, overrides = _parse(sys.argv[1:] if argv is None else argv)
   try:
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
