@@ -29,6 +29,7 @@ import sys
 
 from launch import _common
 from persvid_jax import atomic
+from persvid_jax import config_lib
 
 
 def _parse(argv):
@@ -51,24 +52,27 @@ def _parse(argv):
                  help="compile train / denoise256 / denoise512 for this GPU without one "
                  "(h100, h200, a100; needs jax's CUDA plugin) and report memory and kernels")
   p.add_argument("--hlo-dir", help="--aot: write each compiled program here (WORK.hlo.txt)")
-  p.add_argument("--gpus", type=int, default=1,
+  p.add_argument("--gpus", type=_common.int_range(1), default=1,
                  help="--aot: compile the train step sharded over this many GPUs of one host")
-  p.add_argument("--fsdp", type=int, default=1,
+  p.add_argument("--fsdp", type=_common.int_range(1), default=1,
                  help="--aot --gpus N: GPUs per parameter shard (the rest data parallel)")
-  p.add_argument("--batch", type=int, help="train batch (default 4)")
-  p.add_argument("--frames", type=int, help="frames (default config.video.frames)")
-  p.add_argument("--size", type=int, help="latent side at the base scale "
+  positive = _common.int_range(1)
+  p.add_argument("--batch", type=positive, help="train batch (default 4)")
+  p.add_argument("--frames", type=positive, help="frames (default config.video.frames)")
+  p.add_argument("--size", type=positive, help="latent side at the base scale "
                  "(default config.video.height; denoise512 uses twice it)")
-  p.add_argument("--text-len", type=int, help="text length (default config.text.max_length)")
-  p.add_argument("--steps", type=int, default=10, help="timed calls per row (median)")
-  p.add_argument("--sample-steps", type=int, default=25, help="cascade: base DDIM steps")
-  p.add_argument("--sr-steps", type=int, default=10, help="cascade: SR DDIM steps")
-  p.add_argument("--peak-tflops", type=float,
+  p.add_argument("--text-len", type=positive,
+                 help="text length (default config.text.max_length)")
+  p.add_argument("--steps", type=positive, default=10, help="timed calls per row (median)")
+  p.add_argument("--sample-steps", type=positive, default=25, help="cascade: base DDIM steps")
+  p.add_argument("--sr-steps", type=positive, default=10, help="cascade: SR DDIM steps")
+  p.add_argument("--peak-tflops", type=_common.float_range(0, lo_open=True),
                  help="peak for MFU (default by device: H100/H200 989 dense bf16; CPU: none)")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+  """``python -m launch.bench`` (see the module docstring); returns the exit status."""
   args = _parse(sys.argv[1:] if argv is None else argv)
   if args.json:   # checked now, not when the first row is saved after minutes
     problem = _common.out_dir_problem(pathlib.Path(args.json), "--json")
@@ -89,7 +93,9 @@ def main(argv=None) -> int:
   # Peer (torch) and ours share one GPU: allocate on demand, not 75% up front.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   _common.quiet()
-  from persvid_jax import bench, config_lib
+  # Deferred: jax reads JAX_PLATFORMS / XLA_PYTHON_CLIENT_PREALLOCATE, set above, at import.
+  from persvid_jax import bench
+  from persvid_jax.bench import aot
   compile_only = args.count or args.aot
   try:
     config = config_lib.load_config(args.config)
@@ -116,7 +122,6 @@ def main(argv=None) -> int:
       atomic.write_text(args.json, json.dumps(result, indent=2))
 
   if args.aot:
-    from persvid_jax.bench import aot
     if args.aot not in aot.CARDS:
       return _common.fail(f"--aot {args.aot!r}: use one of {', '.join(aot.CARDS)}")
     if args.hlo_dir:

@@ -36,23 +36,29 @@ def _parse(argv):
   ls = sub.add_parser("list", help="list the stored concepts")
   ls.add_argument("--db", required=True)
   ls.add_argument("--json", action="store_true", help="machine-readable output")
-  ls.add_argument("--step", type=int, help="a kept older version (default: the newest)")
+  ls.add_argument("--step", type=_common.int_range(0),
+                  help="a kept older version (default: the newest)")
   rm = sub.add_parser("remove", help="remove a concept")
   rm.add_argument("--db", required=True)
   rm.add_argument("--name", required=True)
   rs = sub.add_parser("restore", help="make an older version the newest again")
   rs.add_argument("--db", required=True)
-  rs.add_argument("--step", type=int, required=True, help="the version to restore")
+  rs.add_argument("--step", type=_common.int_range(0), required=True,
+                  help="the version to restore")
   return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+  """``python -m launch.concepts`` (see the module docstring); returns the exit status."""
   _common.quiet()           # before any library import (transformers logs on import)
   args = _parse(sys.argv[1:] if argv is None else argv)
 
   def body() -> int:
     _common.compilation_cache()
+    # After the flags are checked: these import jax and orbax (seconds).
+    from persvid_jax.concepts import build
     from persvid_jax.concepts import database as db_lib
+    from persvid_jax.pipeline import model as model_lib
     if args.command == "list":
       db = db_lib.ConceptDatabase.open(args.db, step=args.step)
       rows = db_lib.describe(db)
@@ -77,8 +83,6 @@ def main(argv=None) -> int:
       return 0
 
     # add: every cheap check first, then the model.
-    from persvid_jax.concepts import build
-    from persvid_jax.pipeline import model as model_lib
     db_lib.validate_name(args.name)
     # A --db that is a file or read-only would otherwise fail only at the
     # commit, after the model has loaded and encoded the photos.
@@ -95,9 +99,7 @@ def main(argv=None) -> int:
       raise db_lib.DatabaseError(
           f"{args.db} was built with another model (feature id {db.feature_id}, this model "
           f"{model.feature_id}); use that model (--model) or a new database")
-    features = build.encode_concept(model, photos, args.images)
-    record = db.add(args.name, features.ref_tokens, features.detail_tokens,
-                    list(features.provenance))
+    record, features = build.add_concept(db, args.name, model, photos, args.images)
     cover = ", ".join(f"{p['coverage']:.0%}" for p in features.provenance)
     print(f"added <{record.name}> to {args.db}: slot {record.slot}, {record.num_images} "
           f"image(s), subject coverage {cover} (version {db.step})")

@@ -15,22 +15,22 @@ reference, the detail tokens, the words? (about a minute on 2 CPU cores;
 no sampling).
 
 Writes ``--out`` (JSON) and the same name with ``.md`` (the table); both
-appear only when the run is complete.
+appear only when the run is complete (``persvid_jax/evaluate/run.py``).
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
-import time
 
 from launch import _common
-from persvid_jax import atomic
+from persvid_jax import config_lib
 
 
 def main(argv=None) -> int:
+  """``python -m launch.evaluate`` (see the module docstring); returns the exit status."""
   _common.quiet()
+  argv = sys.argv[1:] if argv is None else argv
   p = _common.ArgumentParser(prog="python -m launch.evaluate",
                               description=__doc__.split("\n")[0],
                               epilog="Any --config.KEY=VALUE overrides that config field.")
@@ -55,7 +55,6 @@ def main(argv=None) -> int:
   args, overrides = _common.parse_args(p, argv)
 
   def body() -> int:
-    from persvid_jax import config_lib
     out = pathlib.Path(args.out)
     if out.suffix != ".json":
       return _common.fail(f"--out {out}: give a .json path (the table is written beside it)")
@@ -72,88 +71,19 @@ def main(argv=None) -> int:
         return _common.fail(f"--variant-model {item!r}: use NAME=DIR[,DIR]")
       variant_paths[name] = paths.split(",")
     _common.compilation_cache()
-    from persvid_jax.evaluate import suite
-    from persvid_jax.pipeline import model as model_lib
-    known = {v.model for v in suite.VARIANTS if v.model}
-    for name in variant_paths:
-      if name not in known:
-        return _common.fail(f"--variant-model {name}: no variant needs it; known: "
-                            f"{', '.join(sorted(known))}")
-    if args.dreambench and args.probe:
-      return _common.fail("--dreambench and --probe: choose one")
-    try:   # before the model loads: a bad suite config is one line, at once
-      suite_cfg = suite.SuiteConfig.from_config(config.suite)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"config.suite: {e}") from None
-    t0 = time.perf_counter()
-    model = model_lib.load_model(args.model.split(",") if args.model else None)
-    print(f"model: {model.source} ({model.config.name})", flush=True)
-    if args.probe:
-      from persvid_jax.evaluate import probe
-      result = probe.condition_probe(model, examples=int(config.probe.examples),
-                                     timesteps=tuple(config.probe.timesteps),
-                                     draws=int(config.probe.draws))
-      table = probe.markdown(result)
-    elif args.dreambench:
-      from persvid_jax.evaluate import dreambench, protocol
-      d = config.dreambench
-      bench = dreambench.load(d.root)
-      tok = model.tokenizer
-      scorer = protocol.random_scorer(tok.encode, len(tok), tok.max_length,
-                                      eos_token_id=tok.eos_id)
-      print("note: random-weight CLIP/DINO encoders (no weights imported): the protocol "
-            "runs end to end, its numbers are not comparable to papers'", flush=True)
-      result = dreambench.run(model, scorer, bench, subjects=list(d.subjects) or None,
-                              num_prompts=int(d.prompts) or None, seeds=tuple(d.seeds),
-                              max_photos=int(d.photos), progress=args.progress)
-      table = _dreambench_markdown(result)
-    else:
-      cfg = suite_cfg
-      names = None if args.ablations else list(config.variants)
-      try:
-        suite.variants(names)
-      except ValueError as e:
-        raise config_lib.ConfigError(f"config.variants: {e}") from None
-      models = {None: model}
-      for name, paths in variant_paths.items():
-        models[name] = model_lib.load_model(paths)
-      if args.sheets:
-        pathlib.Path(args.sheets).mkdir(parents=True, exist_ok=True)
-      result = suite.run(models, cfg, names, progress=args.progress,
-                         log=lambda s: print(s, flush=True), sheet_dir=args.sheets)
-      table = suite.markdown(result)
-    result["model"] = model.source
-    result["command"] = " ".join(["python -m launch.evaluate", *(sys.argv[1:] if argv is None
-                                                                 else argv)])
-    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    table += f"\n{result['wall_seconds']:.0f} s wall; command: `{result['command']}`\n"
-    # OUT.run_record.json beside the results (and OUT.run_records/NNN.json):
-    # what produced them; a rerun into the same name warns about differences.
-    # Written with the results, so a run stopped by bad input leaves nothing.
-    from persvid_jax import records
-    records.record_run(out.parent, config, name=f"{out.stem}.run_record",
-                       extra={"kind": "evaluate", "model": args.model or "shipped demo",
-                              "variant_models": variant_paths, "ablations": args.ablations,
-                              "dreambench": args.dreambench, "probe": args.probe})
-    atomic.write_text(out.with_suffix(".md"), table)
-    atomic.write_text(out, json.dumps(result, indent=2))
-    print("\n" + table)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    # After the flags are checked: importing jax and the models takes seconds.
+    from persvid_jax.evaluate import run
+    done = run.evaluate(config, out, model=args.model.split(",") if args.model else None,
+                        variant_models=variant_paths, ablations=args.ablations,
+                        run_dreambench=args.dreambench, run_probe=args.probe,
+                        sheets=args.sheets, progress=args.progress,
+                        command=" ".join(["python -m launch.evaluate", *map(str, argv)]),
+                        log=lambda s: print(s, flush=True))
+    print("\n" + done.table)
+    print(f"wrote {done.paths[0]} and {done.paths[1]}")
     return 0
 
   return _common.run(body)
-
-
-def _dreambench_markdown(result) -> str:
-  cols = [k for k in ("clip_t", "clip_i", "dino_i", "temporal_consistency", "flow", "dynamic")
-          if k in result["means"]]
-  lines = [f"DreamBench: {len(result['subjects'])} subjects x {result['num_prompts']} prompts x "
-           f"{len(result['seeds'])} seeds; encoders: {result['weights']} weights.", "",
-           "| subject | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-  for name, m in result["per_subject"].items():
-    lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
-  lines.append("| **mean** | " + " | ".join(f"{result['means'][c]:.3f}" for c in cols) + " |")
-  return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from launch import _common
 
 
 def main(argv=None) -> int:
+  """``python -m launch.export`` (see the module docstring); returns the exit status."""
   _common.quiet()           # before any library import (transformers logs on import)
   p = _common.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
   p.add_argument("--workdir", action="append", required=True,
@@ -29,6 +30,8 @@ def main(argv=None) -> int:
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
 
   def body() -> int:
+    # Deferred: importing jax and the models takes seconds; --help answers first.
+    import jax
     from persvid_jax.pipeline import model as model_lib
     out = pathlib.Path(args.out)
     # Before loading: the new model goes to a temp sibling, then replaces OUT.
@@ -44,7 +47,7 @@ def main(argv=None) -> int:
       return _common.fail(f"--out {e}")
     model = model_lib.load_model(args.workdir)
     out = model_lib.export_model(model, out)
-    n = sum(v.size for v in __import__("jax").tree.leaves(model.params))
+    n = sum(v.size for v in jax.tree.leaves(model.params))
     print(f"exported {n:,} parameters to {out} (feature id {model.feature_id})")
     for s in model.info.get("sources", []):
       if "workdir" in s:

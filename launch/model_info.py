@@ -16,6 +16,7 @@ from persvid_jax import config_lib
 
 
 def main(argv=None) -> int:
+  """``python -m launch.model_info`` (see the module docstring); returns the exit status."""
   parser = _common.ArgumentParser(
       prog="python -m launch.model_info", description=__doc__.strip().splitlines()[0])
   parser.add_argument("--config", default="configs/tiny.py",

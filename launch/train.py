@@ -11,19 +11,20 @@ several processes (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID`` set, or a cluster jax detects such as SLURM or a TPU pod),
 ``jax.distributed.initialize()`` runs first. ``--config.KEY=VALUE`` overrides
 any config field (``ml_collections`` dotted names; values are Python literals).
+The loop is ``persvid_jax/train/loop.py``; the process around it
+``persvid_jax/train/process.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
-import threading
+
+from launch import _common
+from persvid_jax import config_lib
 
 
 def _parse(argv):
-  from launch import _common
   parser = _common.ArgumentParser(
       prog="python -m launch.train",
       description="Train one stage of persvid_jax (resumes from --workdir).",
@@ -35,54 +36,9 @@ def _parse(argv):
   return _common.parse_args(parser, argv)
 
 
-class _AfterRun:
-  """SIGTERM / SIGINT outside the training loop (which handles them itself).
-
-  Until the run is complete they act as by default (terminate; Ctrl-C
-  interrupts). Once it is complete and saved they are logged and ignored: a
-  budget's ``timeout`` landing in the interpreter's teardown (worker pools,
-  threads: seconds) must not turn a finished run into exit status 143, which
-  a wrapper such as ``launch/continue_demo.sh`` reads as a failed trainer.
-  """
-
-  def __init__(self):
-    self.complete = False
-
-  def install(self) -> "_AfterRun":
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, self)
-    return self
-
-  def __call__(self, signum, frame):
-    if self.complete:
-      logging.getLogger("launch.train").warning(
-          "%s after the run was saved: ignored", signal.Signals(signum).name)
-      return
-    if signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
-def _maybe_initialize_distributed():
-  import jax
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
-    # jax reads only the coordinator address from the environment; without a
-    # detected cluster the process count and id must be passed. CPU processes
-    # reduce over gloo (jax's default; JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi
-    # picks MPI).
-    env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
-                                              ("process_id", "JAX_PROCESS_ID"))
-           if os.environ.get(v)}
-    jax.distributed.initialize(**env)
-  elif os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("TPU_WORKER_HOSTNAMES"):
-    jax.distributed.initialize()   # cluster auto-detection
-
-
 def main(argv=None) -> int:
+  """``python -m launch.train`` (see the module docstring); returns the exit status."""
   args, overrides = _parse(sys.argv[1:] if argv is None else argv)
-  from persvid_jax import config_lib
   try:
     config = config_lib.apply_overrides(config_lib.load_config(args.config), overrides)
     # Before the run record, the workdir and the model: a bad number, stage,
@@ -96,10 +52,12 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  _maybe_initialize_distributed()
+  # After the config checks: jax, the data pipeline and the models take seconds to import.
+  from persvid_jax import records
   from persvid_jax.data import DataError
   from persvid_jax.pipeline.model import ModelError
-  from persvid_jax.train import loop
+  from persvid_jax.train import loop, process
+  process.initialize_distributed()
   try:
     loop.check_mesh(config)   # needs the devices: after the distributed init
   except config_lib.ConfigError as e:
@@ -107,11 +65,10 @@ def main(argv=None) -> int:
     return 2
   # After the distributed init (the record reads the devices); process 0 writes
   # WORKDIR/run_record.json and warns about what differs from the last run there.
-  from persvid_jax import records
   records.record_run(args.workdir, config, extra={"kind": "train"})
   # Installed before the loop, so that the loop's own handlers restore these
   # (not Python's defaults) when it returns: no gap for a late signal.
-  after = _AfterRun().install()
+  after = process.AfterRun().install()
   try:
     result = loop.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
   except (DataError, FileNotFoundError, ModelError, config_lib.ConfigError) as e:

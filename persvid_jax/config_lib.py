@@ -29,6 +29,7 @@ import ml_collections
 # Folders where a bare config name is looked up, first match first; empty until
 # a program (launch/_common.py, tests/conftest.py) names its configs folder.
 _search_path: list[pathlib.Path] = []
+SEED_MAX = 2**32 - 1      # jax.random.key takes a uint32 seed
 
 
 class ConfigError(ValueError):

@@ -21,14 +21,15 @@ FLOORS = (
     # The networks, and the diffusion math (pure functions of a denoise_fn).
     ("models", "diffusion"),
     # Built on the networks: the concept bank and database, the data sources,
-    # weight conversion, run records (they say which attention the models pick
-    # on this machine: models.attention).
-    ("concepts", "data", "convert", "records"),
+    # run records (they say which attention the models pick on this machine:
+    # models.attention).
+    ("concepts", "data", "records"),
     # Inference: load and export a model, generate the six modes, write media.
     ("pipeline",),
     # Training: its previews go through pipeline.media, init_from reads an
-    # exported model through pipeline.model.
-    ("train",),
+    # exported model through pipeline.model. Weight conversion: it writes a
+    # model directory and reads it back through pipeline.model.
+    ("train", "convert"),
     # Evaluation: generates through pipeline, scores with the ground truth of data.
     ("evaluate",),
     # Over everything: the applications (the demo job, the UI), the benchmark, sweeps.

@@ -133,8 +133,7 @@ def run_demo(model, out_dir: str | pathlib.Path, *, photos_dir=PHOTOS_DIR, seed:
     if name == "sub3":        # sub3 stays out of the database: the target-image-only row
       references[name] = build.subject_reference(images.load_image(paths[0]), config)
       continue
-    feats = build.encode_concept(model, build.load_photos(paths), paths, feature_fn)
-    db.add(name, feats.ref_tokens, feats.detail_tokens, list(feats.provenance))
+    _, feats = build.add_concept(db, name, model, build.load_photos(paths), paths, feature_fn)
     references[name] = feats.references[0]
     cover = ", ".join(f"{p['coverage']:.0%}" for p in feats.provenance)
     _log(f"concept <{name}>: {len(paths)} photos, subject coverage {cover}", quiet)

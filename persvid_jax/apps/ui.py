@@ -37,11 +37,11 @@ from persvid_jax.concepts.bank import ConceptBank
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import media
 from persvid_jax.pipeline.model import ModelError
+from persvid_jax.apps import DEFAULT_DB
 
 # Gradio's usage analytics would try the network at import and launch.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-DEFAULT_DB = pathlib.Path("outputs") / "concepts_db"
 MAX_PHOTOS = 8
 _MODE_TEXT = {
     "concept": "concept (stored subject, stored detail features)",
@@ -53,8 +53,8 @@ _MODE_TEXT = {
 }
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-  return (db_lib.DatabaseError, images.ImageError, gen.GenerationError, ModelError)
+# The errors whose message the page shows (as one line) instead of failing.
+_USER_ERRORS = (db_lib.DatabaseError, images.ImageError, gen.GenerationError, ModelError)
 
 
 def match_typed_names(prompt: str, names: Sequence[str]) -> tuple[str, list[str]]:
@@ -154,6 +154,13 @@ class Studio:
     """The stored concepts' names, in slot order (the button order)."""
     return [n for n, _ in sorted(self.concepts().items(), key=lambda kv: kv[1])]
 
+  def thumbnails(self) -> dict[str, pathlib.Path | None]:
+    """``{name: PNG of the concept's first photo, or None}`` (the buttons' pictures)."""
+    db = self._open()
+    if db is None:
+      return {}
+    return {n: build.thumbnail_path(self.db_dir, r) for n, r in db.concepts.items()}
+
   # ---- the prompt ----------------------------------------------------------------------
 
   def describe(self, prompt: str, has_image: bool, image_role: str = "target") -> str:
@@ -210,10 +217,7 @@ class Studio:
     One row per photo: the photo with the background dimmed and the subject
     outlined in red, beside the square crop the encoders see.
     """
-    if not paths:
-      raise _image_error("no photos; upload one or more photos of the subject")
-    if len(paths) > MAX_PHOTOS:
-      raise _image_error(f"{len(paths)} photos; give at most {MAX_PHOTOS}")
+    _check_photo_count(paths)
     rows, side = [], 192
     config = self.model.config
     for image, mask in build.load_photos(list(paths)):
@@ -244,10 +248,7 @@ class Studio:
     """
     name = (name or "").strip()
     db_lib.validate_name(name)
-    if not paths:
-      raise _image_error("no photos; upload one or more photos of the subject")
-    if len(paths) > MAX_PHOTOS:
-      raise _image_error(f"{len(paths)} photos; give at most {MAX_PHOTOS}")
+    _check_photo_count(paths)
     with self._lock:
       db = self._open()
       if db is not None:
@@ -256,17 +257,19 @@ class Studio:
       if db is None:
         db = db_lib.ConceptDatabase.create(self.db_dir, self.model.config,
                                            self.model.feature_id, commit=False)
-      features = build.encode_concept(self.model, photos, list(paths),
-                                      feature_fn=self._feature_fn)
-      record = db.add(name, features.ref_tokens, features.detail_tokens,
-                      list(features.provenance))
+      record, features = build.add_concept(db, name, self.model, photos, list(paths),
+                                           feature_fn=self._feature_fn)
     cover = ", ".join(f"{p['coverage']:.0%}" for p in features.provenance)
     return (f"added <{record.name}> (slot {record.slot}, {record.num_images} photo(s), "
             f"subject coverage {cover})")
 
 
-def _image_error(message: str):
-  return images.ImageError(message)
+def _check_photo_count(paths: Sequence[str]) -> None:
+  """Raises ``ImageError`` unless there are 1 to ``MAX_PHOTOS`` photos."""
+  if not paths:
+    raise images.ImageError("no photos; upload one or more photos of the subject")
+  if len(paths) > MAX_PHOTOS:
+    raise images.ImageError(f"{len(paths)} photos; give at most {MAX_PHOTOS}")
 
 
 def _eroded(mask: np.ndarray) -> np.ndarray:
@@ -295,11 +298,12 @@ def build_ui(studio: Studio):
 
   Element ids (for tests and scripting): ``prompt``, ``mode``, ``image``,
   ``image-role``, ``seed``, ``generate``, ``status``, ``video``; concept
-  buttons have the class ``concept-button``; the add panel has
+  buttons have the class ``concept-button`` and show the concept's first
+  photo as their icon (``Studio.thumbnails``); the add panel has
   ``new-name``, ``new-photos``, ``preview``, ``add-concept``, ``add-status``.
   """
   import gradio as gr   # optional ([ui] extra): Studio works without it
-  errors = _user_errors()
+  errors = _USER_ERRORS
 
   def fail(e: BaseException) -> str:
     return f"**error:** {_escape(str(e))}"
@@ -317,10 +321,15 @@ def build_ui(studio: Studio):
           if not current:
             gr.Markdown("_no concepts yet: add one below_", elem_id="no-concepts")
             return
+          thumbs = studio.thumbnails()
           with gr.Row(elem_id="concept-buttons"):
             for n in current:
-              btn = gr.Button(f"<{n}>", elem_classes=["concept-button"], size="sm", scale=0, min_width=90,
-                              key=f"concept-{n}")
+              # The concept's first photo on its button (none for a concept stored
+              # before thumbnails were kept: the name alone).
+              thumb = thumbs.get(n)
+              btn = gr.Button(f"<{n}>", icon=str(thumb) if thumb else None,
+                              elem_classes=["concept-button"], size="sm", scale=0,
+                              min_width=90, key=f"concept-{n}")
               btn.click(lambda p, n=n: insert_concept(p, n), inputs=prompt, outputs=prompt)
 
         prompt = gr.Textbox(label="Prompt", elem_id="prompt", lines=2,

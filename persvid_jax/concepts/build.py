@@ -12,12 +12,19 @@ every photo), giving the bank's fixed ``[K, D]`` / ``[N, Dd]``.
 The same feature function serves generation's target-image modes, so a
 concept stored from a photo and the same photo given as a target image yield
 the same tokens.
+
+``add_concept`` also keeps a thumbnail of the concept's first photo (the UI
+shows it on the concept's button) as ``DB/thumbnails/<sha256>.png``, named by
+the photo's hash recorded in the manifest: versions and restores never
+disagree with it, and a missing one (a database from before thumbnails) only
+means a button without a picture.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import pathlib
 from typing import Sequence
 
@@ -26,8 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from persvid_jax import atomic
 from persvid_jax.concepts import conditioning, images
 from persvid_jax.concepts import subject as subject_lib
+
+THUMBNAIL_DIR = "thumbnails"
+THUMBNAIL_SIDE = 96       # px, the longer side: a button icon
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,3 +160,46 @@ def encode_concept(model, photos, paths: Sequence[str | pathlib.Path] = (),
       for p, r in zip(paths, refs))
   return ConceptFeatures(ref_tokens=ref.mean(0), detail_tokens=detail.mean(0),
                          references=tuple(refs), provenance=provenance)
+
+
+def add_concept(db, name: str, model, photos, paths: Sequence[str | pathlib.Path],
+                feature_fn=None):
+  """Encodes ``photos`` and stores them as concept ``name`` in ``db``, with a thumbnail.
+
+  Args:
+    db: a ``database.ConceptDatabase`` of ``model``'s features.
+    name: the new concept's name.
+    model, photos, paths, feature_fn: as for ``encode_concept``.
+
+  Returns:
+    ``(record, features)``: the database's ``ConceptRecord`` and ``ConceptFeatures``.
+  """
+  features = encode_concept(model, photos, paths, feature_fn)
+  record = db.add(name, features.ref_tokens, features.detail_tokens, list(features.provenance))
+  if features.provenance:
+    try:
+      save_thumbnail(db.directory, photos[0][0], features.provenance[0]["sha256"])
+    except OSError as e:    # the concept is stored; only its picture is missing
+      logging.getLogger(__name__).warning("no thumbnail for <%s>: %s", name, e)
+  return record, features
+
+
+def save_thumbnail(db_dir: str | pathlib.Path, image: np.ndarray, sha256: str) -> pathlib.Path:
+  """Writes ``image`` (uint8 ``[H, W, 3]``), shrunk to ``THUMBNAIL_SIDE``, as the thumbnail
+  of the photo with hash ``sha256``; returns its path (atomic: complete or absent)."""
+  path = pathlib.Path(db_dir) / THUMBNAIL_DIR / f"{sha256}.png"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  thumb = Image.fromarray(np.asarray(image, np.uint8))
+  thumb.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+  with atomic.file(path) as tmp:
+    thumb.save(tmp, format="PNG")
+  return path
+
+
+def thumbnail_path(db_dir: str | pathlib.Path, record) -> pathlib.Path | None:
+  """The thumbnail of ``record``'s (a ``ConceptRecord``) first photo, or None if it has
+  none (stored without photos, or before thumbnails were kept)."""
+  if not record.images or "sha256" not in record.images[0]:
+    return None
+  path = pathlib.Path(db_dir) / THUMBNAIL_DIR / f"{record.images[0]['sha256']}.png"
+  return path if path.is_file() else None

@@ -192,6 +192,19 @@ def run(model, scorer, bench: DreamBench, *, subjects: Iterable[str] | None = No
               seeds=[int(s) for s in seeds])
 
 
+def markdown(result: dict[str, Any]) -> str:
+  """``run``'s result as a markdown table: one row per subject, then the means."""
+  cols = [k for k in ("clip_t", "clip_i", "dino_i", "temporal_consistency", "flow", "dynamic")
+          if k in result["means"]]
+  lines = [f"DreamBench: {len(result['subjects'])} subjects x {result['num_prompts']} prompts x "
+           f"{len(result['seeds'])} seeds; encoders: {result['weights']} weights.", "",
+           "| subject | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+  for name, m in result["per_subject"].items():
+    lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+  lines.append("| **mean** | " + " | ".join(f"{result['means'][c]:.3f}" for c in cols) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
   """Centre-crops to a square and resizes to ``size`` (photos differ in shape)."""
   h, w, _ = image.shape

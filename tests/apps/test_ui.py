@@ -20,6 +20,7 @@ import time
 
 import jax
 import pytest
+from PIL import Image
 
 from persvid_jax.apps import ui
 
@@ -57,6 +58,11 @@ def studio_db(micro_model, tmp_path_factory):
 def test_studio_describe_generate_and_errors(studio_db):
   studio, _ = studio_db
   assert studio.names() == ["sub1"]
+  # The button's picture: the first photo, small, kept in the database.
+  thumbs = studio.thumbnails()
+  assert list(thumbs) == ["sub1"] and thumbs["sub1"].parent == studio.db_dir / "thumbnails"
+  with Image.open(thumbs["sub1"]) as im:
+    assert max(im.size) <= 96 and im.mode == "RGB"
   assert "**mode:** concept" in studio.describe("a sub1 on snow", False)
   assert "`sub1` → `<sub1>`" in studio.describe("a sub1 on snow", False)
   assert "**mode:** concept+scene" in studio.describe("a <sub1> on snow", True, "scene")
@@ -92,6 +98,16 @@ def _artifacts() -> pathlib.Path:
                                   pathlib.Path(tempfile.gettempdir()) / "persvid_test_artifacts"))
   d.mkdir(parents=True, exist_ok=True)
   return d
+
+
+def _expect_thumbnails(page, expect, names):
+  """Every concept button shows one picture (its first photo), loaded by the browser."""
+  expect(page.locator("button.concept-button")).to_have_count(len(names))
+  for name in names:
+    img = page.locator("button.concept-button", has_text=f"<{name}>").locator("img")
+    expect(img).to_have_count(1)
+    img.evaluate("i => i.complete || new Promise(r => i.addEventListener('load', r))")
+    assert img.evaluate("i => i.naturalWidth") > 0, name
 
 
 @pytest.mark.slow
@@ -134,6 +150,7 @@ def test_browser_end_to_end(studio_db, micro_model_dir):
       # Claim 13: one button per stored concept; a click puts <name> in the prompt.
       button = page.locator("button.concept-button", has_text="<sub1>")
       expect(button).to_have_count(1)
+      _expect_thumbnails(page, expect, ["sub1"])
       prompt = page.locator("#prompt textarea")
       prompt.fill("a")
       button.click()
@@ -164,6 +181,7 @@ def test_browser_end_to_end(studio_db, micro_model_dir):
       page.locator("#add-concept").click()
       expect(page.locator("#add-status")).to_contain_text("added <sub2>")
       expect(page.locator("button.concept-button", has_text="<sub2>")).to_have_count(1)
+      _expect_thumbnails(page, expect, ["sub1", "sub2"])
       page.screenshot(path=str(shots / "ui_added_concept.png"), full_page=True)
       browser.close()
   finally:

@@ -86,7 +86,12 @@ def test_bad_input_exits_2(tmp_path, micro_model_dir):
        "not found"),
       (["--out", tmp_path / "r.json", "--dreambench", "--config.dreambench.subjects=('nope',)"],
        "unknown DreamBench subject"),
-      (["--out", tmp_path / "r.json", "--probe", "--config.probe.examples=1"], "at least 2"),
+      (["--out", tmp_path / "r.json", "--probe", "--config.probe.examples=1"],
+       "config.probe.examples=1 must be an integer >= 2"),
+      (["--out", tmp_path / "r.json", "--probe", "--config.probe.draws=0"],
+       "config.probe.draws=0 must be an integer >= 1"),
+      (["--out", tmp_path / "r.json", "--dreambench", "--config.dreambench.photos=0"],
+       "config.dreambench.photos=0 must be"),
       (["--out", tmp_path / "r.json", "--probe", "--dreambench"], "choose one"),
       (["--out", tmp_path / "r.json", "--config.suite.scale=middle"], "use one of final, base"),
   ]

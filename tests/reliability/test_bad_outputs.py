@@ -134,8 +134,9 @@ def test_model_that_is_a_file_is_named_a_file(places):
     (["--out", "{tmp}/afile/v.gif"], "afile is a file, not a directory"),
     (["--out", "{tmp}/v.gif", "--sheet", "{tmp}/afile/s.png"], "--sheet"),
     (["--out", "{tmp}/v.gif", "--sheet", "{tmp}/isdir.gif"], "--sheet"),
-    (["--out", "{tmp}/v.gif", "--guidance", "inf"], "--guidance inf must be >= 0 and finite"),
-    (["--out", "{tmp}/v.gif", "--detail-guidance", "inf"], "--detail-guidance inf must be"),
+    (["--out", "{tmp}/v.gif", "--guidance", "inf"],
+     "argument --guidance: inf must be a finite number >= 0"),
+    (["--out", "{tmp}/v.gif", "--detail-guidance", "inf"], "--detail-guidance: inf must be"),
 ])
 def test_generate_refuses_bad_outputs_before_sampling(places, capsys, argv, words):
   argv = [a.format(tmp=places) for a in argv]
@@ -196,9 +197,10 @@ def test_bench_refuses_a_bad_json_before_running(places, capsys, json_out, words
 # -- demo ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, words", [
-    (["--steps", "0"], "--steps 0 must be >= 1"),
-    (["--steps", "-3"], "--steps -3 must be >= 1"),
-    (["--sr-steps", "0"], "--sr-steps 0 must be >= 1"),
+    (["--steps", "0"], "argument --steps: 0 must be an integer >= 1"),
+    (["--steps", "-3"], "argument --steps: -3 must be an integer >= 1"),
+    (["--sr-steps", "0"], "argument --sr-steps: 0 must be an integer >= 1"),
+    (["--seed", "-1"], "argument --seed: -1 must be an integer in [0, 4294967295]"),
     (["--out", "{tmp}/afile"], "--out {tmp}/afile is a file"),
     (["--out", "{tmp}/afile/demo"], "is a file, not a directory"),
     (["--make-photos", "{tmp}/afile"], "--make-photos {tmp}/afile is a file"),
