@@ -106,7 +106,8 @@ def make_video(prompt: str, out: str | pathlib.Path, *, db: str | None = None,
   written = [media.save_video(out, result.video[0], scale=scale)]
   if sheet is not None:
     ref = resolved.reference.crop if resolved.reference is not None else None
-    written.append(media.save_png(sheet, media.contact_sheet([(ref, result.video[0])],
-                                                             scale=scale // 2 or 1)))
+    written.append(media.save_png(sheet, media.contact_sheet(
+        [(ref, result.video[0])], scale=scale // 2 or 1,
+        labels=[f"{resolved.mode}: {resolved.prompt}"])))
   return Made(mode=resolved.mode, paths=tuple(pathlib.Path(p) for p in written),
               shape=tuple(result.video.shape[1:]), seconds=seconds)
