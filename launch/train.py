@@ -51,7 +51,10 @@ def main(argv=None) -> int:
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  # Our own progress at INFO; libraries (orbax's ~100 absl lines per save, jax's
+  # "no TPU" probe) only at WARNING, or they drown the loop's lines.
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("persvid_jax").setLevel(logging.INFO)
   # After the config checks: jax, the data pipeline and the models take seconds to import.
   from persvid_jax import records
   from persvid_jax.data import DataError

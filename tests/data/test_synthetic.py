@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from persvid_jax.concepts import tokens
-from persvid_jax.data import synthetic
+from persvid_jax.data import captions, synthetic
 
 TINY = synthetic.CONFIGS["tiny"]
 
@@ -203,7 +203,7 @@ def test_captions_are_coarse_but_oracle_is_precise():
   spread = np.ptp(np.stack([s.primary_rgb for s in big]), axis=0).max()
   assert spread > 0.3
   oracles = {synthetic.oracle_phrase(s) for s in subjects}
-  coarse = {synthetic._subject_phrases(s)[-1] for s in subjects}
+  coarse = {captions._subject_phrases(s)[-1] for s in subjects}
   # The coarsest phrase has at most shapes x patterns x colour words values.
   assert len(coarse) <= len(synthetic.SHAPES) * len(synthetic.PATTERNS) * 11
   assert len(oracles) > 0.95 * len(subjects) and len(coarse) < 0.4 * len(subjects)
