@@ -14,7 +14,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -39,6 +39,7 @@ from persvid_jax.pipeline import model as model_lib
 from persvid_jax.train import stages
 from persvid_jax.train import state as state_lib
 from persvid_jax.train import step as step_lib
+from persvid_jax.train import guards, warmstart
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def setup(config, mesh=None) -> Setup:
   names = stages.stage_networks(stage, config)
   if (stack_lib.VAE in names and not config.latent.get("random_vae", False)
       and not tc.get("init_from")):
-    raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {_VAE_FIX}")
+    raise model_lib.ModelError(f"config.latent.enabled needs a VAE: {warmstart.VAE_FIX}")
 
   # ---- Mesh ---------------------------------------------------------------
   mesh = check_mesh(config, mesh)
@@ -259,7 +260,7 @@ def setup(config, mesh=None) -> Setup:
   init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
   boxed_params = jax.eval_shape(lambda r: stack_lib.init_params(stack, names, r), init_rng)
   if stack_lib.VAE in names:
-    _check_vae_frozen(config, boxed_params)
+    warmstart.check_vae_frozen(config, boxed_params)
   tx = state_lib.make_optimizer(tc, nn.meta.unbox(boxed_params))
 
   def init_state(r):
@@ -272,7 +273,7 @@ def setup(config, mesh=None) -> Setup:
                train_step=step_lib.make_train_step(
                    loss_fn, tx, tc.ema_decay,
                    frozen=tuple(n for n in names if n == stack_lib.VAE),
-                   skip_nonfinite=_max_skips(tc) > 0, grad_clip_norm=tc.grad_clip_norm,
+                   skip_nonfinite=guards.max_skips(tc) > 0, grad_clip_norm=tc.grad_clip_norm,
                    trainable=state_lib.trainable_mask(nn.meta.unbox(boxed_params),
                                                       tc.trainable)),
                init_state=init_state, abstract_state=abstract_state,
@@ -312,7 +313,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
     state = s.create_state()
     if tc.get("init_from"):
       random_vae = stack_lib.latent_enabled(config) and config.latent.get("random_vae", False)
-      state = _init_from(state, tc.init_from, state_shards, random_vae=random_vae,
+      state = warmstart.init_from(state, tc.init_from, state_shards, random_vae=random_vae,
                          networks=tc.get("init_networks") or None)
     first_step = 0
 
@@ -342,7 +343,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   batch = first
   t0, steps_timed = time.perf_counter(), 0
   stop = _StopRequest()
-  skips = _SkipCounter(_max_skips(tc))
+  skips = guards.SkipCounter(guards.max_skips(tc))
   checked = None   # the last step's host metrics, once verified (fetched at most once)
   # The signal handlers stay until the run is wholly saved: a SIGTERM during the
   # final asynchronous save (or the result's write) only sets the flag, rather
@@ -358,7 +359,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         step += 1
         steps_timed += 1
         if step % tc.log_every_steps == 0 or step == tc.total_steps:
-          metrics_host = checked = _verified(metrics, skips, step, manager)
+          metrics_host = checked = guards.verified(metrics, skips, step, manager)
           rate = steps_timed / (time.perf_counter() - t0)
           lr = float(state_lib.learning_rate_schedule(tc)(step))
           writer.scalars(step, dict(metrics_host, steps_per_second=rate, learning_rate=lr))
@@ -371,7 +372,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if step % tc.checkpoint_every_steps == 0 or step == tc.total_steps:
           # A diverged state must never become the newest "good" checkpoint.
           if checked is None:
-            checked = _verified(metrics, skips, step, manager)
+            checked = guards.verified(metrics, skips, step, manager)
           ckpt_lib.save(manager, step, state, config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
           _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
@@ -388,7 +389,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
         if step > first_step:
           # A diverged state must never be force-saved: verified unless this
           # step's metrics already were (logged or saved just now).
-          fetched = checked if checked is not None else _verified(metrics, skips, step, manager)
+          fetched = (checked if checked is not None
+                     else guards.verified(metrics, skips, step, manager))
           metrics_host = metrics_host or fetched
         if manager.latest_step() != step:
           ckpt_lib.save(manager, step, state, config, force=True)
@@ -410,87 +412,6 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   return result
 
 
-def _verified(metrics: dict, skips: "_SkipCounter", step: int, manager) -> dict:
-  """``metrics`` (a dict of device scalars, shape ``()``) fetched to the host as floats,
-  after the checks every log and save step needs: the skip limit (``_SkipCounter``)
-  and finiteness (``_check_finite``). Raises ``FloatingPointError`` if either fails."""
-  host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  skips.check(step, manager)
-  _check_finite(host, step, manager)
-  return host
-
-
-def _max_skips(train_config) -> int:
-  """``config.train.max_nonfinite_skips`` (0, the default: stop at the first)."""
-  n = int(train_config.get("max_nonfinite_skips", 0) or 0)
-  if n < 0:
-    raise ValueError(f"config.train.max_nonfinite_skips={n} must be >= 0")
-  return n
-
-
-class _SkipCounter:
-  """Counts the steps the train step skipped (``metrics['skipped']``) on device,
-  so that nothing is fetched per step; checked when metrics are fetched."""
-
-  def __init__(self, limit: int):
-    self.limit, self.total, self.reported = limit, None, 0
-
-  def add(self, metrics) -> None:
-    if self.limit:
-      s = metrics["skipped"]
-      self.total = s if self.total is None else self.total + s
-
-  def check(self, step: int, manager) -> None:
-    """Warns about newly skipped steps; raises past the limit (like ``_check_finite``)."""
-    if not self.limit or self.total is None:
-      return
-    total = int(jax.device_get(self.total))
-    if total > self.reported:
-      log.warning("step %d: %d non-finite step(s) skipped so far in this run (limit %d, "
-                  "config.train.max_nonfinite_skips)", step, total, self.limit)
-      self.reported = total
-    if total > self.limit:
-      raise FloatingPointError(
-          f"training diverged: {total} steps up to step {step} had a non-finite loss or "
-          f"gradient, over config.train.max_nonfinite_skips={self.limit}; "
-          f"{_last_good(manager)}; lower config.train.learning_rate or "
-          "config.train.grad_clip_norm")
-
-
-def _finite_part(metrics: dict) -> dict:
-  """The metrics that must be finite: all of them, unless the step was skipped
-  (then its loss and norms are the bad step's, and the state did not take them)."""
-  if metrics.get("skipped", 0.0) > 0:
-    return {k: v for k, v in metrics.items() if k not in ("loss", "grad_norm")}
-  return metrics
-
-
-def _check_finite(metrics: dict, step: int, manager) -> None:
-  """Raises ``FloatingPointError`` (one line: the step, the values, the last good
-  checkpoint and what to do) if a metric of ``step`` is NaN or infinite.
-
-  Checked at every logged step and before every save. The loss is computed
-  before the update, so an infinite ``grad_norm`` (NaN params from now on)
-  counts too, unless the step was skipped (``_finite_part``; ``_SkipCounter``
-  counts those).
-  """
-  bad = {k: v for k, v in _finite_part(metrics).items() if not np.isfinite(v)}
-  if not bad:
-    return
-  values = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-  raise FloatingPointError(f"training diverged at step {step} ({values}); "
-                           f"{_last_good(manager)}; lower config.train.learning_rate or "
-                           "config.train.grad_clip_norm")
-
-
-def _last_good(manager) -> str:
-  """Where a diverged run resumes: its newest complete checkpoint (saves finished)."""
-  manager.wait_until_finished()
-  last = manager.latest_step()
-  return (f"the last good checkpoint is step {last} in {manager.directory}; rerunning "
-          "resumes there" if last is not None else "there is no checkpoint yet")
-
-
 def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, workdir, n):
   batch = _device_batch(eval_batch, keys, batch_shards)
   samples, target = jax.device_get(preview(state.ema_params, batch, rng))
@@ -499,72 +420,3 @@ def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, wo
   n = min(n, samples.shape[0])
   grid = media.video_grid(np.concatenate([target[:n], samples[:n]]), columns=n)
   media.save_gif(workdir / "samples" / f"step_{step:07d}.gif", grid, scale=4)
-
-
-def _check_vae_frozen(config, boxed_params) -> None:
-  """Latent space: no ``trainable`` pattern may reach the VAE (raises ValueError)."""
-  vae_only = {stack_lib.VAE: nn.meta.unbox(boxed_params[stack_lib.VAE])}
-  if any(jax.tree.leaves(state_lib.trainable_mask(vae_only, config.train.trainable))):
-    raise ValueError(f"config.train.trainable={tuple(config.train.trainable)} matches VAE "
-                     f"params; the VAE of latent space is frozen, leave 'vae/' out")
-
-
-_VAE_FIX = ("set config.train.init_from to a model holding one (python -m launch.convert "
-            "--kind vae --src VAE_DIR --out DIR), or config.latent.random_vae=True for a "
-            "toy/test config")
-
-
-def _init_from(state: state_lib.TrainState, init_from: str, state_shards, *,
-               random_vae: bool = False, networks: Sequence[str] | None = None):
-  """Copies params of the networks another run holds into a fresh state.
-
-  ``init_from`` is a training workdir (the EMA params of its latest
-  checkpoint, then along its own ``init_from`` chain), an exported model
-  directory (``model.safetensors``: fine-tune a shipped model) or a converted
-  one (``launch.convert``). Networks the source lacks keep their init; a
-  network whose shapes differ is refused. A latent-space stage takes its VAE
-  from there too; without one there, only ``config.latent.random_vae`` lets
-  it keep its seeded init.
-
-  ``networks`` (``config.train.init_networks``): copy only these (default every
-  network this stage holds), e.g. the frozen text encoder alone, so that an SR
-  network of another shape starts fresh beside the same conditions.
-  """
-  path = pathlib.Path(init_from)
-  if not model_lib.is_exported(path) and not (path / "checkpoints").is_dir():
-    raise FileNotFoundError(f"config.train.init_from={init_from!r} is no training workdir "
-                            f"(no checkpoints/) and no exported model (no "
-                            f"{model_lib.WEIGHTS_FILE})")
-  try:
-    # Along the init_from chain (a converted CLIP under a converted UNet, ...).
-    unknown = sorted(set(networks or ()) - set(state.params))
-    if unknown:
-      raise model_lib.ModelError(
-          f"config.train.init_networks names {unknown}, which this stage does not hold; "
-          f"use some of {sorted(state.params)}")
-    wanted = tuple(n for n in state.params if networks is None or n in networks)
-    _, source, _ = model_lib.collect_networks([path], fill_missing=False, networks=wanted)
-  except model_lib.ModelError as e:
-    if "holds no checkpoint" in str(e):
-      raise FileNotFoundError(f"config.train.init_from={init_from!r} holds no checkpoint "
-                              f"yet") from None
-    raise
-  params, ema = dict(state.params), dict(state.ema_params)
-  if stack_lib.VAE in params and stack_lib.VAE not in source and not random_vae:
-    raise model_lib.ModelError(f"config.train.init_from={init_from!r} holds no VAE for "
-                               f"latent space: {_VAE_FIX}")
-  for name in params:
-    if name not in source:
-      continue
-    want = jax.tree.map(lambda a: tuple(a.shape), params[name])
-    got = jax.tree.map(lambda a: tuple(np.shape(a)), dict(source[name]))
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-      raise model_lib.ModelError(
-          f"config.train.init_from={init_from!r}: network {name!r} there does not match "
-          f"this config's {name!r} (other parameter names or shapes); start from a run "
-          f"of the same architecture")
-    put = lambda old, new, s: jax.device_put(np.asarray(new, old.dtype), s)
-    params[name] = jax.tree.map(put, params[name], source[name], state_shards.params[name])
-    ema[name] = jax.tree.map(put, ema[name], source[name], state_shards.params[name])
-    log.info("init_from %s: %s", init_from, name)
-  return state.replace(params=params, ema_params=ema)

@@ -139,20 +139,20 @@ def test_sigkill_mid_async_save_orphans_no_worker_and_resumes_last_complete(tmp_
 def test_a_diverged_step_names_itself_and_the_last_good_checkpoint(tmp_path):
   """What the training loop calls at every logged step and before every save."""
   from persvid_jax import checkpoint as ckpt_lib
-  from persvid_jax.train import loop
+  from persvid_jax.train import guards
   manager = ckpt_lib.make_manager(tmp_path / "checkpoints", async_save=True)
   try:
     with pytest.raises(FloatingPointError, match=r"diverged at step 3 \(loss=nan\); there "
                                                  r"is no checkpoint yet"):
-      loop._check_finite({"loss": float("nan"), "grad_norm": 1.0}, 3, manager)
+      guards.check_finite({"loss": float("nan"), "grad_norm": 1.0}, 3, manager)
     ckpt_lib.save(manager, 4, {"w": np.ones(3, np.float32)})   # in flight when it raises
     with pytest.raises(FloatingPointError) as info:
       # The loss is computed before the update: an infinite gradient counts too.
-      loop._check_finite({"loss": 0.5, "grad_norm": float("inf")}, 7, manager)
+      guards.check_finite({"loss": 0.5, "grad_norm": float("inf")}, 7, manager)
     message = str(info.value)
     assert "diverged at step 7 (grad_norm=inf)" in message and "\n" not in message
     assert f"last good checkpoint is step 4 in {tmp_path / 'checkpoints'}" in message
-    loop._check_finite({"loss": 0.5, "grad_norm": 2.0}, 8, manager)   # finite: no error
+    guards.check_finite({"loss": 0.5, "grad_norm": 2.0}, 8, manager)   # finite: no error
   finally:
     manager.close()
 
@@ -165,7 +165,7 @@ def test_nonfinite_steps_are_skipped_by_config_up_to_a_limit(tmp_path):
   import jax.numpy as jnp
   import optax
   from persvid_jax import checkpoint as ckpt_lib
-  from persvid_jax.train import loop
+  from persvid_jax.train import guards
   from persvid_jax.train import state as state_lib
   from persvid_jax.train import step as step_lib
 
@@ -193,11 +193,11 @@ def test_nonfinite_steps_are_skipped_by_config_up_to_a_limit(tmp_path):
 
   # The loop's side: a skipped step's NaN loss is not a divergence; the count is.
   host = {k: float(v) for k, v in m.items()}
-  assert "loss" not in loop._finite_part(host)
+  assert "loss" not in guards.finite_part(host)
   manager = ckpt_lib.make_manager(tmp_path / "checkpoints", async_save=False)
   try:
-    loop._check_finite(loop._finite_part(host), 2, manager)         # no error
-    counter = loop._SkipCounter(limit=1)
+    guards.check_finite(guards.finite_part(host), 2, manager)         # no error
+    counter = guards.SkipCounter(limit=1)
     counter.add(m)
     counter.check(2, manager)                                        # 1 <= 1: a warning
     counter.add(m)
@@ -209,7 +209,7 @@ def test_nonfinite_steps_are_skipped_by_config_up_to_a_limit(tmp_path):
   finally:
     manager.close()
   with pytest.raises(ValueError, match="max_nonfinite_skips=-1"):
-    loop._max_skips(_train_config(max_nonfinite_skips=-1))
+    guards.max_skips(_train_config(max_nonfinite_skips=-1))
 
 
 def _train_config(**kw):

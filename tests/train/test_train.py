@@ -18,7 +18,7 @@ import pytest
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
 from persvid_jax.data import pipeline
-from persvid_jax.train import loop
+from persvid_jax.train import loop, warmstart
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -314,7 +314,7 @@ def test_init_from_an_exported_model(tmp_path):
   model_lib.export_model(exported, tmp_path / "model")
 
   s = loop.setup(config)
-  state = loop._init_from(s.create_state(), str(tmp_path / "model"), s.state_shards)
+  state = warmstart.init_from(s.create_state(), str(tmp_path / "model"), s.state_shards)
   for name in ("text_encoder", "sr_unet"):
     for got, want in zip(jax.tree.leaves(state.params[name]),
                          jax.tree.leaves(exported.params[name])):
@@ -327,7 +327,7 @@ def test_init_from_an_exported_model(tmp_path):
   assert config.sr_unet.spatial_kernel_size != 3
   model_lib.export_model(model_lib.random_model(other), tmp_path / "other")
   with pytest.raises(model_lib.ModelError, match="'sr_unet' there does not match"):
-    loop._init_from(s.create_state(), str(tmp_path / "other"), s.state_shards)
+    warmstart.init_from(s.create_state(), str(tmp_path / "other"), s.state_shards)
 
 
 def test_subject_loss_weight_reads_the_mask_and_reweights():
