@@ -38,12 +38,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import os
 import pathlib
 import re
-import time
 from typing import Any
 
 import jax
@@ -51,11 +49,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from persvid_jax import atomic, config_lib
+from persvid_jax import atomic
+from persvid_jax.concepts import dblock
 from persvid_jax.concepts.bank import ConceptBank
+from persvid_jax.concepts.dblock import LOCK_FILE, DatabaseError, check_writable
+
+# Re-exported from dblock: callers use ``database`` alone (catch ``DatabaseError``,
+# ``check_writable`` before loading a model).
+__all__ = ["LOCK_FILE", "MAX_NAME_LENGTH", "ConceptDatabase", "ConceptRecord", "DatabaseError",
+           "check_writable", "describe", "validate_name"]
 
 MANIFEST_VERSION = 1
-LOCK_FILE = ".lock"
 LOCK_TIMEOUT_S = 10.0     # a write takes ~1 s; a longer wait means a stuck writer
 MAX_NAME_LENGTH = 32
 # Names appear in prompts as <name>: ASCII letters, digits, '_' and '-',
@@ -68,10 +72,6 @@ MAX_NAME_LENGTH = 32
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # Reserved: <image> (target-image mode) and the raw placeholders <c0>...
 _RESERVED_RE = re.compile(r"^(image|c[0-9]+)$", re.IGNORECASE)
-
-
-class DatabaseError(ValueError):
-  """A user-level problem with a database or a concept (message says what to do)."""
 
 
 def validate_name(name: str) -> str:
@@ -151,87 +151,6 @@ def _check_consistent(bank: ConceptBank, manifest: dict) -> None:
     raise _Damaged("the bank holds non-finite features")
 
 
-def _not_writable(directory: pathlib.Path, error: OSError) -> DatabaseError:
-  """The one-line ``DatabaseError`` for an ``OSError`` while writing ``directory``."""
-  where = f" ({error.filename})" if error.filename else ""
-  reason = error.strerror or type(error).__name__
-  return DatabaseError(f"database {directory} is not writable: {reason}{where}; use a "
-                       "writable directory for --db, or fix its permissions")
-
-
-def check_writable(directory: str | os.PathLike) -> None:
-  """Raises ``DatabaseError`` unless a database can be written at ``directory``.
-
-  Cheap and writes nothing: callers run it before loading a model, so a
-  ``--db`` that is a file, lies under a file, or is read-only (``chmod``,
-  ``chattr +i``) is refused at once rather than after the photos are encoded.
-  The write lock repeats the check for real (``_write_lock``).
-  """
-  directory = pathlib.Path(directory)
-  if directory.exists():
-    if not directory.is_dir():
-      raise DatabaseError(f"database {directory} is a file, not a directory; give a "
-                          "directory for the database (it is created if absent)")
-    # What a write touches: the lock file, the directory (concepts.json is
-    # replaced there) and steps/ (Orbax renames each new step into it).
-    for path in (directory / LOCK_FILE, directory, directory / "steps"):
-      if path.exists() and not os.access(path, os.W_OK):
-        raise DatabaseError(f"database {directory} is not writable ({path}); use a "
-                            "writable directory for --db, or fix its permissions")
-    return
-  # A new database: its nearest existing ancestor must be a writable directory.
-  parent = config_lib.nearest_existing(directory.parent)
-  if not parent.is_dir():
-    raise DatabaseError(f"database {directory} cannot be created: {parent} is a file, not "
-                        "a directory")
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise DatabaseError(f"database {directory} cannot be created: {parent} is not "
-                        "writable")
-
-
-@contextlib.contextmanager
-def _write_lock(directory: pathlib.Path, timeout: float):
-  """Holds the database's write lock: an exclusive ``flock`` on ``DIR/.lock``.
-
-  Non-blocking attempts every 50 ms for ``timeout`` seconds, then
-  ``DatabaseError`` naming the holder's pid (written into the file by each
-  holder). The lock dies with its process, so a killed writer cannot leave
-  the database locked. A directory or lock file that cannot be written is a
-  ``DatabaseError`` too (nothing has been written at that point).
-  """
-  try:
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-  except FileExistsError:     # mkdir: a file where the directory belongs
-    raise DatabaseError(f"database {directory} is a file, not a directory; give a "
-                        "directory for the database (it is created if absent)") from None
-  except NotADirectoryError:  # mkdir: a file where a parent directory belongs
-    raise DatabaseError(f"database {directory} cannot be created: a part of its path is a "
-                        "file, not a directory") from None
-  except OSError as e:
-    raise _not_writable(directory, e) from None
-  try:
-    deadline = time.monotonic() + timeout
-    while True:
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        break
-      except BlockingIOError:
-        if time.monotonic() >= deadline:
-          holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-          raise DatabaseError(f"database {directory} is being written by another process "
-                              f"(pid {holder}); retry when it has finished") from None
-        time.sleep(0.05)
-    try:
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError as e:
-      raise _not_writable(directory, e) from None
-    yield
-  finally:
-    os.close(fd)          # releases the lock
-
-
 class ConceptDatabase:
   """A concept database directory (see module docstring).
 
@@ -288,7 +207,7 @@ class ConceptDatabase:
     bank = jax.tree.map(np.asarray, ConceptBank.from_config(config))
     db = cls(directory, bank, {}, feature_id, -1, keep)
     if commit:
-      with _write_lock(directory, db.lock_timeout):
+      with dblock.write_lock(directory, db.lock_timeout):
         if cls.exists(directory):     # another process was quicker
           raise DatabaseError(f"{directory} already holds a concept database; open it "
                               "instead")
@@ -458,7 +377,7 @@ class ConceptDatabase:
     Returns the new step. The versions after this one stay on disk until
     ``keep`` newer ones push them out.
     """
-    with _write_lock(self.directory, self.lock_timeout):
+    with dblock.write_lock(self.directory, self.lock_timeout):
       self._commit()
     return self.step
 
@@ -469,7 +388,7 @@ class ConceptDatabase:
     Another process may have committed since this state was loaded; a change
     computed on the stale state would silently drop that process's work.
     """
-    with _write_lock(self.directory, self.lock_timeout):
+    with dblock.write_lock(self.directory, self.lock_timeout):
       self._sync()
       yield
 
@@ -507,7 +426,7 @@ class ConceptDatabase:
           manifest=ocp.args.JsonSave(self.manifest())))
       manager.wait_until_finished()
     except OSError as e:   # e.g. a read-only steps/: Orbax fails before its rename
-      raise _not_writable(self.directory, e) from None
+      raise dblock.not_writable(self.directory, e) from None
     finally:
       manager.close()
     self.step = step
