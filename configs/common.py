@@ -54,7 +54,7 @@ def unet_config(**overrides) -> ml_collections.ConfigDict:
 TRAINABLE = {
     "base": ("^text_encoder/", "^unet/"),
     "sr": ("^sr_unet/",),
-    # Claim 9: mapper + extractor + the generator's detail attention; the
+    # Personalize stage: mapper + extractor + the generator's detail attention; the
     # text encoder's placeholder rows would be a further option.
     "personalize": ("^mapper/", "^extractor/", "^unet/.*_detail/"),
 }
@@ -170,7 +170,7 @@ def base_config(name: str, *, bf16: bool = False, stage: str = "base", swap_at: 
       ref_tokens=2,          # K: pseudo-words per concept
       detail_tokens=4,       # N: detail tokens per concept
       swap_at=swap_at,       # 'input' | 'output'
-      # Claim 6: stored + target-image detail tokens -> 'concat' (2N tokens) |
+      # Detail fusion: stored + target-image detail tokens -> 'concat' (2N tokens) |
       # 'mean' | 'weighted' (fusion_weight * stored + (1 - w) * extracted).
       fusion="concat", fusion_weight=0.5,
       subject_fill=0.4,      # share of a reference crop's side the subject spans

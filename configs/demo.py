@@ -3,7 +3,7 @@
 Sized so that the whole recipe (base -> personalize -> SR) trains in hours
 on a 2-core CPU and in minutes on one GPU: 8 frames of 16x16 at the base
 scale, 32x32 after the SR network, whose spatial kernel is 5x5 where the base network's is 3x3
-(claim 7). Data: ``persvid_synthetic/demo`` rendered on the fly by the numpy
+(the kernel change). Data: ``persvid_synthetic/demo`` rendered on the fly by the numpy
 renderer (no TFDS build, no TensorFlow: trains on a GPU box as it is).
 
 Launch (the shipped model's stages ran in pieces, resumed with a longer

@@ -15,7 +15,7 @@ parameter table, 1411.23 M for the base generator.
 
 Variants: ``bf16``, ``detail=0`` (plain ModelScope layout), ``swap_at=...``,
 ``sr_kernel=K`` and ``sr_dilation=D`` (the SR network's spatial kernel; default
-3 at dilation 2, the base network's is 3 at dilation 1: claim 7),
+3 at dilation 2, the base network's is 3 at dilation 1: the kernel change),
 ``attention=auto|xla|cudnn`` (default auto: cuDNN's fused attention on a CUDA GPU).
 """
 

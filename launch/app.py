@@ -1,4 +1,4 @@
-"""The web UI (claims 13-14): one button per stored concept, a text box, Generate.
+"""The web UI: one button per stored concept, a text box, Generate.
 
   python -m launch.app [--host 127.0.0.1] [--port 7860] [--db DIR] [--model DIR]
       [--steps N] [--sr-steps N] [--max-upload-mb 10] [--out-dir DIR]

@@ -12,7 +12,7 @@ measures). The default config is ``modelscope`` at the issue's shapes (a GPU job
 ``bash launch/bench_gpu.sh``); ``--config tiny`` runs on a CPU in seconds.
 ``--count`` runs nothing: it counts the FLOPs of train / denoise256 / denoise512
 from the lowered programs (and, with ``--peer``, the peer's on torch's meta
-device) and prints what issue 8's targets ask in ms, TFLOP/s and MFU, in about a
+device) and prints what the targets (docs/benchmarks.md) ask in ms, TFLOP/s and MFU, in about a
 minute on a CPU at the full ModelScope size. ``--aot CARD`` compiles the same
 three programs for that GPU without one (jax's CUDA plugin, ``pip install
 'jax[cuda12]'``, no GPU or driver; ``persvid_jax/bench/aot.py``) and prints whether
@@ -47,7 +47,7 @@ def _parse(argv):
                  "denoise256, denoise512)")
   p.add_argument("--count", action="store_true",
                  help="count FLOPs only (no weights, no device; --peer: the peer's too) and "
-                 "print what issue 8's targets ask of each row")
+                 "print what the targets (docs/benchmarks.md) ask of each row")
   p.add_argument("--aot", metavar="CARD",
                  help="compile train / denoise256 / denoise512 for this GPU without one "
                  "(h100, h200, a100; needs jax's CUDA plugin) and report memory and kernels")

@@ -1,4 +1,4 @@
-"""Manage a concept database (claim 8: photos -> subject -> features -> database).
+"""Manage a concept database (photos -> subject -> features -> database).
 
   python -m launch.concepts add    --db DIR --name NAME --images IMG [IMG ...] [--masks M ...]
   python -m launch.concepts list    --db DIR [--json] [--step N]

@@ -1,4 +1,4 @@
-"""Generate a personalized video (any of the six modes of SPEC §1).
+"""Generate a personalized video (any of the six modes, docs/design.md).
 
   python -m launch.generate --db DIR --prompt "a <NAME> moving left on grass" --out v.mp4
   python -m launch.generate --db DIR --prompt "a <NAME> ..." --image photo.jpg --out v.gif

@@ -1,4 +1,4 @@
-"""The UI of claims 13-14: one button per stored concept, a text box, a video.
+"""The UI: one button per stored concept, a text box, a video.
 
 Two layers:
 
@@ -58,7 +58,7 @@ _USER_ERRORS = (db_lib.DatabaseError, images.ImageError, gen.GenerationError, Mo
 
 
 def match_typed_names(prompt: str, names: Sequence[str]) -> tuple[str, list[str]]:
-  """Claim 14: a stored concept's name typed as a plain word selects the concept.
+  """A stored concept's name typed as a plain word selects the concept.
 
   ``"a sub1 on snow"`` with a stored ``sub1`` becomes ``"a <sub1> on snow"``.
   Whole words only, case-insensitive, the longest name first (so ``dog_2``
@@ -77,7 +77,7 @@ def match_typed_names(prompt: str, names: Sequence[str]) -> tuple[str, list[str]
 
 
 def insert_concept(prompt: str, name: str) -> str:
-  """Claim 13: the button of concept ``name`` puts ``<name>`` into the prompt.
+  """The button of concept ``name`` puts ``<name>`` into the prompt.
 
   An empty prompt becomes ``"a <name>"``; otherwise ``<name>`` is appended
   unless the prompt already names it.
@@ -183,7 +183,7 @@ class Studio:
 
   def generate(self, prompt: str, image_path: str | None = None, image_role: str = "target",
                seed: int = 0, progress: bool = True) -> Generated:
-    """Generates one video (any mode of SPEC §1) and writes it as MP4.
+    """Generates one video (any of the six modes) and writes it as MP4.
 
     Raises the library's user errors (unknown concept, unreadable image, ...)
     before any sampling.

@@ -1,8 +1,8 @@
 """The personalization database as a pytree, and the concept swap.
 
 ``ConceptBank`` holds, for each of ``C`` fixed slots, the concept's reference
-feature (``K`` pseudo-word tokens in text-embedding space, claim 2) and its
-detail feature (``N`` detail tokens, claim 5), plus a ``valid`` flag. The
+feature (``K`` pseudo-word tokens in text-embedding space: the concept swap) and its
+detail feature (``N`` detail tokens), plus a ``valid`` flag. The
 capacity is fixed and the arrays are plain leaves, so adding, replacing or
 removing a concept changes *values*, never shapes: a jitted generator that
 takes the bank as an argument compiles once for every bank content.
@@ -202,10 +202,10 @@ def encode_prompt(text_encoder: nn.Module, text_params: Any, token_ids: jax.Arra
                   override_mask: jax.Array | None = None,
                   override_slot: jax.Array | None = None
                   ) -> tuple[jax.Array, jax.Array]:
-  """Text encoding with the concepts' reference tokens swapped in (claim 2-4).
+  """Text encoding with the concepts' reference tokens swapped in (the concept swap).
 
   All modes are one graph: whether a row uses the bank, an override (the
-  image encoder/mapper tokens of a target image, claims 3-4), or nothing
+  image encoder/mapper tokens of a target image), or nothing
   (plain text, or an empty slot) is decided by masks on traced values; only
   ``swap_at`` (a config switch) and the presence of ``ref_override`` (a
   different signature) select code.

@@ -1,4 +1,4 @@
-"""Building a concept from photos (claim 8): recognise, encode, extract, store.
+"""Building a concept from photos: recognise, encode, extract, store.
 
 For each photo: the subject is segmented (``subject.segment_subject``, or a
 user mask) and cropped to the model's reference size; the image encoder +

@@ -5,13 +5,13 @@ One module for training (``train.stages``, the loop's previews), generation
 denoising probe (``evaluate.probe``), so that every caller conditions the
 networks the same way:
 
-* *reference tokens* (claims 3-4): the image encoder + mapper on the masked
+* *reference tokens*: the image encoder + mapper on the masked
   reference, ``[B, K, D]``;
-* *detail tokens* (claim 5): the extraction network on the reference and its
+* *detail tokens*: the extraction network on the reference and its
   mask, ``[B, N, Dd]`` (the learned null tokens for rows without an image);
-* the *concept swap* (claim 2): the text encoding with the concepts'
+* the *concept swap*: the text encoding with the concepts'
   reference tokens in place of their placeholders (``bank.encode_prompt``);
-* *detail fusion* (claim 6, ``config.concepts.fusion``): the stored and the
+* *detail fusion* (``config.concepts.fusion``): the stored and the
   extracted detail tokens combined; ``concat`` — side by side (``2N`` tokens;
   a row with only one source gets it twice, which is exactly attention to
   that source alone, since duplicated keys do not change a softmax-weighted
@@ -194,7 +194,7 @@ def personalization_conditions(ctx: Context, params, reference, reference_mask,
 def fuse_details(bank: bank_lib.ConceptBank, weights: jax.Array, extracted: jax.Array,
                  use_image: jax.Array, null: jax.Array, *, fusion: str,
                  fusion_weight: float) -> tuple[jax.Array, jax.Array]:
-  """Stored, extracted, fused or null detail tokens per row (claims 5, 6, 10-12).
+  """Stored, extracted, fused or null detail tokens per row (as each of the six modes asks).
 
   Args:
     bank: the ``ConceptBank`` (``detail_tokens [C, N, Dd]``, ``valid [C]``).
@@ -249,7 +249,7 @@ def generation_conditions(ctx: Context, params, bank: bank_lib.ConceptBank, inpu
   ids = inputs["ids"]
   b = ids.shape[0]
   image, image_mask = inputs["image"], inputs["image_mask"]
-  # Claims 2-4: the concepts' (or the target image's) reference tokens swapped in.
+  # The concept swap: the concepts' (or the target image's) reference tokens swapped in.
   image_ref = reference_tokens(ctx, params, image, image_mask)             # [B, K, D]
   context = swap_concepts(ctx, params, ids, bank, image_ref, inputs["ref_from_image"],
                           inputs["override_slot"])

@@ -1,6 +1,6 @@
 """Subject recognition: find the main subject of a user's photo, without pretrained weights.
 
-A concept is extracted from a reference photo of its subject (SPEC claim 8):
+A concept is extracted from a reference photo of its subject (the concept database):
 the photo is segmented, and a square crop centred on the subject, with its
 mask, is what the concept encoder sees. No network is involved, so that
 recognition works before any model is trained, on any machine.

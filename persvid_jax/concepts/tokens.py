@@ -58,7 +58,7 @@ def _words(text: str) -> tuple[str, ...]:
 # The default word list. Grouped so that additions land where a reader looks.
 _SYNTHETIC_WORDS = (
     # colours and colour modifiers (captions are coarse on purpose: "a reddish
-    # striped star", the exact colour lives in the concept, see SPEC §3)
+    # striped star", the exact colour lives in the concept)
     _words("red green blue yellow orange purple pink white black gray grey brown "
            "cyan magenta teal violet gold golden silver beige navy olive maroon "
            "turquoise lime indigo crimson colored coloured colorful colourful")

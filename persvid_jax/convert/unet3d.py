@@ -16,7 +16,7 @@ IP-Adapter practice: a new branch adds zero until training opens it):
 * a conv with **more input channels** (the SR network's ``conv_in`` sees the
   upsampled low-res video too): the checkpoint's kernel fills the first input
   channels, the extra ones are zero;
-* a conv with **larger spatial taps** (the SR network's 5x5 kernels, claim 7):
+* a conv with **larger spatial taps** (the SR network's 5x5 kernels: the cascade's kernel change):
   the checkpoint's 3x3 kernel sits at the centre, zeros around -- the same
   function at dilation 1 (with dilation the taps spread: a start, not an
   identity).

@@ -35,7 +35,7 @@ _HUES = ((15, "reddish"), (40, "orangish"), (70, "yellowish"), (165, "greenish")
 def colour_name(rgb, detailed: bool = True) -> str:
   """Coarse words for a colour: ``'reddish'``, ``'light bluish'``, ``'grayish'``.
 
-  Deliberately lossy (SPEC §3): many colours share a name.
+  Deliberately lossy (the concept carries the rest): many colours share a name.
   """
   h, s, v = colorsys.rgb_to_hsv(*[float(c) for c in rgb])
   if s < 0.2:

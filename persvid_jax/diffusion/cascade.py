@@ -1,4 +1,4 @@
-"""Cascade sampling (claim 7): a low-res base video, then the SR network.
+"""The two-scale cascade: a low-res base video, then the SR network.
 
     base  = sample(base_denoise_fn)                        [B, T, H, W, C]
     up    = resize(base) per frame                         [B, T, H', W', C]

@@ -1,1 +1,1 @@
-"""Evaluation: subject fidelity against references (more metrics: issue 5)."""
+"""Evaluation: subject fidelity against references (metrics and ablations: docs/evaluation.md)."""

@@ -12,7 +12,7 @@ compared with the reference crop's subject:
   silhouette does), averaged over frames.
 
 These are the coarse, robust measures the demo prints; ``evaluate/`` grows
-the ground-truth metrics of SPEC §4 on top.
+the ground-truth metrics of ``groundtruth`` on top.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Ground-truth metrics on ``persvid_synthetic`` subjects (SPEC §4), no learned judge.
+"""Ground-truth metrics on ``persvid_synthetic`` subjects, no learned judge.
 
 A generated video is scored against what the prompt asked for, which the
 renderer knows exactly: the subject's parameters (``synthetic.Subject``), the

@@ -7,7 +7,7 @@ own colour). A *variant* says how a case is prompted and generated; every
 variant runs every case under every seed (one batch per seed: the suite's
 spread is over seeds), and every video is scored by ``groundtruth``.
 
-Variants (``VARIANTS``; the method first, then the ablations of SPEC §4):
+Variants (``VARIANTS``; the method first, then the ablations of docs/evaluation.md):
 
 ==================  ==========================================================
 method              ``a <concept> moving right on snow``: cascade, stored detail

@@ -7,7 +7,7 @@ learned queries attend over the patches (Perceiver resampler) to give the
 detail tokens that enter the generator's decoupled cross-attention.
 
 Rows with ``has_image == False`` get the learned **null** detail tokens
-(claim 11: plain text, no concept). Selecting by mask instead of by Python
+(the text mode: plain text, no concept). Selecting by mask instead of by Python
 branch keeps all inference modes in one compiled graph. Masking the image to
 the subject is what keeps backgrounds out of the detail features (the recipe's
 "reference != target" lesson).

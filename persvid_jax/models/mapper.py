@@ -5,7 +5,7 @@ text encoder's embedding space: K learned queries attend over the pooled token
 and the patch tokens (a Perceiver-resampler stack), then a LayerNorm and a
 projection to the text width. These K tokens are what the concept swap writes
 into the prompt for a concept (stored in the bank at registration, or computed
-on the fly from a target image, claims 3-4).
+on the fly from a target image).
 """
 
 from __future__ import annotations

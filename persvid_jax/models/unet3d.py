@@ -26,7 +26,7 @@ Differences from diffusers, all deliberate:
   * Decoupled detail cross-attention (IP-Adapter style, ``to_k_detail`` /
     ``to_v_detail`` in each spatial ``attn2``) when ``detail_cross_attention``.
   * The spatial convs of the resnets (``conv1``/``conv2``) take the config's
-    kernel size and dilation (claim 7: the SR network uses another one).
+    kernel size and dilation (the cascade's kernel change: the SR network uses another one).
   * SR variant: the upsampled low-res video is concatenated on channels before
     ``conv_in`` and a noise-augmentation level is embedded like a timestep
     (``noise_level_embedding``) and added to the time embedding.

@@ -1,4 +1,4 @@
-"""Generation in all six modes of SPEC §1 from one compiled graph.
+"""Generation in all six modes (docs/design.md) from one compiled graph.
 
 A ``Request`` (prompt, optional image and its role) is *resolved* on the host
 against the concept database into per-row switches; the device sees only
@@ -11,9 +11,9 @@ mode                  prompt            reference tokens     detail tokens
 concept               ``<name>``        bank slot            stored (bank)
 concept+target        ``<name>`` + img  image -> mapper      fused(stored, image)
 target                ``<image>`` + img image -> mapper      image
-concept+scene         ``<name>`` + img  bank slot            image (whole, claim 10)
-text                  plain             --                   learned null (claim 11)
-text+scene            plain + img       --                   image (whole, claim 12)
+concept+scene         ``<name>`` + img  bank slot            image (whole)
+text                  plain             --                   learned null
+text+scene            plain + img       --                   image (whole)
 ====================  ================  ===================  =======================
 
 Per-row inputs (``GenerationInputs``): the token ids with ``<ci>``
@@ -23,11 +23,11 @@ mapped tokens replace), ``detail_weights [B, C]`` (the stored detail tokens
 mixed in: the concepts of the prompt, equally) and ``use_image_detail``.
 
 The conditions themselves (reference and detail tokens, the concept swap,
-detail fusion of claim 6) are ``concepts.conditioning``'s, shared with training.
+detail fusion) are ``concepts.conditioning``'s, shared with training.
 
 Sampling: classifier-free guidance with separate text and detail scales on
 the base network (three branches in one batched call), then the SR network on
-the upsampled, noise-augmented base video (claim 7), conditioned on the same
+the upsampled, noise-augmented base video (the two-scale cascade), conditioned on the same
 semantic feature. A latent-space model samples both scales as VAE latents
 (``config.video``) and decodes them per frame at the end (``Generator._pixels``):
 outputs are pixels either way.
@@ -54,7 +54,7 @@ from persvid_jax.models.stack import base_denoise_fn, sr_denoise_fn
 MODES = ("concept", "concept+target", "target", "concept+scene", "text", "text+scene")
 IMAGE_ROLES = ("target", "scene")
 FUSIONS = conditioning.FUSIONS
-# Which detail tokens reach the network (ablations of claims 5-6): "auto" is
+# Which detail tokens reach the network (the detail-token ablations): "auto" is
 # the method (per mode, fused where both exist); the others restrict it.
 DETAIL_SOURCES = ("auto", "stored", "image", "off")
 IMAGE_TOKEN = "image"
@@ -132,7 +132,7 @@ def concept_names(prompt: str) -> list[str]:
 
 def request_mode(prompt: str, concepts: dict[str, int], *, has_image: bool,
                  image_role: str = "target") -> tuple[str, tuple]:
-  """The mode of SPEC §1 a prompt (+ optional image) asks for, without any work.
+  """The mode (of the six) a prompt (+ optional image) asks for, without any work.
 
   The UI shows it live while the user types; ``resolve`` uses it too.
 
@@ -314,7 +314,7 @@ class Generator:
     fusion: 'concat' | 'mean' | 'weighted' (default ``config.concepts.fusion``).
     detail_source: ``DETAIL_SOURCES`` (ablations; 'auto' is the method).
     cascade: True (the method): base network, then SR. False samples the
-      base network directly at the SR resolution (the ablation of claim 7:
+      base network directly at the SR resolution (the no-cascade ablation:
       its 3x3 kernels tuned for small frames, run on large ones).
   """
 

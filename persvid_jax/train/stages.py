@@ -5,7 +5,7 @@
 (b) ``sr``: the higher-resolution generator, conditioned on the base-size
     video upsampled back and noise-augmented at a random level (so that at
     inference it tolerates the base network's imperfect samples).
-(c) ``personalize``: patent claim 9. The caption with the subject's words
+(c) ``personalize``: the training recipe's last stage. The caption with the subject's words
     replaced by ``<c0>`` is encoded; the *reference* image (the same subject
     in another pose and background, masked to the subject) goes through the
     image encoder and the mapper, whose K tokens are swapped in for ``<c0>``;
@@ -229,7 +229,7 @@ def sr_loss(ctx: StageContext) -> LossFn:
 
 
 def personalize_loss(ctx: StageContext) -> LossFn:
-  """Stage (c): claim 9, see module docstring."""
+  """Stage (c), ``personalize``: see the module docstring."""
   stack, c = ctx.stack, ctx.config
 
   def loss_fn(params, batch, rng):
