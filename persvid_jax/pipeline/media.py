@@ -157,12 +157,14 @@ def contact_sheet(rows, *, scale: int = 4, pad: int = 2,
 
 # Label text: Pillow's built-in font at this pixel size (no font files needed).
 _LABEL_PX = 12
+#: Height of the label band above each contact-sheet row (pixels, final size).
+LABEL_BAND_PX = _LABEL_PX + 6
 
 
 def _label_band(text: str, width: int, *, left: int) -> np.ndarray:
-  """uint8 ``[_LABEL_PX + 6, width, 3]``: ``text`` in black on white, cut to fit."""
+  """uint8 ``[LABEL_BAND_PX, width, 3]``: ``text`` in black on white, cut to fit."""
   font = ImageFont.load_default(size=_LABEL_PX)
-  band = Image.new("RGB", (width, _LABEL_PX + 6), (255, 255, 255))
+  band = Image.new("RGB", (width, LABEL_BAND_PX), (255, 255, 255))
   draw = ImageDraw.Draw(band)
   while text and draw.textlength(text, font=font) > width - 2 * left:
     text = text[:-2] + "…"
