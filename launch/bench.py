@@ -8,8 +8,9 @@
       [--hlo-dir DIR] [--gpus N --fsdp F]
 
 Prints a markdown table (``persvid_jax/bench`` says what each column
-measures). The default config is ``modelscope`` at the issue's shapes (a GPU job:
-``bash launch/bench_gpu.sh``); ``--config tiny`` runs on a CPU in seconds.
+measures). The default config is ``modelscope`` at the reference shapes of
+docs/benchmarks.md (a GPU job: ``bash launch/bench_gpu.sh``); ``--config tiny`` runs
+on a CPU in seconds.
 ``--count`` runs nothing: it counts the FLOPs of train / denoise256 / denoise512
 from the lowered programs (and, with ``--peer``, the peer's on torch's meta
 device) and prints what the targets (docs/benchmarks.md) ask in ms, TFLOP/s and MFU, in about a
@@ -96,15 +97,9 @@ def main(argv=None) -> int:
   # Deferred: jax reads JAX_PLATFORMS / XLA_PYTHON_CLIENT_PREALLOCATE, set above, at import.
   from persvid_jax import bench
   from persvid_jax.bench import aot
-  compile_only = args.count or args.aot
   try:
     config = config_lib.load_config(args.config)
-    which = args.which or ",".join(bench.PEER_WORKS if compile_only else bench.DEFAULT_WORKS)
-    works = bench.parse_works(which)
-    if compile_only and set(works) - set(bench.PEER_WORKS):
-      raise bench.BenchError(f"--{'count' if args.count else 'aot'} takes "
-                             f"{', '.join(bench.PEER_WORKS)} only, not "
-                             f"{', '.join(sorted(set(works) - set(bench.PEER_WORKS)))}")
+    works = bench.parse_works(args.which, "count" if args.count else "aot" if args.aot else None)
     shapes = bench.default_shapes(config, batch=args.batch, frames=args.frames,
                                   size=args.size, text_len=args.text_len)
   except (config_lib.ConfigError, bench.BenchError) as e:

@@ -55,8 +55,8 @@ pipelines run with ``torch_dtype``); its train row keeps float32 weights under
 bf16 autocast (mixed precision, as ours).
 """
 
-from persvid_jax.bench.core import (CFG_BATCH, DEFAULT_WORKS, ISSUE_SHAPES, PEAK_TFLOPS, PEER_WORKS,
-                                    REFERENCE, TRAIN_BATCH, WORKS, BenchError, Row, Shapes,
+from persvid_jax.bench.core import (CFG_BATCH, DEFAULT_WORKS, PEAK_TFLOPS, PEER_WORKS, REFERENCE,
+                                    REFERENCE_SHAPES, TRAIN_BATCH, WORKS, BenchError, Row, Shapes,
                                     bench_unet_config, default_shapes, latent_side, parse_works,
                                     peak_tflops_of, row_shapes)
 from persvid_jax.bench.ours import (CONCEPT_NETWORKS, jit_denoise, ours_cascade,
@@ -67,7 +67,7 @@ from persvid_jax.bench.aot import aot_markdown, aot_report
 from persvid_jax.bench.attention import attention_ab, attention_cases, attention_markdown
 from persvid_jax.bench.runner import markdown, run
 
-__all__ = ["CFG_BATCH", "DEFAULT_WORKS", "ISSUE_SHAPES", "PEAK_TFLOPS", "PEER_WORKS",
+__all__ = ["CFG_BATCH", "DEFAULT_WORKS", "REFERENCE_SHAPES", "PEAK_TFLOPS", "PEER_WORKS",
            "REFERENCE", "TRAIN_BATCH", "WORKS", "BenchError", "Row", "Shapes",
            "bench_unet_config", "default_shapes", "latent_side", "parse_works", "peak_tflops_of",
            "row_shapes", "CONCEPT_NETWORKS", "jit_denoise", "ours_cascade",

@@ -31,7 +31,7 @@ REFERENCE = json.loads((pathlib.Path(__file__).parents[1] / "assets" / "bench_re
                        .read_text())
 
 
-ISSUE_SHAPES = REFERENCE["shapes"]
+REFERENCE_SHAPES = REFERENCE["shapes"]
 
 
 TRAIN_BATCH = 4
@@ -167,13 +167,24 @@ def row_shapes(shapes: Shapes) -> dict[str, str]:
   }
 
 
-def parse_works(text: str) -> tuple[str, ...]:
-  """``--which`` text (``"train,denoise256"``) -> the works; ``BenchError`` on unknown names."""
+def parse_works(text: str | None, compile_only: str | None = None) -> tuple[str, ...]:
+  """``--which`` text (``"train,denoise256"``) -> the works; ``BenchError`` on unknown names.
+
+  ``None`` gives the default works: every timed one but ``attention``, or, for a
+  ``compile_only`` mode (``"count"``, ``"aot"``: no device run), ``PEER_WORKS``,
+  the only works those take.
+  """
+  if text is None:
+    text = ",".join(PEER_WORKS if compile_only else DEFAULT_WORKS)
   works = tuple(w.strip() for w in text.split(",") if w.strip())
   unknown = [w for w in works if w not in WORKS]
   if unknown or not works:
     raise BenchError(f"--which {text!r}: unknown work {unknown or '(none)'}; use a "
                      f"comma-separated subset of {','.join(WORKS)}")
+  extra = sorted(set(works) - set(PEER_WORKS))
+  if compile_only and extra:
+    raise BenchError(f"--{compile_only} takes {', '.join(PEER_WORKS)} only, not "
+                     f"{', '.join(extra)}")
   return works
 
 

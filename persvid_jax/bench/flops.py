@@ -9,8 +9,8 @@ from typing import Callable, Sequence
 import jax
 
 from persvid_jax.bench import ours
-from persvid_jax.bench.core import (ISSUE_SHAPES, PEAK_TFLOPS, REFERENCE, Shapes, fmt, fmt_flops,
-                                    latent_side, row_shapes)
+from persvid_jax.bench.core import (PEAK_TFLOPS, REFERENCE, REFERENCE_SHAPES, Shapes, fmt,
+                                    fmt_flops, latent_side, row_shapes)
 from persvid_jax.bench.peer import peer_flops
 from persvid_jax.models import attention
 
@@ -56,15 +56,15 @@ def count_flops(config, shapes: Shapes, works: Sequence[str], *, peer: bool = Fa
   """
   peak = peak_tflops or PEAK_TFLOPS["H200"]
   labels = row_shapes(shapes)
-  at_issue = dataclasses.asdict(shapes) == ISSUE_SHAPES
+  at_reference = dataclasses.asdict(shapes) == REFERENCE_SHAPES
   rows = []
   for w in (w for w in ("denoise256", "denoise512", "train") if w in works):
     log(f"counting: {w} ...")
     row = dict(work=w, shape=labels[w], flops=ours_flops(config, shapes, w),
                peer_flops=peer_flops(config, shapes, w) if peer else None,
-               issue_tflop=REFERENCE["peer_h200"][w]["tflop"] if at_issue else None,
+               issue_tflop=REFERENCE["peer_h200"][w]["tflop"] if at_reference else None,
                target=None, target_ms=None, need_tflops=None, need_mfu=None)
-    if at_issue and row["flops"]:
+    if at_reference and row["flops"]:
       target = REFERENCE["targets"][w]
       what, target_ms = target["what"], target["ms"]
       if target.get("min_mfu"):   # the MFU floor may ask for less time than the ms target

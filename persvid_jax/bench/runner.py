@@ -10,8 +10,9 @@ import jax
 from persvid_jax import records, xla_options
 from persvid_jax.bench import ours
 from persvid_jax.bench.attention import attention_ab, attention_markdown
-from persvid_jax.bench.core import (ISSUE_SHAPES, PEER_WORKS, REFERENCE, WORKS, BenchError, Row, Shapes,
-                                    fmt, fmt_bytes, fmt_flops, latent_side, peak_tflops_of, row_shapes)
+from persvid_jax.bench.core import (PEER_WORKS, REFERENCE, REFERENCE_SHAPES, WORKS, BenchError, Row,
+                                    Shapes, fmt, fmt_bytes, fmt_flops, latent_side, peak_tflops_of,
+                                    row_shapes)
 from persvid_jax.bench.flops import ours_flops
 from persvid_jax.bench.peer import Peer, peer_compile_default
 from persvid_jax.models import attention
@@ -46,7 +47,7 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
   rows = {w: Row(work=w, shape=labels.get(w, "")) for w in WORKS
           if w in works and w != "attention"}
   reference = None
-  if dataclasses.asdict(shapes) == ISSUE_SHAPES:
+  if dataclasses.asdict(shapes) == REFERENCE_SHAPES:
     reference = REFERENCE["peer_h200"]
   result = dict(device=str(device), device_kind=kind, platform=device.platform,
                 peak_tflops=peak, config=config.get("name", "?"), dtype=str(config.dtype),
@@ -164,7 +165,8 @@ def markdown(result: dict) -> str:
     if (r.get("extra") or {}).get("error"):
       notes.append(f"- {r['work']}: ours failed: {r['extra']['error']}")
   lines += ["", "ratio = best peer ms / ours ms (> 1: ours is faster). FLOPs: counted "
-            "from our lowered program, attention as matmuls (as --count). peak mem: the device's high-water mark after the row "
+            "from our lowered program, attention as matmuls (as --count). peak mem: the device's "
+            "high-water mark after the row "
             "(n/a on CPU). compile s: ours, AOT lower + compile (cascade / concept: first "
             "call minus a warm call). peer H200 ref ms: the peer's eager / torch.compile "
             "times measured on an H200 (torch 2.11, diffusers 0.42.1, bf16 autocast; "

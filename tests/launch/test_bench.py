@@ -92,7 +92,7 @@ def test_bad_input_exits_2(args, message):
 def test_default_shapes_are_the_issues_for_modelscope():
   config = config_lib.load_config("modelscope")
   shapes = bench.default_shapes(config)
-  assert dataclasses.asdict(shapes) == bench.ISSUE_SHAPES
+  assert dataclasses.asdict(shapes) == bench.REFERENCE_SHAPES
   assert bench.row_shapes(shapes)["denoise512"] == "2x16x64x64x4, text 77x1024"
   assert bench.peak_tflops_of("NVIDIA H100 80GB HBM3") == 989.0
   assert bench.peak_tflops_of("cpu") is None
@@ -144,7 +144,7 @@ def test_count_flops_cli_runs_nothing_and_matches_the_peer(tmp_path):
   # The same network counted by XLA and by torch: within 10 % (XLA leaves out
   # the multiplies with a convolution's zero padding, torch counts them).
   assert 0.9 < row["flops"] / row["peer_flops"] < 1.1, row
-  assert row["target"] is None          # targets exist at the issue's shapes only
+  assert row["target"] is None          # targets exist at the reference shapes only
 
 
 def test_count_flops_targets_at_the_issues_shapes(monkeypatch):
