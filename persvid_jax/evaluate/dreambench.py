@@ -1,4 +1,4 @@
-"""The DreamBench protocol over ``../shared/dreambench``: subjects x prompt templates.
+"""The DreamBench protocol over a DreamBench folder (subjects x prompt templates).
 
 For each subject a concept is built from its real photos (subject
 recognition, the model's encoders, a concept database in a temporary
@@ -31,7 +31,6 @@ from persvid_jax.concepts import images
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import media
 
-DEFAULT_ROOT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "dreambench"
 LIVE_CLASSES = ("cat", "dog")
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -82,8 +81,9 @@ def _prompt_lists(text: str) -> tuple[list[str], list[str]]:
   return lists[0], lists[1]
 
 
-def load(root: str | pathlib.Path = DEFAULT_ROOT) -> DreamBench:
-  """Reads the subject table, the prompt lists and the photos under ``root``.
+def load(root: str | pathlib.Path) -> DreamBench:
+  """Reads the subject table, the prompt lists and the photos under ``root``
+  (``config.dreambench.root`` of ``configs/eval.py``: ``../shared/dreambench``).
 
   Raises:
     DreamBenchError: ``root`` or its table is missing, or a subject has no photos.
