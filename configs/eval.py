@@ -33,6 +33,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
       seeds=(0, 1) if tiny else (0, 1, 2), photos=2, photo_size=96,
       # 0: the model config's sampler steps.
       steps=2 if tiny else 0, sr_steps=1 if tiny else 0, world_seed=0,
+      # None: the model config's CFG scales (diffusion.guidance_text / _detail).
+      guidance_text=None, guidance_detail=None,
       # 'final': score the cascade's videos; 'base': the base network's, at its size.
       scale="final"))
   config.variants = ("method", "removed")

@@ -59,6 +59,15 @@ from persvid_jax.pipeline import media
 SCALES = ("final", "base")
 
 
+def _optional_float(value) -> float | None:
+  """A config value that may be None (the model's own) as a float or None."""
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"{value!r} is not a number; give a CFG scale such as 5.0")
+  return float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
   """Sizes of the suite.
@@ -70,6 +79,8 @@ class SuiteConfig:
     photos: rendered photos per concept.
     photo_size: their size (px).
     steps, sr_steps: sampler steps (None: the model config's).
+    guidance_text, guidance_detail: CFG scales (None: the model config's
+      ``diffusion.guidance_text`` / ``guidance_detail``).
     world_seed: the ``persvid_synthetic`` world.
     scale: which videos are scored: 'final' (the cascade's output) or 'base'
       (the base network's, at its own size: where a subject's shape has to
@@ -83,6 +94,8 @@ class SuiteConfig:
   photo_size: int = 96
   steps: int | None = None
   sr_steps: int | None = None
+  guidance_text: float | None = None
+  guidance_detail: float | None = None
   world_seed: int = 0
   scale: str = "final"
 
@@ -106,6 +119,11 @@ class SuiteConfig:
       value = getattr(self, name)
       if value is not None and value < 1:
         raise ValueError(f"{name}={value}; use at least 1 (or 0 for the model config's)")
+    for name in ("guidance_text", "guidance_detail"):
+      value = getattr(self, name)
+      if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}={value}; use a finite scale >= 0 (or None for the model "
+                         "config's)")
 
   @classmethod
   def from_config(cls, c) -> "SuiteConfig":
@@ -113,7 +131,10 @@ class SuiteConfig:
     return cls(subjects=int(c.subjects), prompts=int(c.prompts),
                seeds=tuple(int(s) for s in c.seeds), photos=int(c.photos),
                photo_size=int(c.photo_size), steps=c.get("steps") or None,
-               sr_steps=c.get("sr_steps") or None, world_seed=int(c.get("world_seed", 0)),
+               sr_steps=c.get("sr_steps") or None,
+               guidance_text=_optional_float(c.get("guidance_text")),
+               guidance_detail=_optional_float(c.get("guidance_detail")),
+               world_seed=int(c.get("world_seed", 0)),
                scale=str(c.get("scale", "final")))
 
 
@@ -343,7 +364,9 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
       key = variant.model
       if key not in dbs:
         dbs[key] = _database(model, cases, pathlib.Path(tmp) / f"db_{key}")
-        generators[key] = gen.Generator(model, steps=cfg.steps, sr_steps=cfg.sr_steps)
+        generators[key] = gen.Generator(model, steps=cfg.steps, sr_steps=cfg.sr_steps,
+                                        text_scale=cfg.guidance_text,
+                                        detail_scale=cfg.guidance_detail)
       db, generator = dbs[key], generators[key]
       concepts = {n: r.slot for n, r in db.concepts.items()}
       bank = db.bank
@@ -458,6 +481,10 @@ def markdown(result: Mapping[str, Any]) -> str:
   cfg = result["config"]
   scored = (" Scored: the base network's videos (`scale=base`), before the SR network."
             if cfg.get("scale") == "base" else "")
+  sampler = {k: cfg.get(k) for k in ("steps", "sr_steps", "guidance_text", "guidance_detail")
+             if cfg.get(k) is not None}
+  if sampler:   # what differs from the model config's sampler
+    scored += " Sampler: " + ", ".join(f"{k} {v}" for k, v in sampler.items()) + "."
   lines = [f"{cfg['subjects']} held-out subjects x {cfg['prompts']} prompts x "
            f"{len(cfg['seeds'])} seeds per row; mean ± std over seeds.{scored}", "",
            "| variant | " + " | ".join(h for _, h in _COLUMNS) + " | what |",

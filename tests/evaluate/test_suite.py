@@ -1,6 +1,8 @@
 """``evaluate.suite``: the variants and the claims' verdicts."""
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from persvid_jax.evaluate import suite
 
@@ -69,3 +71,18 @@ def test_base_scale_scores_the_base_networks_videos(micro_model):
   assert "before the SR network" in suite.markdown(result)
   with pytest.raises(ValueError, match="use one of final, base"):
     suite.SuiteConfig(scale="sr")
+
+
+def test_guidance_scales_reach_the_videos_and_the_table(micro_model, tmp_path):
+  sheets = {}
+  for scale in (0.0, 8.0):
+    cfg = suite.SuiteConfig(subjects=1, seeds=(0,), steps=2, sr_steps=1, guidance_text=scale,
+                            guidance_detail=scale)
+    result = suite.run({None: micro_model}, cfg, ["method"], sheet_dir=tmp_path / str(scale))
+    sheets[scale] = np.asarray(Image.open(tmp_path / str(scale) / "method.png"))
+  # Same seed, same cases: only the CFG scales differ, and the videos with them.
+  assert sheets[0.0].shape == sheets[8.0].shape and not np.array_equal(sheets[0.0], sheets[8.0])
+  assert "guidance_text 8.0, guidance_detail 8.0" in suite.markdown(result)
+  for bad in (-1.0, float("nan")):
+    with pytest.raises(ValueError, match="use a finite scale >= 0"):
+      suite.SuiteConfig(guidance_text=bad)
