@@ -1,10 +1,15 @@
 """Draw the pictures of docs/ from what runs wrote: sheets side by side, loss curves, metric bars.
 
+Also ``verdicts``: the suite's rule (margin beyond the spread) for any pairs of
+variants of an evaluation, as a markdown table on stdout.
+
   python -m launch.figures sheets --results R.json --sheets DIR --variants method,no_cascade \\
       --cases 0,3 --frames 4 --out docs/images/x.png
   python -m launch.figures loss --run k5=W/sr4_k5 --run k3=W/sr4_k3 --out docs/images/loss.png
   python -m launch.figures metrics --results R.json --metric colour_error --metric shape_iou \\
       --out docs/images/metrics.png
+  python -m launch.figures verdicts --results R.json --pair method:sr_kernel3 \\
+      --metric single_instance --metric colour_error
 
 Inputs are ``launch.evaluate --out R.json --sheets DIR`` and training workdirs
 (their ``tb/`` events). Every PNG is kept under ``--max-kb`` (300: the docs' limit).
@@ -49,12 +54,18 @@ def main(argv=None) -> int:
   m.add_argument("--results", required=True, help="launch.evaluate's JSON")
   m.add_argument("--metric", action="append", required=True, help="a metric (repeat)")
   m.add_argument("--variants", type=_names, default=None, help="comma-separated (default all)")
+  v = sub.add_parser("verdicts", help="does A beat B beyond the spread? (markdown, stdout)")
+  v.add_argument("--results", required=True, help="launch.evaluate's JSON")
+  v.add_argument("--pair", action="append", required=True, help="A:B (repeat)")
+  v.add_argument("--metric", action="append", required=True, help="a metric (repeat)")
   for q in (s, l_, m):
     q.add_argument("--out", required=True, help="the PNG to write")
     q.add_argument("--title", default="", help="a title line")
     q.add_argument("--max-kb", type=_common.int_range(16, 10_000), default=300,
                    help="size limit of the PNG in KB")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.kind == "verdicts":
+    return _common.run(lambda: _verdicts(args))
   problem = _common.out_dir_problem(args.out)
   if problem:
     return _common.fail(problem)
@@ -86,6 +97,28 @@ def main(argv=None) -> int:
     return 0
 
   return _common.run(body)
+
+
+def _verdicts(args) -> int:
+  from persvid_jax.evaluate import figures, verdicts
+  try:
+    results = figures.load_results(args.results).get("variants") or {}
+  except figures.FigureError as e:
+    return _common.fail(str(e))
+  table = {}
+  for pair in args.pair:
+    a, sep, b = pair.partition(":")
+    missing = [n for n in (a, b) if results.get(n, {}).get("status") != "ok"]
+    if not sep or missing:
+      return _common.fail(f"--pair {pair!r}: use A:B of variants that ran "
+                          f"({', '.join(n for n, r in results.items() if r.get('status') == 'ok')})")
+    for metric in args.metric:
+      try:
+        table[f"pair/{a}/{b}/{metric}"] = verdicts.verdict(results, a, b, metric)
+      except (ValueError, KeyError) as e:
+        return _common.fail(f"--metric {metric!r}: {e}")
+  print(verdicts.verdict_table(table), end="")
+  return 0
 
 
 if __name__ == "__main__":

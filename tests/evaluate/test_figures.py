@@ -114,3 +114,21 @@ def test_launcher_writes_plots_and_refuses_bad_input(tmp_path, capsys):
     figures_launcher.main(["sheets", "--results", "r", "--sheets", ".", "--variants", "m",
                            "--frames", "0", "--out", str(tmp_path / "bad.png")])
   assert e.value.code == 2
+
+
+def test_verdicts_apply_the_suite_rule_to_any_pair(tmp_path, capsys):
+  variants = {"a": {"status": "ok", "metrics": {"single_instance": {"mean": 0.8, "std": 0.03},
+                                                "colour_error": {"mean": 0.20, "std": 0.02}}},
+              "b": {"status": "ok", "metrics": {"single_instance": {"mean": 0.7, "std": 0.04},
+                                                "colour_error": {"mean": 0.21, "std": 0.02}}}}
+  (tmp_path / "r.json").write_text(json.dumps({"variants": variants}))
+  assert figures_launcher.main(["verdicts", "--results", str(tmp_path / "r.json"), "--pair",
+                                "a:b", "--metric", "single_instance", "--metric",
+                                "colour_error"]) == 0
+  out = capsys.readouterr().out
+  # 0.1 > sqrt(0.03² + 0.04²) = 0.05: holds; colour 0.01 < 0.028: does not.
+  assert "| pair: a vs b | single_instance | 0.800 | 0.700 | +0.100 | 0.050 | yes |" in out
+  assert "| pair: a vs b | colour_error | 0.200 | 0.210 | +0.010 | 0.028 | no |" in out
+  assert figures_launcher.main(["verdicts", "--results", str(tmp_path / "r.json"), "--pair",
+                                "a:c", "--metric", "colour_error"]) == 2
+  assert "use A:B of variants that ran (a, b)" in capsys.readouterr().err
