@@ -143,6 +143,7 @@ def base_out(base):
 # 1. Shapes, dtypes, determinism.
 # ----------------------------------------------------------------------------
 
+@pytest.mark.slow   # two compiles per network (~30 s each); bf16 numerics stay in the fast lane below
 @pytest.mark.parametrize("kind", ["base", "sr"])
 def test_forward_float32_and_bfloat16(kind, request, tiny_bf16_config):
   setup = request.getfixturevalue(kind)

@@ -95,6 +95,7 @@ def test_base_stage_trains_on_latents_with_the_vae_frozen(base_run):
                                                        jax.tree.leaves(after["unet"])))
 
 
+@pytest.mark.slow   # needs the trained latent base stage (base_run, ~35 s)
 def test_sr_condition_is_the_base_target_upsampled(base_run):
   """The SR stage's low-res input is what the base stage trains the base network
   to produce (latents of the downsampled video), upsampled in latent space as
@@ -134,6 +135,7 @@ def exported(tmp_path_factory):
                                 tmp_path_factory.mktemp("latent") / "model")
 
 
+@pytest.mark.slow   # needs the trained latent base stage (base_run, ~35 s)
 def test_generator_samples_latents_and_decodes_pixels(exported):
   model = model_lib.load_model(exported)
   assert set(model.params) == set(stack_lib.NETWORKS + ("vae",))
@@ -149,6 +151,7 @@ def test_generator_samples_latents_and_decodes_pixels(exported):
     assert np.all(np.isfinite(v)) and np.abs(v).max() <= 1.0 and v.std() > 0
 
 
+@pytest.mark.slow   # needs the trained latent base stage (base_run, ~35 s)
 def test_a_model_without_its_vae(base_run, exported, tmp_path):
   """Toy config: the seeded VAE training used; otherwise a ModelError naming the fix."""
   _, before, *_ = base_run
@@ -166,6 +169,7 @@ def test_a_model_without_its_vae(base_run, exported, tmp_path):
     model_lib.load_model(exported)
 
 
+@pytest.mark.slow   # needs the trained latent base stage (base_run, ~35 s)
 def test_probe_measures_the_latent_base_network(exported):
   """The denoising probe in latent space: the ground truth goes through the
   VAE, the subject mask weighs latent cells by coverage."""

@@ -330,6 +330,7 @@ def test_init_from_an_exported_model(tmp_path):
     warmstart.init_from(s.create_state(), str(tmp_path / "other"), s.state_shards)
 
 
+@pytest.mark.slow   # compiles two train steps (~28 s)
 def test_subject_loss_weight_reads_the_mask_and_reweights():
   """``subject_loss_weight``: the stage reads the subject mask and the loss changes
   (1 = off: the keys and the loss are those of the plain mean)."""
