@@ -73,6 +73,7 @@ def test_base_scale_scores_the_base_networks_videos(micro_model):
     suite.SuiteConfig(scale="sr")
 
 
+@pytest.mark.slow   # two suite runs (~13 s)
 def test_guidance_scales_reach_the_videos_and_the_table(micro_model, tmp_path):
   sheets = {}
   for scale in (0.0, 8.0):

@@ -304,6 +304,7 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path):
     manager.close()
 
 
+@pytest.mark.slow   # builds and restores a train state (~13 s)
 def test_init_from_an_exported_model(tmp_path):
   """``config.train.init_from`` takes an exported model dir: the stage's networks
   start from its params; a model of another architecture is refused."""
