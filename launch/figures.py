@@ -31,8 +31,8 @@ def _indices(text: str) -> list[int]:
   try:
     return [int(t) for t in _names(text)]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a list of case numbers "
-                                             "like 0,3") from None
+    raise argparse.ArgumentTypeError(f"{text!r} is not a list of case numbers like 0,3"
+                                     ) from None
 
 
 def main(argv=None) -> int:

@@ -20,12 +20,11 @@ from PIL import Image
 from tensorboardX.proto import event_pb2
 
 from persvid_jax import atomic
+from persvid_jax.evaluate import groundtruth as gt
 from persvid_jax.pipeline import media
 
-# The geometry ``suite.evaluate`` draws its sheets with (``media.contact_sheet``).
-SHEET_SCALE, SHEET_PAD = 4, 2
-# Metrics by direction, for the plot's axis labels.
-LOWER_IS_BETTER = ("colour_error", "pattern_error", "instances")
+# A panel title's direction mark (``instances`` has none: exactly 1 is right).
+_ARROW = {True: "↑", False: "↓", None: "(1)"}
 
 
 class FigureError(ValueError):
@@ -47,7 +46,7 @@ def sheet_rows(path: str | os.PathLike, rows: int) -> list[np.ndarray]:
   except (OSError, ValueError) as e:
     raise FigureError(f"cannot read sheet {path}: {e}; give a PNG written by "
                       "launch.evaluate --sheets") from None
-  body = sheet.shape[0] - SHEET_PAD * SHEET_SCALE
+  body = sheet.shape[0] - media.SHEET_PAD * media.SHEET_SCALE
   if rows < 1 or body % rows:
     raise FigureError(f"sheet {path} ({sheet.shape[0]} px high) does not split into {rows} "
                       "rows; give the case count of the run that wrote it")
@@ -55,7 +54,7 @@ def sheet_rows(path: str | os.PathLike, rows: int) -> list[np.ndarray]:
   # Below its label band a row is a strip of square tiles, each ``(H + pad) * scale``
   # wide, after a ``2 * pad * scale`` margin: a wrong row count breaks that.
   tile = h - media.LABEL_BAND_PX
-  if tile <= 0 or (sheet.shape[1] - 2 * SHEET_PAD * SHEET_SCALE) % tile:
+  if tile <= 0 or (sheet.shape[1] - 2 * media.SHEET_PAD * media.SHEET_SCALE) % tile:
     raise FigureError(f"sheet {path} does not split into {rows} rows of square frames; give "
                       "the case count of the run that wrote it")
   return [sheet[i * h:(i + 1) * h] for i in range(rows)]
@@ -85,7 +84,7 @@ def side_by_side(sheets: Mapping[str, str | os.PathLike], rows: int, cases: Sequ
       row = loaded[name][c]
       if frames is not None:
         tile = row.shape[0] - media.LABEL_BAND_PX     # see sheet_rows
-        row = row[:, :2 * SHEET_PAD * SHEET_SCALE + (1 + frames) * tile]
+        row = row[:, :2 * media.SHEET_PAD * media.SHEET_SCALE + (1 + frames) * tile]
       blocks.append(row)
     blocks.append(np.full((12, blocks[-1].shape[1], 3), 255, np.uint8))   # gap between cases
   return np.concatenate(blocks[:-1], axis=0)
@@ -180,7 +179,7 @@ def metrics_plot(results: Mapping, metrics: Sequence[str], *,
         ax.axhline(reference[key][m], color="k", linestyle=style, linewidth=1,
                    label=key.replace("_", " "))
     ax.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
-    ax.set_title(f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}", fontsize=9)
+    ax.set_title(f"{m} {_ARROW[gt.HIGHER_IS_BETTER.get(m)]}", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
   handles, labels = axes[0][0].get_legend_handles_labels()
   if handles:   # below the panels, where no bar or title is

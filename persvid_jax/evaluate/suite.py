@@ -400,7 +400,7 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
         scores = [gt.score_video(v, c.target) for v, c in zip(videos, cases)]
         if sheet_dir is not None and seed == cfg.seeds[0]:
           sheet = media.contact_sheet([(c.photos[0], v) for c, v in zip(cases, videos)],
-                                      scale=4, labels=[f"{variant.name}: {r.prompt}"
+                                      labels=[f"{variant.name}: {r.prompt}"
                                                        for r in resolved])
           media.save_png(pathlib.Path(sheet_dir) / f"{variant.name}.png", sheet)
         for m in gt.METRICS:

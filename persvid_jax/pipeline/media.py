@@ -108,7 +108,12 @@ def save_video(path: str | os.PathLike, video, *, fps: float = 8.0, scale: int =
   raise ValueError(f"unknown video format {suffix!r} of {path}; use .mp4 or .gif")
 
 
-def contact_sheet(rows, *, scale: int = 4, pad: int = 2,
+#: Default pixel repetition and gap of ``contact_sheet`` (the evaluation sheets use
+#: them; ``evaluate.figures`` cuts those sheets back into rows with them).
+SHEET_SCALE, SHEET_PAD = 4, 2
+
+
+def contact_sheet(rows, *, scale: int = SHEET_SCALE, pad: int = SHEET_PAD,
                   labels: Sequence[str] | None = None) -> np.ndarray:
   """One row per video: its reference image (or a blank) beside every frame,
   each row under its label (e.g. the mode and the prompt) when ``labels`` is given.

@@ -13,7 +13,7 @@ import logging
 import jax
 import numpy as np
 
-log = logging.getLogger("persvid_jax.train.loop")
+log = logging.getLogger(__name__)
 
 
 def verified(metrics: dict, skips: "SkipCounter", step: int, manager) -> dict:

@@ -18,7 +18,7 @@ from persvid_jax.models import stack as stack_lib
 from persvid_jax.pipeline import model as model_lib
 from persvid_jax.train import state as state_lib
 
-log = logging.getLogger("persvid_jax.train.loop")
+log = logging.getLogger(__name__)
 
 
 def check_vae_frozen(config, boxed_params) -> None:

@@ -15,9 +15,9 @@ from persvid_jax.pipeline import media
 def _sheet(tmp_path, name, rows, seed):
   """An evaluation-style sheet (the suite's scale and pad): ``rows`` cases of 3 frames."""
   rng = np.random.default_rng(seed)
-  cases = [(rng.integers(0, 255, (8, 8, 3), np.uint8), rng.integers(0, 255, (3, 8, 8, 3), np.uint8))
-           for _ in range(rows)]
-  sheet = media.contact_sheet(cases, scale=figures.SHEET_SCALE, pad=figures.SHEET_PAD,
+  cases = [(rng.integers(0, 255, (8, 8, 3), np.uint8),
+            rng.integers(0, 255, (3, 8, 8, 3), np.uint8)) for _ in range(rows)]
+  sheet = media.contact_sheet(cases, scale=media.SHEET_SCALE, pad=media.SHEET_PAD,
                               labels=[f"{name}: case {i}" for i in range(rows)])
   media.save_png(tmp_path / f"{name}.png", sheet)
   return cases
@@ -26,7 +26,7 @@ def _sheet(tmp_path, name, rows, seed):
 def test_sheet_rows_recover_each_case(tmp_path):
   cases = _sheet(tmp_path, "method", 3, 0)
   rows = figures.sheet_rows(tmp_path / "method.png", 3)
-  s, p = figures.SHEET_SCALE, figures.SHEET_PAD
+  s, p = media.SHEET_SCALE, media.SHEET_PAD
   for (ref, video), row in zip(cases, rows):
     strip = row[media.LABEL_BAND_PX:]
     # The reference tile and the last frame, pixel-repeated by the scale.
@@ -49,8 +49,8 @@ def test_side_by_side_stacks_variants_per_case_and_cuts_frames(tmp_path):
   assert np.array_equal(full[:h], row_a[2]) and np.array_equal(full[h:2 * h], row_b[2])
   assert np.array_equal(full[2 * h + 12:3 * h + 12], row_a[0])
   cut = figures.side_by_side(sheets, 3, [1], frames=1)
-  tile = (8 + figures.SHEET_PAD) * figures.SHEET_SCALE
-  assert cut.shape[1] == 2 * figures.SHEET_PAD * figures.SHEET_SCALE + 2 * tile
+  tile = (8 + media.SHEET_PAD) * media.SHEET_SCALE
+  assert cut.shape[1] == 2 * media.SHEET_PAD * media.SHEET_SCALE + 2 * tile
   with pytest.raises(figures.FigureError, match="case 3 is out of range"):
     figures.side_by_side(sheets, 3, [3])
 
@@ -86,7 +86,8 @@ def test_launcher_writes_plots_and_refuses_bad_input(tmp_path, capsys):
   results = {"config": {"subjects": 3, "prompts": 1},
              "variants": {v: {"status": "ok", "metrics": {"colour_error": {"mean": m, "std": 0.01}}}
                           for v, m in (("method", 0.2), ("removed", 0.4))},
-             "reference": {"truth": {"colour_error": 0.05}, "other_subject": {"colour_error": 0.43}}}
+             "reference": {"truth": {"colour_error": 0.05},
+                           "other_subject": {"colour_error": 0.43}}}
   (tmp_path / "r.json").write_text(json.dumps(results))
   _sheet(tmp_path, "method", 3, 0)
   assert figures_launcher.main(["loss", "--run", f"x={tmp_path / 'run'}",
