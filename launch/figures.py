@@ -105,13 +105,12 @@ def _verdicts(args) -> int:
     results = figures.load_results(args.results).get("variants") or {}
   except figures.FigureError as e:
     return _common.fail(str(e))
+  ran = [n for n, r in results.items() if r.get("status") == "ok"]
   table = {}
   for pair in args.pair:
     a, sep, b = pair.partition(":")
-    missing = [n for n in (a, b) if results.get(n, {}).get("status") != "ok"]
-    if not sep or missing:
-      return _common.fail(f"--pair {pair!r}: use A:B of variants that ran "
-                          f"({', '.join(n for n, r in results.items() if r.get('status') == 'ok')})")
+    if not sep or a not in ran or b not in ran:
+      return _common.fail(f"--pair {pair!r}: use A:B of variants that ran ({', '.join(ran)})")
     for metric in args.metric:
       try:
         table[f"pair/{a}/{b}/{metric}"] = verdicts.verdict(results, a, b, metric)
