@@ -200,6 +200,46 @@ def _kind(op: str, rest: str) -> str:
   return op
 
 
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) \(.*\) -> .* \{$")
+_PARAM = re.compile(r"^\s*%(\S+) = .+? parameter\((\d+)\)")
+
+
+def _sliced_reads(hlo_text: str) -> dict[str, dict[int, int]]:
+  """``{computation: {parameter index: bytes}}`` for the parameters of fused
+  computations that are only read through ``slice``s: such a kernel reads the
+  slices, not the whole operand (e.g. one vector out of the train state's packed
+  buffer of vectors, ``train.packing``)."""
+  out: dict[str, dict[int, int]] = {}
+  name, params, users = None, {}, collections.defaultdict(list)
+  for line in hlo_text.splitlines():
+    if name is None:
+      m = _COMPUTATION.match(line)
+      if m:
+        name, params, users = m.group(1), {}, collections.defaultdict(list)
+      continue
+    if line.startswith("}"):
+      reads = {}
+      for pname, index in params.items():
+        uses = users.get(pname, [])
+        if uses and all(op == "slice" for op, _ in uses):
+          reads[index] = sum(b for _, b in uses)
+      if reads:
+        out[name] = reads
+      name = None
+      continue
+    p = _PARAM.match(line)
+    if p:
+      params[p.group(1)] = int(p.group(2))
+      continue
+    m = _INSTR.match(line)
+    if m:
+      _, shape, op, rest = m.groups()
+      for o in _operands(rest):
+        if o in params:
+          users[o].append((op, _shape_bytes(shape)))
+  return out
+
+
 def kernel_summary(hlo_text: str) -> dict[str, Any]:
   """What the entry computation of a compiled GPU program launches.
 
@@ -211,8 +251,10 @@ def kernel_summary(hlo_text: str) -> dict[str, Any]:
     the entry computation's instructions that launch work (fusions, custom calls,
     copies; not parameters, tuples or bitcasts); ``memory_bound_bytes`` sums the
     operand and result bytes of the elementwise / reduction fusions and copies,
-    the kernels whose time is their memory traffic.
+    the kernels whose time is their memory traffic (an operand the kernel only
+    slices counts with the bytes of its slices).
   """
+  sliced = _sliced_reads(hlo_text)
   entry = hlo_text[hlo_text.index("\nENTRY "):]
   sizes: dict[str, int] = {}
   by_kind: collections.Counter = collections.Counter()
@@ -228,7 +270,10 @@ def kernel_summary(hlo_text: str) -> dict[str, Any]:
     kind = _kind(op, rest)
     by_kind[kind] += 1
     if kind in ("elementwise / reduction", "copy / transpose"):
-      moved += sizes[name] + sum(sizes.get(o, 0) for o in _operands(rest))
+      calls = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None
+      reads = sliced.get(calls.group(1), {}) if calls else {}
+      moved += sizes[name] + sum(reads.get(i, sizes.get(o, 0))
+                                 for i, o in enumerate(_operands(rest)))
   return dict(kernels=int(sum(by_kind.values())), by_kind=dict(by_kind.most_common()),
               memory_bound_bytes=int(moved))
 
@@ -270,7 +315,7 @@ def _sharded_train(config, shapes: Shapes, devices, fsdp: int):
   mesh = sh.make_mesh(data=len(devices) // fsdp, fsdp=fsdp, devices=devices)
   train_step, state, batch, _ = ours.train_program(config, shapes, abstract=True)
   boxed = {"unet": ours.abstract_unet_params(ours.our_unet(config), shapes, boxed=True)}
-  shards = step_lib.state_shardings(state, boxed, mesh)
+  shards = step_lib.state_shardings(state, boxed, mesh, packing=train_step.packing)
   return step_lib.compile_train_step(train_step, state, shards, batch, mesh)
 
 

@@ -56,6 +56,47 @@ def test_kernel_summary_of_a_real_h100_program():
   assert s["memory_bound_bytes"] == 2 * 9216 + 8192 + 8192 + 20480
 
 
+SLICED = """HloModule m
+
+%wrapped_slice_computation.1 (param_0.1: f32[1000]) -> f32[320] {
+  %param_0.1 = f32[1000]{0} parameter(0)
+  ROOT %slice.1 = f32[320]{0} slice(%param_0.1), slice={[600:920]}
+}
+
+%fused_add (param_0.2: f32[1000], param_1.2: f32[320]) -> f32[320] {
+  %param_0.2 = f32[1000]{0} parameter(0)
+  %slice.2 = f32[320]{0} slice(%param_0.2), slice={[0:320]}
+  %param_1.2 = f32[320]{0} parameter(1)
+  ROOT %add.1 = f32[320]{0} add(%slice.2, %param_1.2)
+}
+
+%fused_neg (param_0.3: f32[1000]) -> f32[1000] {
+  %param_0.3 = f32[1000]{0} parameter(0)
+  ROOT %negate.1 = f32[1000]{0} negate(%param_0.3)
+}
+
+ENTRY %main (p0: f32[1000], p1: f32[320]) -> (f32[320], f32[320], f32[1000]) {
+  %p0 = f32[1000]{0} parameter(0)
+  %p1 = f32[320]{0} parameter(1)
+  %wrapped_slice.1 = f32[320]{0} fusion(%p0), kind=kLoop, calls=%wrapped_slice_computation.1
+  %loop_add_fusion = f32[320]{0} fusion(%p0, %p1), kind=kLoop, calls=%fused_add
+  %loop_neg_fusion = f32[1000]{0} fusion(%p0), kind=kLoop, calls=%fused_neg
+  ROOT %tuple = (f32[320]{0}, f32[320]{0}, f32[1000]{0}) tuple(%wrapped_slice.1, %loop_add_fusion, %loop_neg_fusion)
+}
+"""
+
+
+def test_a_sliced_operand_counts_the_bytes_of_its_slices():
+  """A kernel that slices a vector out of a big buffer (the train state's packed
+  vectors) moves the slice, not the buffer; one that reads the whole buffer moves it."""
+  assert aot._sliced_reads(SLICED) == {"wrapped_slice_computation.1": {0: 1280},
+                                       "fused_add": {0: 1280}}
+  s = aot.kernel_summary(SLICED)
+  assert s["kernels"] == 3
+  # slice: 1280 in + 1280 out; add: 1280 + 1280 in + 1280 out; negate: 4000 + 4000.
+  assert s["memory_bound_bytes"] == 2 * 1280 + 3 * 1280 + 2 * 4000
+
+
 def test_target_config_carries_the_card():
   text = aot.target_config(aot.CARDS["h200"], (9, 10, 0))
   assert text.count("{") == text.count("}")
