@@ -25,6 +25,7 @@ from persvid_jax.models.stack import inference_params
 from persvid_jax.models.unet3d import UNet3D
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import model as model_lib
+from persvid_jax.train import packing as packing_lib
 from persvid_jax.train import state as state_lib
 from persvid_jax.train import step as step_lib
 
@@ -120,7 +121,10 @@ def train_program(config, shapes: Shapes, abstract: bool = False):
   tc = ml_collections.ConfigDict(dict(
       trainable=("^unet/",), learning_rate=1e-4, warmup_steps=0, total_steps=1000,
       lr_min_ratio=1.0, weight_decay=0.0, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=1.0))
-  tx = state_lib.make_optimizer(tc, params)
+  # As the trainer runs it: the trainable vectors in one buffer (train.packing).
+  mask = state_lib.trainable_mask(params, tc.trainable)
+  packing = packing_lib.Packing.plan(params, mask)
+  tx = state_lib.make_optimizer(tc, params, packing=packing)
   schedule = schedules.from_config(config.diffusion)
 
   def loss_fn(p, batch, rng):
@@ -137,13 +141,14 @@ def train_program(config, shapes: Shapes, abstract: bool = False):
 
   train_step = step_lib.make_train_step(loss_fn, tx, ema_decay=0.999,
                                         grad_clip_norm=tc.grad_clip_norm,
-                                        trainable=state_lib.trainable_mask(params, tc.trainable))
+                                        trainable=packing.mask(mask), packing=packing)
   make_inputs = lambda: unet_inputs(shapes, shapes.batch, shapes.size, jax.random.key(3))
+  create = lambda p: state_lib.create_state(packing.pack(p), tx)
   if abstract:
-    state = jax.eval_shape(lambda p: state_lib.create_state(p, tx), params)
+    state = jax.eval_shape(create, params)
     x0, _, ctx = jax.eval_shape(make_inputs)
     return train_step, state, dict(x0=x0, context=ctx), jax.eval_shape(lambda: jax.random.key(4))
-  state = jax.jit(state_lib.create_state, static_argnums=1)(params, tx)
+  state = jax.jit(create)(params)
   x0, _, ctx = make_inputs()
   return train_step, state, dict(x0=x0, context=ctx), jax.random.key(4)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
 from persvid_jax import checkpoint as ckpt_lib
@@ -36,6 +37,7 @@ from persvid_jax.models import stack as stack_lib
 from persvid_jax.models.stack import ModelStack
 from persvid_jax.pipeline import media
 from persvid_jax.pipeline import model as model_lib
+from persvid_jax.train import packing as packing_lib
 from persvid_jax.train import stages
 from persvid_jax.train import state as state_lib
 from persvid_jax.train import step as step_lib
@@ -203,11 +205,25 @@ class Setup:
   init_rng: Any
   train_rng: Any
   sample_rng: Any
+  # The step's own state form: the trainable vectors in one buffer (train.packing).
+  # ``abstract_state`` / ``state_shards`` / ``create_state`` are the saved form
+  # (checkpoints, warm starts); ``step_state`` / ``saved_state`` convert.
+  packing: packing_lib.Packing
+  step_abstract_state: Any      # TrainState of ShapeDtypeStructs, packed
+  step_state_shards: Any        # TrainState of NamedShardings, packed
 
   def create_state(self):
-    """The initial TrainState, sharded on the mesh."""
+    """The initial TrainState (saved form), sharded on the mesh."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sh.LOGICAL_RULES):
       return jax.jit(self.init_state, out_shardings=self.state_shards)(self.init_rng)
+
+  def step_state(self, state):
+    """A saved-form state -> the form ``train_step`` takes (vectors packed)."""
+    return self.packing.pack_state(state)
+
+  def saved_state(self, state):
+    """The step's state -> the saved form (what checkpoints hold)."""
+    return self.packing.unpack_state(state)
 
 
 def check_mesh(config, mesh=None):
@@ -261,7 +277,10 @@ def setup(config, mesh=None) -> Setup:
   boxed_params = jax.eval_shape(lambda r: stack_lib.init_params(stack, names, r), init_rng)
   if stack_lib.VAE in names:
     warmstart.check_vae_frozen(config, boxed_params)
-  tx = state_lib.make_optimizer(tc, nn.meta.unbox(boxed_params))
+  params = nn.meta.unbox(boxed_params)
+  tx = state_lib.make_optimizer(tc, params)
+  trainable = state_lib.trainable_mask(params, tc.trainable)
+  packing = packing_lib.Packing.plan(params, trainable)
 
   def init_state(r):
     return state_lib.create_state(nn.meta.unbox(stack_lib.init_params(stack, names, r)), tx)
@@ -271,14 +290,16 @@ def setup(config, mesh=None) -> Setup:
   return Setup(config=config, mesh=mesh, tokenizer=tokenizer, stack=stack, ctx=ctx,
                loss_fn=loss_fn, tx=tx,
                train_step=step_lib.make_train_step(
-                   loss_fn, tx, tc.ema_decay,
+                   loss_fn, state_lib.make_optimizer(tc, params, packing=packing), tc.ema_decay,
                    frozen=tuple(n for n in names if n == stack_lib.VAE),
                    skip_nonfinite=guards.max_skips(tc) > 0, grad_clip_norm=tc.grad_clip_norm,
-                   trainable=state_lib.trainable_mask(nn.meta.unbox(boxed_params),
-                                                      tc.trainable)),
+                   trainable=packing.mask(trainable), packing=packing),
                init_state=init_state, abstract_state=abstract_state,
                state_shards=state_shards, batch_keys=stages.batch_keys(stage, config),
-               init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng)
+               init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng,
+               packing=packing,
+               step_abstract_state=packing.pack_like(abstract_state, packing.abstract_flat()),
+               step_state_shards=packing.pack_like(state_shards, NamedSharding(mesh, P())))
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = True
@@ -328,9 +349,10 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
 
   # ---- Compile ----------------------------------------------------------------
   compiled, compile_s = step_lib.compile_train_step(
-      s.train_step, ckpt_lib.abstract_with_shardings(abstract_state, state_shards),
-      state_shards, abstract_batch, mesh)
-  state = step_lib.place_state(compiled, state)
+      s.train_step, ckpt_lib.abstract_with_shardings(s.step_abstract_state,
+                                                     s.step_state_shards),
+      s.step_state_shards, abstract_batch, mesh)
+  state = step_lib.place_state(compiled, s.step_state(state))
   preview = _make_preview(stage, ctx, samplers.from_config(config.diffusion, schedule))
 
   # ---- Loop -------------------------------------------------------------------
@@ -373,9 +395,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
           # A diverged state must never become the newest "good" checkpoint.
           if checked is None:
             checked = guards.verified(metrics, skips, step, manager)
-          ckpt_lib.save(manager, step, state, config)
+          ckpt_lib.save(manager, step, s.saved_state(state), config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
-          _write_preview(preview, state, eval_batch, keys, batch_shards, sample_rng, step, workdir,
+          _write_preview(preview, s.saved_state(state), eval_batch, keys, batch_shards, sample_rng, step, workdir,
                          tc.preview_examples)
         if step < tc.total_steps:
           try:
@@ -393,7 +415,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
                      else guards.verified(metrics, skips, step, manager))
           metrics_host = metrics_host or fetched
         if manager.latest_step() != step:
-          ckpt_lib.save(manager, step, state, config, force=True)
+          ckpt_lib.save(manager, step, s.saved_state(state), config, force=True)
         log.warning("stopped by %s at step %d; checkpoint saved",
                     stop.signal or "a signal to another process", step)
     finally:

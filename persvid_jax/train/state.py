@@ -67,8 +67,13 @@ def learning_rate_schedule(train_config) -> optax.Schedule:
       warmup_steps=warmup, decay_steps=total, end_value=c.learning_rate * c.lr_min_ratio)
 
 
-def make_optimizer(train_config, params: Any) -> optax.GradientTransformation:
+def make_optimizer(train_config, params: Any, packing: Any = None
+                   ) -> optax.GradientTransformation:
   """AdamW on trainable leaves, zero updates elsewhere.
+
+  ``params``: the ``{network: tree}`` params (or their shapes); with ``packing``
+  (a ``packing.Packing`` of them) the optimizer is built for their packed form,
+  the buffer of trainable vectors trained like the leaves it holds.
 
   Global-norm clipping (``config.train.grad_clip_norm``) is the train step's
   (``step.make_train_step``), which computes the norm once for the clip and its
@@ -79,6 +84,8 @@ def make_optimizer(train_config, params: Any) -> optax.GradientTransformation:
   mask = trainable_mask(params, c.trainable)
   if not any(jax.tree.leaves(mask)):
     raise ValueError(f"config.train.trainable={tuple(c.trainable)} matches no parameter")
+  if packing:
+    mask = packing.mask(mask)
   adamw = optax.chain(
       optax.identity(),
       optax.adamw(learning_rate_schedule(c), b1=c.adam_b1, b2=c.adam_b2,

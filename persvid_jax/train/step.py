@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from persvid_jax import sharding as sh
 from persvid_jax import xla_options
+from persvid_jax.train import packing as packing_lib
 from persvid_jax.train import state as state_lib
 from persvid_jax.train.stages import LossFn
 
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                     ema_decay: float, frozen: tuple[str, ...] = (),
                     skip_nonfinite: bool = False, *, grad_clip_norm: float | None = None,
-                    trainable: Any = None) -> Callable:
+                    trainable: Any = None, packing: packing_lib.Packing | None = None
+                    ) -> Callable:
   """``train_step(state, batch, rng) -> (state, metrics)`` (pure; jit it).
 
   ``frozen``: networks no stage trains (the VAE of latent space); their EMA is
@@ -49,7 +51,15 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
   ``trainable`` leaves (a bool tree like the params; None: all). That norm is
   computed once, for the clip and the ``grad_norm`` metric both; frozen leaves'
   gradients are then never used, so XLA does not compute them.
+
+  ``packing``: the state is in its packed form (``packing.Packing.pack_state``:
+  the trainable vectors in one buffer); ``tx`` and ``trainable`` are then those
+  of the packed params (``state.make_optimizer(..., packing=)``,
+  ``packing.mask``), and ``loss_fn`` still sees the usual params.
   """
+  if packing:
+    unpacked_loss = loss_fn
+    loss_fn = lambda params, batch, rng: unpacked_loss(packing.unpack(params), batch, rng)
   update = make_update(tx, ema_decay, frozen, grad_clip_norm=grad_clip_norm,
                        trainable=trainable)
 
@@ -69,6 +79,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
                               ema_params=ema)
     return new_state, metrics
 
+  train_step.packing = packing   # the state form it takes (None: unpacked)
   return train_step
 
 
@@ -151,9 +162,17 @@ def shardings_like_params(tree: Any, params: Any, param_shards: Any, mesh: Mesh)
 
 
 def state_shardings(abstract_state: state_lib.TrainState, boxed_params: Any,
-                    mesh: Mesh) -> state_lib.TrainState:
-  """NamedShardings of a TrainState: params (and EMA, moments) per logical rules."""
+                    mesh: Mesh, packing: packing_lib.Packing | None = None
+                    ) -> state_lib.TrainState:
+  """NamedShardings of a TrainState: params (and EMA, moments) per logical rules.
+
+  ``boxed_params``: the usual ``{network: tree}`` params with their logical axes;
+  with ``packing`` the state is in its packed form, whose buffer of vectors is
+  replicated (biases and norm scales: a few MB in all).
+  """
   param_shards = sh.param_shardings(boxed_params, mesh)
+  if packing:
+    param_shards = packing.pack(param_shards, flat=NamedSharding(mesh, P()))
   params = abstract_state.params
   return state_lib.TrainState(
       step=NamedSharding(mesh, P()),

@@ -67,8 +67,10 @@ def test_overfit_one_batch(stage, steps, factor):
   batch = _host_batch(s, config)
   before = _fixed_loss(s, state.params, batch)
   step = jax.jit(s.train_step, donate_argnums=0)
+  state = s.step_state(state)
   for _ in range(steps):
     state, metrics = step(state, batch, s.train_rng)
+  state = s.saved_state(state)
   after = _fixed_loss(s, state.params, batch)
   assert np.isfinite(after)
   print(f"{stage}: fixed-draw loss {before:.4f} -> {after:.4f} ({before / after:.1f}x)")
@@ -121,9 +123,12 @@ def test_sharded_step_matches_single_device():
     shards = step_lib.batch_shardings(abstract_batch, mesh)
     batch = {k: jax.device_put(v, shards[k]) for k, v in batch.items()}
     compiled, _ = step_lib.compile_train_step(
-        s.train_step, ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shards),
-        s.state_shards, abstract_batch, mesh)
-    state, metrics = compiled(step_lib.place_state(compiled, state), batch, s.train_rng)
+        s.train_step,
+        ckpt_lib.abstract_with_shardings(s.step_abstract_state, s.step_state_shards),
+        s.step_state_shards, abstract_batch, mesh)
+    state, metrics = compiled(step_lib.place_state(compiled, s.step_state(state)), batch,
+                              s.train_rng)
+    state = s.saved_state(state)
     results.append((jax.device_get(state.params), jax.device_get(metrics), state))
   (p1, m1, _), (p8, m8, state8) = results
   # Parameters really are sharded over fsdp on the big mesh.

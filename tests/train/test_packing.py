@@ -1,0 +1,125 @@
+"""The train state's vectors in one buffer: the same training, fewer kernels.
+
+A packed step must compute what the unpacked one does (AdamW, clip, EMA and
+the skip guard are elementwise given the global norm), and the packed form must
+convert both ways for any state the trainer builds (params, EMA, moments).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from persvid_jax.train import packing as packing_lib
+from persvid_jax.train import state as state_lib
+from persvid_jax.train import step as step_lib
+
+
+def _params():
+  rng = np.random.default_rng(0)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return {"net": {"dense": {"kernel": f(4, 3), "bias": f(3)},
+                  "norm": {"scale": f(3), "bias": f(3)},
+                  "head": {"kernel": f(3, 2), "bias": f(2)}},
+          "frozen": {"dense": {"kernel": f(2, 2), "bias": f(2)}}}
+
+
+def _loss_fn(p, batch, rng):
+  n = p["net"]
+  h = jnp.tanh(batch["x"] @ n["dense"]["kernel"] + n["dense"]["bias"])
+  h = h * n["norm"]["scale"] + n["norm"]["bias"]
+  y = h @ n["head"]["kernel"] + n["head"]["bias"]
+  f = p["frozen"]["dense"]
+  loss = jnp.mean((y - batch["y"]) ** 2) + 1e-3 * jnp.sum(f["kernel"] @ f["bias"])
+  return loss, {"loss": loss}
+
+
+def _tc(clip):
+  return ml_collections.ConfigDict(dict(
+      trainable=("^net/",), learning_rate=0.05, warmup_steps=0, total_steps=10,
+      lr_min_ratio=1.0, weight_decay=0.01, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=clip))
+
+
+def test_plan_packs_the_trainable_float32_vectors_and_round_trips():
+  params = _params()
+  params["net"]["half"] = jnp.ones((5,), jnp.bfloat16)   # not float32: stays a leaf
+  mask = state_lib.trainable_mask(params, ("^net/",))
+  packing = packing_lib.Packing.plan(params, mask)
+  assert packing.paths == (("net", "dense", "bias"), ("net", "head", "bias"),
+                           ("net", "norm", "bias"), ("net", "norm", "scale"))
+  assert packing.size == 3 + 2 + 3 + 3
+  packed = packing.pack(params)
+  assert packed[packing_lib.PACKED].shape == (11,)
+  assert "bias" not in packed["net"]["dense"] and "kernel" in packed["net"]["dense"]
+  assert "bias" in packed["frozen"]["dense"]                # frozen: not packed
+  assert packed["net"]["half"].dtype == jnp.bfloat16
+  back = packing.unpack(packed)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0])
+def test_packed_steps_equal_unpacked_steps(clip):
+  """Three steps of the packed train state == three of the usual one (params,
+  moments, EMA, metrics), a frozen network untouched in both."""
+  params = _params()
+  tc = _tc(clip)
+  mask = state_lib.trainable_mask(params, tc.trainable)
+  packing = packing_lib.Packing.plan(params, mask)
+  tx = state_lib.make_optimizer(tc, params)
+  tx_packed = state_lib.make_optimizer(tc, params, packing=packing)
+  plain = jax.jit(step_lib.make_train_step(_loss_fn, tx, 0.9, grad_clip_norm=clip,
+                                           trainable=mask, skip_nonfinite=True))
+  packed = jax.jit(step_lib.make_train_step(_loss_fn, tx_packed, 0.9, grad_clip_norm=clip,
+                                            trainable=packing.mask(mask), packing=packing,
+                                            skip_nonfinite=True))
+  a = state_lib.create_state(params, tx)
+  b = packing.pack_state(a)
+  # The converted state is the one the packed optimizer would have made.
+  assert (jax.tree.structure(b) ==
+          jax.tree.structure(state_lib.create_state(packing.pack(params), tx_packed)))
+  rng = np.random.default_rng(1)
+  for i in range(3):
+    batch = {"x": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32),
+             "y": jnp.asarray(rng.standard_normal((8, 2)), jnp.float32)}
+    a, ma = plain(a, batch, jax.random.key(i))
+    b, mb = packed(b, batch, jax.random.key(i))
+    for k in ma:
+      np.testing.assert_allclose(ma[k], mb[k], rtol=1e-6, err_msg=k)
+  unpacked = packing.unpack_state(b)
+  assert jax.tree.structure(unpacked) == jax.tree.structure(a)
+  for x, y in zip(jax.tree.leaves(unpacked), jax.tree.leaves(a)):
+    np.testing.assert_allclose(x, y, rtol=2e-6, atol=1e-7)
+  np.testing.assert_array_equal(unpacked.params["frozen"]["dense"]["bias"],
+                                params["frozen"]["dense"]["bias"])
+  assert not np.allclose(unpacked.params["net"]["norm"]["scale"], params["net"]["norm"]["scale"])
+
+
+def test_packed_gradient_is_the_concatenated_vector_gradients():
+  params = _params()
+  packing = packing_lib.Packing.plan(params, state_lib.trainable_mask(params, ("^net/",)))
+  batch = {"x": jnp.ones((2, 4)), "y": jnp.zeros((2, 2))}
+  g = jax.grad(lambda p: _loss_fn(packing.unpack(p), batch, None)[0])(packing.pack(params))
+  ref = jax.grad(lambda p: _loss_fn(p, batch, None)[0])(params)
+  want = np.concatenate([np.ravel(packing_lib._get(ref, p)) for p in packing.paths])
+  np.testing.assert_allclose(g[packing_lib.PACKED], want, rtol=1e-6)
+  np.testing.assert_allclose(g["net"]["dense"]["kernel"], ref["net"]["dense"]["kernel"],
+                             rtol=1e-6)
+
+
+def test_shardings_of_the_packed_state_replicate_the_buffer():
+  """``state_shardings`` with a packing: the buffer (and its moments, its EMA)
+  replicated, every other leaf as without."""
+  from persvid_jax import sharding as sh
+  params = _params()
+  mask = state_lib.trainable_mask(params, ("^net/",))
+  packing = packing_lib.Packing.plan(params, mask)
+  tx = state_lib.make_optimizer(_tc(1.0), params, packing=packing)
+  abstract = jax.eval_shape(lambda p: state_lib.create_state(packing.pack(p), tx), params)
+  boxed = jax.tree.map(lambda x: x, params)   # no logical axes: every leaf replicated
+  mesh = sh.make_mesh(1, 1)
+  shards = step_lib.state_shardings(abstract, boxed, mesh, packing=packing)
+  assert jax.tree.structure(shards) == jax.tree.structure(abstract)
+  assert shards.params[packing_lib.PACKED].spec == jax.sharding.PartitionSpec()
