@@ -103,16 +103,20 @@ def _group_means(a: jax.Array, b: jax.Array, batch_dims: int, groups: int, count
   """Two ``[*batch, *outer, C]`` partial sums -> two ``[*batch, G]`` means over each
   group's ``count`` elements.
 
-  Over a whole video (``outer = [T]``) the pair is reduced together: XLA gives
-  two separate sums two kernels each (the group's channels, then the frames),
-  the pair one kernel (5 -> 4 kernels forward, 11 -> 8 with the gradient, for
-  an H200). Per frame, two sibling sums fuse with the statistics that follow
-  into one kernel, which the pair would not.
+  The pair is reduced together where XLA would give each sum kernels of its
+  own: over a whole video (``outer = [T]``: two kernels each, the group's
+  channels then the frames) and per frame from 32 channels a group (a
+  reduction kernel each). For an H200, a video GroupNorm forward 5 -> 4
+  kernels (11 -> 8 with its gradient), a per-frame one at 1280 channels 5 -> 4
+  (9 -> 8). Per frame with fewer channels a group, two sibling sums fuse with
+  the statistics that follow into one kernel, which the pair would not.
   """
   a = a.reshape(a.shape[:-1] + (groups, -1))
   b = b.reshape(b.shape[:-1] + (groups, -1))
   axes = tuple(range(batch_dims, a.ndim - 2)) + (a.ndim - 1,)
-  if len(axes) == 1:   # per frame: two sibling sums fuse with what follows (one kernel)
+  if len(axes) == 1 and a.shape[-1] < 32:
+    # Per frame, under a warp's width of channels a group: XLA sums such short
+    # rows in a loop, and two sibling sums fuse with the statistics that follow.
     return a.sum(axes) / count, b.sum(axes) / count
   zero = jnp.zeros((), a.dtype)
   sa, sb = jax.lax.reduce((a, b), (zero, zero), lambda p, q: (p[0] + q[0], p[1] + q[1]), axes)

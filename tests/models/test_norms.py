@@ -27,8 +27,9 @@ def _reference_group_norm(variables, x, groups, eps, batch_dims, silu):
 
 @pytest.mark.parametrize("batch_dims", [1, 2])
 @pytest.mark.parametrize("silu", [False, True])
-def test_group_norm_and_its_gradient_match_flax(batch_dims, silu):
-  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 6, 64)) * 3.0 + 1.5   # |mean| > std
+@pytest.mark.parametrize("channels", [64, 256])   # 8 and 32 a group: both ways of summing
+def test_group_norm_and_its_gradient_match_flax(batch_dims, silu, channels):
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 6, channels)) * 3.0 + 1.5   # |mean| > std
   layer = GroupNorm(8, epsilon=1e-6, batch_dims=batch_dims,
                     activation="silu" if silu else None)
   variables = layer.init(jax.random.key(1), x)
