@@ -96,7 +96,10 @@ class Packing:
   # ---- params-structured trees ----------------------------------------------
   def pack(self, tree: Any, flat: Any = None) -> dict:
     """``{network: tree}`` -> the packed form. ``flat``: the value to hold under
-    ``PACKED`` instead of the concatenation of the vectors (e.g. a sharding)."""
+    ``PACKED`` instead of the concatenation of the vectors (e.g. a sharding).
+    With nothing to pack (e.g. bf16 parameters) every form is the usual one."""
+    if not self:
+      return tree
     if flat is None:
       flat = jnp.concatenate([jnp.ravel(_get(tree, p)) for p in self.paths])
     out = _without(tree, set(self.paths))
@@ -106,6 +109,8 @@ class Packing:
   def unpack(self, packed: dict) -> dict:
     """The packed form -> ``{network: tree}`` (the vectors sliced out of the
     buffer; the gradient of this is one concatenation, see ``_slices``)."""
+    if not self:
+      return packed
     rest = {k: v for k, v in packed.items() if k != PACKED}
     return _with(rest, dict(zip(self.paths, _split(self, packed[PACKED]))))
 
@@ -116,6 +121,8 @@ class Packing:
 
   # ---- whole train states ---------------------------------------------------
   def _is_params(self, node: Any, packed: bool) -> bool:
+    if not self:
+      return False
     want = set(self.networks) | ({PACKED} if packed else set())
     return isinstance(node, dict) and set(node) == want
 

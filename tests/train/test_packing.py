@@ -60,6 +60,21 @@ def test_plan_packs_the_trainable_float32_vectors_and_round_trips():
     np.testing.assert_array_equal(a, b)
 
 
+def test_nothing_to_pack_leaves_every_form_as_it_is():
+  """bfloat16 parameters (or no trainable vector): the packed form is the usual one."""
+  params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _params())
+  mask = state_lib.trainable_mask(params, ("^net/",))
+  packing = packing_lib.Packing.plan(params, mask)
+  assert not packing
+  tx = state_lib.make_optimizer(_tc(1.0), params, packing=packing)
+  state = state_lib.create_state(params, tx)
+  for form in (packing.pack(params), packing.mask(mask), packing.unpack(params),
+               packing.pack_state(state), packing.unpack_state(state),
+               packing.pack_like(state, None)):
+    assert f"'{packing_lib.PACKED}'" not in str(jax.tree.structure(form))
+  assert jax.tree.structure(packing.pack_state(state)) == jax.tree.structure(state)
+
+
 @pytest.mark.parametrize("clip", [0.05, 100.0])
 def test_packed_steps_equal_unpacked_steps(clip):
   """Three steps of the packed train state == three of the usual one (params,
