@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
 
 from persvid_jax import checkpoint as ckpt_lib
@@ -287,6 +286,7 @@ def setup(config, mesh=None) -> Setup:
 
   abstract_state = jax.eval_shape(init_state, init_rng)
   state_shards = step_lib.state_shardings(abstract_state, boxed_params, mesh)
+  step_abstract_state = packing.pack_like(abstract_state, packing.abstract_flat())
   return Setup(config=config, mesh=mesh, tokenizer=tokenizer, stack=stack, ctx=ctx,
                loss_fn=loss_fn, tx=tx,
                train_step=step_lib.make_train_step(
@@ -298,8 +298,9 @@ def setup(config, mesh=None) -> Setup:
                state_shards=state_shards, batch_keys=stages.batch_keys(stage, config),
                init_rng=init_rng, train_rng=train_rng, sample_rng=sample_rng,
                packing=packing,
-               step_abstract_state=packing.pack_like(abstract_state, packing.abstract_flat()),
-               step_state_shards=packing.pack_like(state_shards, NamedSharding(mesh, P())))
+               step_abstract_state=step_abstract_state,
+               step_state_shards=step_lib.state_shardings(step_abstract_state, boxed_params,
+                                                          mesh, packing=packing))
 
 
 def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = True
@@ -397,8 +398,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
             checked = guards.verified(metrics, skips, step, manager)
           ckpt_lib.save(manager, step, s.saved_state(state), config)
         if tc.sample_every_steps and (step % tc.sample_every_steps == 0 or step == tc.total_steps):
-          _write_preview(preview, s.saved_state(state), eval_batch, keys, batch_shards, sample_rng, step, workdir,
-                         tc.preview_examples)
+          # The EMA alone leaves the packed form: the preview reads nothing else.
+          _write_preview(preview, s.packing.unpack(state.ema_params), eval_batch, keys,
+                         batch_shards, sample_rng, step, workdir, tc.preview_examples)
         if step < tc.total_steps:
           try:
             batch = next(train_iter)
@@ -434,9 +436,9 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   return result
 
 
-def _write_preview(preview, state, eval_batch, keys, batch_shards, rng, step, workdir, n):
+def _write_preview(preview, ema_params, eval_batch, keys, batch_shards, rng, step, workdir, n):
   batch = _device_batch(eval_batch, keys, batch_shards)
-  samples, target = jax.device_get(preview(state.ema_params, batch, rng))
+  samples, target = jax.device_get(preview(ema_params, batch, rng))
   if jax.process_index() != 0:
     return
   n = min(n, samples.shape[0])
