@@ -23,6 +23,8 @@ from persvid_jax import atomic
 from persvid_jax.evaluate import groundtruth as gt
 from persvid_jax.pipeline import media
 
+# A sheet's pad in pixels (the gap, pixel-repeated like the frames).
+_PAD_PX = media.SHEET_PAD * media.SHEET_SCALE
 # A panel title's direction mark (``instances`` has none: exactly 1 is right).
 _ARROW = {True: "↑", False: "↓", None: "(1)"}
 
@@ -46,7 +48,7 @@ def sheet_rows(path: str | os.PathLike, rows: int) -> list[np.ndarray]:
   except (OSError, ValueError) as e:
     raise FigureError(f"cannot read sheet {path}: {e}; give a PNG written by "
                       "launch.evaluate --sheets") from None
-  body = sheet.shape[0] - media.SHEET_PAD * media.SHEET_SCALE
+  body = sheet.shape[0] - _PAD_PX
   if rows < 1 or body % rows:
     raise FigureError(f"sheet {path} ({sheet.shape[0]} px high) does not split into {rows} "
                       "rows; give the case count of the run that wrote it")
@@ -54,7 +56,7 @@ def sheet_rows(path: str | os.PathLike, rows: int) -> list[np.ndarray]:
   # Below its label band a row is a strip of square tiles, each ``(H + pad) * scale``
   # wide, after a ``2 * pad * scale`` margin: a wrong row count breaks that.
   tile = h - media.LABEL_BAND_PX
-  if tile <= 0 or (sheet.shape[1] - 2 * media.SHEET_PAD * media.SHEET_SCALE) % tile:
+  if tile <= 0 or (sheet.shape[1] - 2 * _PAD_PX) % tile:
     raise FigureError(f"sheet {path} does not split into {rows} rows of square frames; give "
                       "the case count of the run that wrote it")
   return [sheet[i * h:(i + 1) * h] for i in range(rows)]
@@ -84,7 +86,7 @@ def side_by_side(sheets: Mapping[str, str | os.PathLike], rows: int, cases: Sequ
       row = loaded[name][c]
       if frames is not None:
         tile = row.shape[0] - media.LABEL_BAND_PX     # see sheet_rows
-        row = row[:, :2 * media.SHEET_PAD * media.SHEET_SCALE + (1 + frames) * tile]
+        row = row[:, :2 * _PAD_PX + (1 + frames) * tile]
       blocks.append(row)
     blocks.append(np.full((12, blocks[-1].shape[1], 3), 255, np.uint8))   # gap between cases
   return np.concatenate(blocks[:-1], axis=0)

@@ -400,8 +400,7 @@ def run(models: Mapping[str | None, Any], cfg: SuiteConfig,
         scores = [gt.score_video(v, c.target) for v, c in zip(videos, cases)]
         if sheet_dir is not None and seed == cfg.seeds[0]:
           sheet = media.contact_sheet([(c.photos[0], v) for c, v in zip(cases, videos)],
-                                      labels=[f"{variant.name}: {r.prompt}"
-                                                       for r in resolved])
+                                      labels=[f"{variant.name}: {r.prompt}" for r in resolved])
           media.save_png(pathlib.Path(sheet_dir) / f"{variant.name}.png", sheet)
         for m in gt.METRICS:
           per_seed[m].append(float(np.mean([s[m] for s in scores])))
