@@ -100,3 +100,43 @@ def test_layer_norm_uses_the_two_pass_variance():
   xd = np.asarray(x, np.float64)
   want = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-5)
   np.testing.assert_allclose(y, want, atol=2e-4)   # E[x^2] - E[x]^2: ~1e-2 here
+
+
+@pytest.mark.parametrize("dtype,mean", [(jnp.float32, 4.0), (jnp.float32, 300.0),
+                                        (jnp.bfloat16, 4.0)])
+def test_layer_norm_and_its_gradient_match_flax(dtype, mean):
+  """``attention.LayerNorm`` (written-out gradient) against ``nn.LayerNorm`` under
+  autodiff: the same parameters and forward, the same gradients (float32 inputs:
+  to float32 rounding, also where the mean is 150 standard deviations, where
+  unshifted one-pass statistics would cancel; bf16 inputs and output: to bf16
+  rounding)."""
+  x = (jax.random.normal(jax.random.key(0), (3, 5, 48)) * 2.0 + mean).astype(dtype)
+  ours = attention.LayerNorm(epsilon=1e-5, dtype=dtype)
+  flax_ln = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False)
+  variables = nn.meta.unbox(ours.init(jax.random.key(1), x))
+  assert jax.tree.structure(variables) == jax.tree.structure(flax_ln.init(jax.random.key(1), x))
+  variables = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape),
+                           variables)
+  f_ours = lambda v, x: ours.apply(v, x)
+  f_ref = lambda v, x: flax_ln.apply(v, x).astype(dtype)
+  y = f_ours(variables, x)
+  assert y.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(f_ref(variables, x),
+                                                                       np.float32))
+  w = jax.random.normal(jax.random.key(3), x.shape)
+  loss = lambda f: lambda v, x: jnp.sum(f(v, x).astype(jnp.float32) * w)
+  got = jax.grad(loss(f_ours), (0, 1))(variables, x)
+  want = jax.grad(loss(f_ref), (0, 1))(variables, x)
+  tol = 2e-5 if dtype == jnp.float32 else 1e-2
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=tol, atol=tol * float(np.abs(np.asarray(b, np.float32)).max()))
+
+
+def test_layer_norm_output_dtype_and_factory():
+  x = jnp.ones((2, 16), jnp.bfloat16)
+  assert attention.layer_norm(name="n").apply(
+      attention.layer_norm(name="n").init(jax.random.key(0), x), x).dtype == jnp.float32
+  ln = attention.LayerNorm(dtype=jnp.bfloat16)
+  assert ln.apply(ln.init(jax.random.key(0), x), x).dtype == jnp.bfloat16
