@@ -204,25 +204,54 @@ _COMPUTATION = re.compile(r"^%?([\w.\-]+) \(.*\) -> .* \{$")
 _PARAM = re.compile(r"^\s*%(\S+) = .+? parameter\((\d+)\)")
 
 
+def _elements(shape: str) -> tuple[int, int]:
+  """``(elements, bytes per element)`` of a one-array shape (``f32[4,8]{1,0}``)."""
+  m = _ARRAY.search(shape)
+  if not m or m.group(1) not in _DTYPE_BYTES:
+    return 0, 0
+  return int(np.prod([int(d) for d in m.group(2).split(",") if d])), _DTYPE_BYTES[m.group(1)]
+
+
+# Ops through which a kernel still reads only what the slices after them take.
+_PASS_THROUGH = {"convert", "bitcast", "reshape"}
+
+
 def _sliced_reads(hlo_text: str) -> dict[str, dict[int, int]]:
   """``{computation: {parameter index: bytes}}`` for the parameters of fused
-  computations that are only read through ``slice``s: such a kernel reads the
-  slices, not the whole operand (e.g. one vector out of the train state's packed
-  buffer of vectors, ``train.packing``)."""
+  computations that are only read through ``slice``s (possibly after a
+  ``convert``, ``bitcast`` or ``reshape`` of the whole operand, which a loop
+  kernel evaluates only where the slices read): such a kernel reads the slices,
+  not the whole operand (e.g. one vector or weight out of the train state's
+  packed buffer, ``train.packing``)."""
   out: dict[str, dict[int, int]] = {}
-  name, params, users = None, {}, collections.defaultdict(list)
+  name, params, users, shapes = None, {}, collections.defaultdict(list), {}
+
+  def read(node: str, elem_bytes: int) -> int | None:
+    total = 0
+    for op, user in users.get(node, []):
+      if op == "slice":
+        total += _elements(shapes[user])[0] * elem_bytes
+      elif op in _PASS_THROUGH:
+        sub = read(user, elem_bytes)
+        if sub is None:
+          return None
+        total += sub
+      else:
+        return None
+    return total if users.get(node) else None
+
   for line in hlo_text.splitlines():
     if name is None:
       m = _COMPUTATION.match(line)
       if m:
-        name, params, users = m.group(1), {}, collections.defaultdict(list)
+        name, params, users, shapes = m.group(1), {}, collections.defaultdict(list), {}
       continue
     if line.startswith("}"):
       reads = {}
       for pname, index in params.items():
-        uses = users.get(pname, [])
-        if uses and all(op == "slice" for op, _ in uses):
-          reads[index] = sum(b for _, b in uses)
+        b = read(pname, _elements(shapes[pname])[1])
+        if b is not None:
+          reads[index] = b
       if reads:
         out[name] = reads
       name = None
@@ -230,13 +259,14 @@ def _sliced_reads(hlo_text: str) -> dict[str, dict[int, int]]:
     p = _PARAM.match(line)
     if p:
       params[p.group(1)] = int(p.group(2))
+      shapes[p.group(1)] = line.split(" = ", 1)[1]
       continue
     m = _INSTR.match(line)
     if m:
-      _, shape, op, rest = m.groups()
+      iname, shape, op, rest = m.groups()
+      shapes[iname] = shape
       for o in _operands(rest):
-        if o in params:
-          users[o].append((op, _shape_bytes(shape)))
+        users[o].append((op, iname))
   return out
 
 
@@ -313,7 +343,8 @@ def _sharded_train(config, shapes: Shapes, devices, fsdp: int):
   state shardings from the logical axis rules, batch over data x fsdp) over
   ``devices``; returns ``(compiled, seconds)``."""
   mesh = sh.make_mesh(data=len(devices) // fsdp, fsdp=fsdp, devices=devices)
-  train_step, state, batch, _ = ours.train_program(config, shapes, abstract=True)
+  train_step, state, batch, _ = ours.train_program(config, shapes, abstract=True,
+                                                   pack_matrices=fsdp == 1)
   boxed = {"unet": ours.abstract_unet_params(ours.our_unet(config), shapes, boxed=True)}
   shards = step_lib.state_shardings(state, boxed, mesh, packing=train_step.packing)
   return step_lib.compile_train_step(train_step, state, shards, batch, mesh)

@@ -70,18 +70,28 @@ SLICED = """HloModule m
   ROOT %add.1 = f32[320]{0} add(%slice.2, %param_1.2)
 }
 
+%fused_cast (param_0.4: f32[1000]) -> (bf16[100], bf16[2,50]) {
+  %param_0.4 = f32[1000]{0} parameter(0)
+  %convert.1 = bf16[1000]{0} convert(%param_0.4)
+  %slice.3 = bf16[100]{0} slice(%convert.1), slice={[0:100]}
+  %slice.4 = bf16[100]{0} slice(%convert.1), slice={[500:600]}
+  %bitcast.1 = bf16[2,50]{1,0} bitcast(%slice.4)
+  ROOT %tuple.1 = (bf16[100]{0}, bf16[2,50]{1,0}) tuple(%slice.3, %bitcast.1)
+}
+
 %fused_neg (param_0.3: f32[1000]) -> f32[1000] {
   %param_0.3 = f32[1000]{0} parameter(0)
   ROOT %negate.1 = f32[1000]{0} negate(%param_0.3)
 }
 
-ENTRY %main (p0: f32[1000], p1: f32[320]) -> (f32[320], f32[320], f32[1000]) {
+ENTRY %main (p0: f32[1000], p1: f32[320]) -> (f32[320], f32[320], f32[1000], (bf16[100], bf16[2,50])) {
   %p0 = f32[1000]{0} parameter(0)
   %p1 = f32[320]{0} parameter(1)
   %wrapped_slice.1 = f32[320]{0} fusion(%p0), kind=kLoop, calls=%wrapped_slice_computation.1
   %loop_add_fusion = f32[320]{0} fusion(%p0, %p1), kind=kLoop, calls=%fused_add
   %loop_neg_fusion = f32[1000]{0} fusion(%p0), kind=kLoop, calls=%fused_neg
-  ROOT %tuple = (f32[320]{0}, f32[320]{0}, f32[1000]{0}) tuple(%wrapped_slice.1, %loop_add_fusion, %loop_neg_fusion)
+  %loop_slice_fusion = (bf16[100]{0}, bf16[2,50]{1,0}) fusion(%p0), kind=kLoop, calls=%fused_cast
+  ROOT %tuple = (f32[320]{0}, f32[320]{0}, f32[1000]{0}, (bf16[100]{0}, bf16[2,50]{1,0})) tuple(%wrapped_slice.1, %loop_add_fusion, %loop_neg_fusion, %loop_slice_fusion)
 }
 """
 
@@ -90,11 +100,13 @@ def test_a_sliced_operand_counts_the_bytes_of_its_slices():
   """A kernel that slices a vector out of a big buffer (the train state's packed
   vectors) moves the slice, not the buffer; one that reads the whole buffer moves it."""
   assert aot._sliced_reads(SLICED) == {"wrapped_slice_computation.1": {0: 1280},
-                                       "fused_add": {0: 1280}}
+                                       "fused_add": {0: 1280},
+                                       "fused_cast": {0: 800}}   # 200 floats, cast then sliced
   s = aot.kernel_summary(SLICED)
-  assert s["kernels"] == 3
-  # slice: 1280 in + 1280 out; add: 1280 + 1280 in + 1280 out; negate: 4000 + 4000.
-  assert s["memory_bound_bytes"] == 2 * 1280 + 3 * 1280 + 2 * 4000
+  assert s["kernels"] == 4
+  # slice: 1280 in + 1280 out; add: 1280 + 1280 in + 1280 out; negate: 4000 + 4000;
+  # cast: 800 in + 400 out.
+  assert s["memory_bound_bytes"] == 2 * 1280 + 3 * 1280 + 2 * 4000 + 800 + 400
 
 
 def test_target_config_carries_the_card():
