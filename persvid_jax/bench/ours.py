@@ -110,10 +110,13 @@ def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
   return row, params
 
 
-def train_program(config, shapes: Shapes, abstract: bool = False):
+def train_program(config, shapes: Shapes, abstract: bool = False, *,
+                  pack_matrices: bool = True):
   """``(train_step, state, batch, rng)`` of the base generator's train step;
   with ``abstract`` the state and batch are ``jax.ShapeDtypeStruct`` trees
-  (nothing allocated: for counting FLOPs of the lowered program)."""
+  (nothing allocated: for counting FLOPs of the lowered program).
+  ``pack_matrices``: the weights packed too (``train.packing``), as the trainer
+  does where the parameters are not sharded; False for an FSDP-sharded step."""
 
   unet = our_unet(config)
   params = abstract_unet_params(unet, shapes)
@@ -121,9 +124,10 @@ def train_program(config, shapes: Shapes, abstract: bool = False):
   tc = ml_collections.ConfigDict(dict(
       trainable=("^unet/",), learning_rate=1e-4, warmup_steps=0, total_steps=1000,
       lr_min_ratio=1.0, weight_decay=0.0, adam_b1=0.9, adam_b2=0.99, grad_clip_norm=1.0))
-  # As the trainer runs it: the trainable vectors in one buffer (train.packing).
+  # As the trainer runs it: the trainable vectors (and, unsharded, the weights)
+  # in flat buffers (train.packing).
   mask = state_lib.trainable_mask(params, tc.trainable)
-  packing = packing_lib.Packing.plan(params, mask)
+  packing = packing_lib.Packing.plan(params, mask, matrices=pack_matrices)
   tx = state_lib.make_optimizer(tc, params, packing=packing)
   schedule = schedules.from_config(config.diffusion)
 

@@ -279,7 +279,8 @@ def setup(config, mesh=None) -> Setup:
   params = nn.meta.unbox(boxed_params)
   tx = state_lib.make_optimizer(tc, params)
   trainable = state_lib.trainable_mask(params, tc.trainable)
-  packing = packing_lib.Packing.plan(params, trainable)
+  # The weights packed too where they are not sharded (no FSDP axis).
+  packing = packing_lib.Packing.plan(params, trainable, matrices=mesh.shape[sh.FSDP] == 1)
 
   def init_state(r):
     return state_lib.create_state(nn.meta.unbox(stack_lib.init_params(stack, names, r)), tx)

@@ -82,8 +82,9 @@ def test_global_norm_is_optax_norm_over_the_mask():
   tree = {"big": jnp.asarray(rng.standard_normal((300, 400)), jnp.float32),
           "conv": jnp.asarray(rng.standard_normal((3, 3, 16, 8)), jnp.bfloat16),
           "bias": jnp.asarray(rng.standard_normal((7,)), jnp.float32),
+          "flat": jnp.asarray(rng.standard_normal((70_001,)), jnp.float32),   # a packed buffer
           "frozen": jnp.full((5,), 100.0)}
-  mask = {"big": True, "conv": True, "bias": True, "frozen": False}
+  mask = {"big": True, "conv": True, "bias": True, "flat": True, "frozen": False}
   norm64 = lambda keys: np.sqrt(sum(np.sum(np.asarray(tree[k], np.float64) ** 2) for k in keys))
   np.testing.assert_allclose(jax.jit(lambda t: step_lib.global_norm(t, mask))(tree),
                              norm64([k for k in tree if mask[k]]), rtol=1e-6)

@@ -50,10 +50,33 @@ def test_plan_packs_the_trainable_float32_vectors_and_round_trips():
                            ("net", "norm", "bias"), ("net", "norm", "scale"))
   assert packing.size == 3 + 2 + 3 + 3
   packed = packing.pack(params)
-  assert packed[packing_lib.PACKED].shape == (11,)
+  assert set(packed[packing_lib.PACKED]) == {"vectors"}
+  assert packed[packing_lib.PACKED]["vectors"].shape == (11,)
   assert "bias" not in packed["net"]["dense"] and "kernel" in packed["net"]["dense"]
   assert "bias" in packed["frozen"]["dense"]                # frozen: not packed
   assert packed["net"]["half"].dtype == jnp.bfloat16
+  back = packing.unpack(packed)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_plan_with_matrices_packs_weights_in_buckets(monkeypatch):
+  """``matrices=True``: the trainable weights too, ``BUCKET_LEAVES`` a buffer after
+  the vectors' buffer; frozen and bf16 leaves stay leaves; round trip."""
+  monkeypatch.setattr(packing_lib, "BUCKET_LEAVES", 1)
+  params = _params()
+  params["net"]["half"] = jnp.ones((5, 2), jnp.bfloat16)
+  mask = state_lib.trainable_mask(params, ("^net/",))
+  packing = packing_lib.Packing.plan(params, mask, matrices=True)
+  assert [name for name, _ in packing.buckets] == ["vectors", "matrices_00", "matrices_01"]
+  assert [b.paths for _, b in packing.buckets[1:]] == [(("net", "dense", "kernel"),),
+                                                       (("net", "head", "kernel"),)]
+  assert packing.size == 11 + 12 + 6
+  packed = packing.pack(params)
+  assert {k: v.shape for k, v in packed[packing_lib.PACKED].items()} == {
+      "vectors": (11,), "matrices_00": (12,), "matrices_01": (6,)}
+  assert packed["net"] == {"dense": {}, "head": {}, "norm": {}, "half": params["net"]["half"]}
   back = packing.unpack(packed)
   assert jax.tree.structure(back) == jax.tree.structure(params)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
@@ -75,14 +98,16 @@ def test_nothing_to_pack_leaves_every_form_as_it_is():
   assert jax.tree.structure(packing.pack_state(state)) == jax.tree.structure(state)
 
 
-@pytest.mark.parametrize("clip", [0.05, 100.0])
-def test_packed_steps_equal_unpacked_steps(clip):
+@pytest.mark.parametrize("clip,matrices", [(0.05, False), (100.0, False), (0.05, True)])
+def test_packed_steps_equal_unpacked_steps(clip, matrices, monkeypatch):
   """Three steps of the packed train state == three of the usual one (params,
-  moments, EMA, metrics), a frozen network untouched in both."""
+  moments, EMA, metrics), a frozen network untouched in both; vectors only, and
+  the weights too (one bucket each)."""
+  monkeypatch.setattr(packing_lib, "BUCKET_LEAVES", 1)
   params = _params()
   tc = _tc(clip)
   mask = state_lib.trainable_mask(params, tc.trainable)
-  packing = packing_lib.Packing.plan(params, mask)
+  packing = packing_lib.Packing.plan(params, mask, matrices=matrices)
   tx = state_lib.make_optimizer(tc, params)
   tx_packed = state_lib.make_optimizer(tc, params, packing=packing)
   plain = jax.jit(step_lib.make_train_step(_loss_fn, tx, 0.9, grad_clip_norm=clip,
@@ -112,16 +137,20 @@ def test_packed_steps_equal_unpacked_steps(clip):
   assert not np.allclose(unpacked.params["net"]["norm"]["scale"], params["net"]["norm"]["scale"])
 
 
-def test_packed_gradient_is_the_concatenated_vector_gradients():
+@pytest.mark.parametrize("matrices", [False, True])
+def test_packed_gradient_is_the_concatenated_leaf_gradients(matrices):
   params = _params()
-  packing = packing_lib.Packing.plan(params, state_lib.trainable_mask(params, ("^net/",)))
+  packing = packing_lib.Packing.plan(params, state_lib.trainable_mask(params, ("^net/",)),
+                                     matrices=matrices)
   batch = {"x": jnp.ones((2, 4)), "y": jnp.zeros((2, 2))}
   g = jax.grad(lambda p: _loss_fn(packing.unpack(p), batch, None)[0])(packing.pack(params))
   ref = jax.grad(lambda p: _loss_fn(p, batch, None)[0])(params)
-  want = np.concatenate([np.ravel(packing_lib._get(ref, p)) for p in packing.paths])
-  np.testing.assert_allclose(g[packing_lib.PACKED], want, rtol=1e-6)
-  np.testing.assert_allclose(g["net"]["dense"]["kernel"], ref["net"]["dense"]["kernel"],
-                             rtol=1e-6)
+  for name, bucket in packing.buckets:
+    want = np.concatenate([np.ravel(packing_lib._get(ref, p)) for p in bucket.paths])
+    np.testing.assert_allclose(g[packing_lib.PACKED][name], want, rtol=1e-6)
+  if not matrices:
+    np.testing.assert_allclose(g["net"]["dense"]["kernel"], ref["net"]["dense"]["kernel"],
+                               rtol=1e-6)
 
 
 def test_shardings_of_the_packed_state_replicate_the_buffer():
@@ -137,4 +166,4 @@ def test_shardings_of_the_packed_state_replicate_the_buffer():
   mesh = sh.make_mesh(1, 1)
   shards = step_lib.state_shardings(abstract, boxed, mesh, packing=packing)
   assert jax.tree.structure(shards) == jax.tree.structure(abstract)
-  assert shards.params[packing_lib.PACKED].spec == jax.sharding.PartitionSpec()
+  assert shards.params[packing_lib.PACKED]["vectors"].spec == jax.sharding.PartitionSpec()
