@@ -239,8 +239,7 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype):
   z = ((xf - _per_channel(mean, c, x.ndim)) * _per_channel(rstd, c, x.ndim)
        * scale.astype(jnp.float32) + bias.astype(jnp.float32))
   y = jax.nn.silu(z) if silu else z
-  import os
-  return (y if os.environ.get('LNO') == 'f32' else y.astype(dtype)), (x, scale, bias, mean, rstd)
+  return y.astype(dtype), (x, scale, bias, mean, rstd)
 
 
 def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, res, dy):
