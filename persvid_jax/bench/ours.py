@@ -23,6 +23,7 @@ from persvid_jax.concepts.bank import ConceptBank
 from persvid_jax.diffusion import losses, schedules
 from persvid_jax.models.stack import inference_params
 from persvid_jax.models.unet3d import UNet3D
+from persvid_jax.models.video_transformer import KV_CACHE
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import model as model_lib
 from persvid_jax.train import packing as packing_lib
@@ -71,11 +72,14 @@ def abstract_unet_params(unet, shapes: Shapes, boxed: bool = False):
 
 
 def denoise_program(config, shapes: Shapes, size: int, params=None, abstract: bool = False):
-  """``(denoise, params, (x, t, ctx))``: one forward of the base generator at
-  ``[2, T, size, size, C]``; ``params`` is reused where given, else drawn, and
-  cast as samplers use them (``stack.inference_params``). With ``abstract`` the
-  params and inputs are ``jax.ShapeDtypeStruct`` trees (nothing allocated: for
-  counting FLOPs of the lowered program, or compiling for an absent GPU)."""
+  """``(denoise, params, (x, t, ctx, kv_cache))``: one forward of the base generator
+  at ``[2, T, size, size, C]`` as a sampler's step runs it: params cast as
+  samplers use them (``stack.inference_params``), the text's keys and values
+  computed once before the steps (``kv_cache``, ``video_transformer.KV_CACHE``;
+  ``ctx`` is then unused). ``params`` is reused where given, else drawn. With
+  ``abstract`` the params and inputs are ``jax.ShapeDtypeStruct`` trees (nothing
+  allocated: for counting FLOPs of the lowered program, or compiling for an
+  absent GPU)."""
   unet = our_unet(config)
   if params is None:
     params = abstract_unet_params(unet, shapes)
@@ -84,25 +88,32 @@ def denoise_program(config, shapes: Shapes, size: int, params=None, abstract: bo
   params = inference_params(params, config.dtype)
   make_inputs = lambda: unet_inputs(shapes, CFG_BATCH, size, jax.random.key(2))
 
-  def denoise(p, x, t, ctx):
-    return unet.apply({"params": p}, x, t, ctx)
+  def fill(p, x, t, ctx):
+    return unet.apply({"params": p}, x, t, ctx, mutable=[KV_CACHE])[1][KV_CACHE]
 
-  return denoise, params, jax.eval_shape(make_inputs) if abstract else make_inputs()
+  def denoise(p, x, t, ctx, kv_cache):
+    return unet.apply({"params": p, KV_CACHE: kv_cache}, x, t, ctx)
+
+  if abstract:
+    x, t, ctx = jax.eval_shape(make_inputs)
+    return denoise, params, (x, t, ctx, jax.eval_shape(fill, params, x, t, ctx))
+  x, t, ctx = make_inputs()
+  return denoise, params, (x, t, ctx, jax.jit(fill)(params, x, t, ctx))
 
 
 def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
                  ) -> tuple[Row, Any]:
   """One forward of the base generator at ``[2, T, size, size, C]``; returns the row
   and the params (reused by the next denoise row)."""
-  denoise, params, (x, t, ctx) = denoise_program(config, shapes, size, params)
+  denoise, params, inputs = denoise_program(config, shapes, size, params)
 
   start = time.perf_counter()
-  compiled = jit_denoise(denoise, params, 3, jax.local_devices()[0]).lower(
-      params, x, t, ctx).compile()
+  compiled = jit_denoise(denoise, params, len(inputs), jax.local_devices()[0]).lower(
+      params, *inputs).compile()
   compile_s = time.perf_counter() - start
   # Once per generation in a sampler: the kernels in the layouts XLA chose.
   laid_out = jax.device_put(params, compiled.input_formats[0][0])
-  times = time_calls(lambda: compiled(laid_out, x, t, ctx), steps)
+  times = time_calls(lambda: compiled(laid_out, *inputs), steps)
   row = Row(work="", shape="", ours_ms=median_ms(times),
             compile_s=compile_s, program_bytes=_program_bytes(compiled),
             peak_mem_bytes=device_peak_bytes(),

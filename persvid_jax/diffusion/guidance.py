@@ -85,6 +85,32 @@ def _stack_batch(branches: Sequence[Mapping[str, Any]], batch: int) -> dict[str,
   return jax.tree.map(cat, *[dict(c) for c in branches])
 
 
+def _branches(uncond, cond, text_only, detail_scale, shared) -> list[dict[str, Any]]:
+  """The branches' kwargs, ``[uncond, text_only, cond]`` or ``[uncond, cond]``."""
+  if detail_scale is not None and text_only is None:
+    raise ValueError("guidance: a detail_scale needs the text_only condition "
+                     "(text + null detail tokens)")
+  branches = [uncond, text_only, cond] if detail_scale is not None else [uncond, cond]
+  for c in branches:
+    clash = set(c) & set(shared)
+    if clash:
+      raise ValueError(f"guidance: {sorted(clash)} given both per branch and shared")
+  return [{**c, **shared} for c in branches]
+
+
+def stack_branches(x_t: Array, t: Array, *, uncond, cond, text_only=None, detail_scale=None,
+                   **shared) -> tuple[Array, Array, dict[str, Any]]:
+  """The one batched call of ``guided``: ``(x [k*B, ...], t [k*B], kwargs)``, the
+  branches on the batch axis (branch-major). Also what a cross-attention cache
+  (``stack.kv_cache_fn``) is filled from, so that it lines up with the call."""
+  b = x_t.shape[0]
+  t = jnp.broadcast_to(jnp.asarray(t), (b,))
+  branches = _branches(uncond, cond, text_only, detail_scale, shared)
+  k = len(branches)
+  return (jnp.concatenate([x_t] * k, axis=0), jnp.concatenate([t] * k, axis=0),
+          _stack_batch(branches, b))
+
+
 def guided_denoise_fn(denoise_fn: DenoiseFn, *, batched: bool = True) -> DenoiseFn:
   """Wraps ``denoise_fn`` into a guided denoiser with the same calling convention.
 
@@ -105,29 +131,27 @@ def guided_denoise_fn(denoise_fn: DenoiseFn, *, batched: bool = True) -> Denoise
   ``batched=True`` evaluates the 2 or 3 branches in ONE ``denoise_fn`` call on
   a ``k * B`` batch (branch-major: ``[uncond; text_only; cond]``), which needs
   branches with the same structure and shapes; ``batched=False`` makes ``k``
-  calls (lower peak memory, any structure).
+  calls (lower peak memory, any structure). ``kv_cache`` (batched only): the
+  cross-attentions' keys and values of that batch (``stack.kv_cache_fn`` of
+  ``stack_branches``), passed on to ``denoise_fn``.
   """
 
   def guided(params, x_t, t, *, uncond, cond, text_only=None, text_scale,
-             detail_scale=None, **shared):
-    b = x_t.shape[0]
-    t = jnp.broadcast_to(jnp.asarray(t), (b,))
+             detail_scale=None, kv_cache=None, **shared):
     three = detail_scale is not None
-    if three and text_only is None:
-      raise ValueError("guidance: a detail_scale needs the text_only condition "
-                       "(text + null detail tokens)")
-    branches = [uncond, text_only, cond] if three else [uncond, cond]
-    for c in branches:
-      clash = set(c) & set(shared)
-      if clash:
-        raise ValueError(f"guidance: {sorted(clash)} given both per branch and shared")
-    branches = [{**c, **shared} for c in branches]
-    k = len(branches)
+    k = 3 if three else 2
     if batched:
-      out = denoise_fn(params, jnp.concatenate([x_t] * k, axis=0),
-                       jnp.concatenate([t] * k, axis=0), **_stack_batch(branches, b))
+      x, tt, kwargs = stack_branches(x_t, t, uncond=uncond, cond=cond, text_only=text_only,
+                                     detail_scale=detail_scale, **shared)
+      if kv_cache is not None:
+        kwargs["kv_cache"] = kv_cache
+      out = denoise_fn(params, x, tt, **kwargs)
       preds = jnp.split(jnp.asarray(out, jnp.float32), k, axis=0)
     else:
+      if kv_cache is not None:
+        raise ValueError("guidance: a kv_cache holds the batched branches; use batched=True")
+      t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
+      branches = _branches(uncond, cond, text_only, detail_scale, shared)
       preds = [denoise_fn(params, x_t, t, **c) for c in branches]
     if three:
       e_u, e_t, e_f = preds

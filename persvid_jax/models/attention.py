@@ -421,7 +421,8 @@ def resolve_implementation(implementation: str | None, dtype, head_dim: int, *,
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           num_heads: int, mask: jax.Array | None = None,
                           is_causal: bool = False,
-                          implementation: str | None = None) -> jax.Array:
+                          implementation: str | None = None,
+                          kv_lengths: jax.Array | None = None) -> jax.Array:
   """Multi-head attention on flattened heads.
 
   Args:
@@ -433,6 +434,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     is_causal: causal masking (text encoder).
     implementation: ``'auto'``, ``'xla'``, ``'cudnn'`` or ``None`` (XLA); see
       ``resolve_implementation``.
+    kv_lengths: optional int32 ``[B]``: only the first ``kv_lengths`` keys are
+      real, the rest padding (keys padded ahead of time by ``pad_keys``, e.g. in
+      a cache of the text's keys; no boolean ``mask`` with it).
 
   Returns:
     ``[B, Lq, H*Dh]`` in the dtype of ``q``.
@@ -450,8 +454,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     attn_mask = mask[:, None, None, :].astype(bool)   # [B, 1, 1, Lk]
   impl = resolve_implementation(implementation, q.dtype, dh, lengths=(lq, lk),
                                 has_mask=mask is not None)
-  kv_lengths = None
-  if impl == "cudnn" and lk % 2 and mask is None:
+  if kv_lengths is not None and mask is not None:
+    raise ValueError("dot_product_attention: pass a mask or kv_lengths, not both")
+  if impl == "cudnn" and lk % 2 and mask is None and kv_lengths is None:
     k, v, kv_lengths = pad_keys(k, v)
   # Both paths accumulate logits and run the softmax in float32 for bf16
   # inputs (XLA: preferred_element_type=float32; cuDNN: by construction).
@@ -462,15 +467,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
 
 
 def pad_keys(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One zero key and value appended: ``[B, Lk, N, H] -> [B, Lk + 1, N, H]`` each,
-  and ``[B]`` int32 lengths ``Lk`` that tell cuDNN's padding mask to ignore it.
+  """One zero key and value appended: ``[B, Lk, ...] -> [B, Lk + 1, ...]`` each
+  (heads split ``[.., N, H]`` or flat ``[.., N*H]``), and ``[B]`` int32 lengths
+  ``Lk`` that tell cuDNN's padding mask to ignore it.
 
   jax's cuDNN attention needs even lengths under ``jax.grad`` (see
   ``resolve_implementation``); the text's 77 tokens become 78, the 78th masked, so
   the text cross-attention runs fused instead of as XLA's four kernels.
   """
   b, lk = k.shape[:2]
-  pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+  pad = ((0, 0), (0, 1)) + ((0, 0),) * (k.ndim - 2)
   # A numpy constant: part of the program, not a kernel that fills it per call.
   return jnp.pad(k, pad), jnp.pad(v, pad), jnp.asarray(np.full((b,), lk, np.int32))
 

@@ -20,7 +20,7 @@ config without ``config.latent`` (every model exported before it) is in pixels.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -34,6 +34,7 @@ from persvid_jax.models.text_encoder import TextEncoder
 from persvid_jax.models.unet3d import UNet3D
 from persvid_jax.models import vae as vae_lib
 from persvid_jax.models.vae import AutoencoderKL
+from persvid_jax.models.video_transformer import KV_CACHE
 
 NETWORKS = ("text_encoder", "image_encoder", "mapper", "extractor", "unet", "sr_unet")
 # The frozen VAE: a network of the stack in latent space only (no stage trains it).
@@ -232,17 +233,42 @@ def base_denoise_fn(stack: ModelStack):
   Shared by the training losses and the samplers: one function object per stack, so
   compiled sampling programs (``denoise_fn`` is static there) are reused.
   """
-  def denoise(p, x_t, t, context, detail_tokens=None):
-    return stack.unet.apply({"params": p}, x_t, t, context, detail_tokens=detail_tokens)
+  def denoise(p, x_t, t, context, detail_tokens=None, kv_cache=None):
+    return stack.unet.apply(_variables(p, kv_cache), x_t, t, context,
+                            detail_tokens=detail_tokens)
   return denoise
 
 
 def sr_denoise_fn(stack: ModelStack):
   """``(params, x_t, t, context, cond_video, noise_level) -> eps`` of the SR generator."""
-  def denoise(p, x_t, t, context, cond_video, noise_level):
-    return stack.sr_unet.apply({"params": p}, x_t, t, context, cond_video=cond_video,
-                               noise_level=noise_level)
+  def denoise(p, x_t, t, context, cond_video, noise_level, kv_cache=None):
+    return stack.sr_unet.apply(_variables(p, kv_cache), x_t, t, context,
+                               cond_video=cond_video, noise_level=noise_level)
   return denoise
+
+
+def _variables(params: Any, kv_cache: Any) -> dict:
+  """The generators' variables: ``params`` and, where given, the cross-attention cache."""
+  return {"params": params} if kv_cache is None else {"params": params, KV_CACHE: kv_cache}
+
+
+def kv_cache_fn(stack: ModelStack, network: str = "unet") -> Callable:
+  """``fill(params, x_t, t, context, **kw) -> kv_cache`` for ``network`` (``'unet'``:
+  ``base_denoise_fn``'s arguments; ``'sr_unet'``: ``sr_denoise_fn``'s): the text
+  (and detail) keys and values of every cross-attention
+  (``video_transformer.KV_CACHE``), computed once per video and passed as
+  ``denoise(..., kv_cache=)`` at each of the sampler's steps.
+
+  ``x_t``, ``t`` (and ``cond_video``) only give shapes: zeros will do. Call it
+  under ``jax.jit``: the network's output is unused there, so XLA compiles only
+  the ``to_k``/``to_v`` projections (eager, the whole network would run once).
+  """
+  module = {"unet": stack.unet, "sr_unet": stack.sr_unet}[network]
+
+  def fill(p, x_t, t, context, **kwargs):
+    _, state = module.apply({"params": p}, x_t, t, context, mutable=[KV_CACHE], **kwargs)
+    return state.get(KV_CACHE, {})
+  return fill
 
 
 def _check_latent_channels(config, latent_channels: int) -> None:

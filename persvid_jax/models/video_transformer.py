@@ -22,6 +22,9 @@ from persvid_jax.models.attention import GroupNorm, linear
 Dtype = Any
 Array = jax.Array
 
+# The flax collection of the cross-attentions' keys and values (``Attention``).
+KV_CACHE = "kv_cache"
+
 # diffusers' hard-coded epsilons (not the config's norm_eps).
 TRANSFORMER_GROUP_NORM_EPS = 1e-6   # Transformer2DModel / TransformerTemporalModel .norm
 LAYER_NORM_EPS = 1e-5               # BasicTransformerBlock norm1..3
@@ -36,6 +39,15 @@ class Attention(nn.Module):
   on the detail tokens, the same queries, and
   ``out = attn(q, K_text, V_text) + scale * attn(q, K_detail, V_detail)``
   before the shared ``to_out_0``.
+
+  Cross-attention keys and values depend only on the text (and detail tokens),
+  which a sampler holds fixed over its steps, so they can be computed once per
+  video in the ``KV_CACHE`` collection (flax's decoding-cache idiom): applied
+  with ``mutable=[KV_CACHE]`` the module stores ``k``, ``v`` ``[B, Lk', H*Dh]``
+  (``detail_k``, ``detail_v`` for the detail branch), padded by one key where
+  cuDNN would pad them at every call, with ``lengths`` / ``detail_lengths``
+  ``[B]``; applied with the collection as a variable it reads them instead of
+  running ``to_k``/``to_v``. Self-attention ignores the collection.
   """
   heads: int
   head_dim: int
@@ -52,12 +64,17 @@ class Attention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.head_dim
     width = x.shape[-1]
-    ctx = x if context is None else context.astype(self.dtype)
     q = linear(inner, (sh.EMBED, sh.HEADS), name="to_q", use_bias=False, **kw)(x)
-    k = linear(inner, (sh.KV, sh.HEADS), name="to_k", use_bias=False, **kw)(ctx)
-    v = linear(inner, (sh.KV, sh.HEADS), name="to_v", use_bias=False, **kw)(ctx)
+    to_k = linear(inner, (sh.KV, sh.HEADS), name="to_k", use_bias=False, **kw)
+    to_v = linear(inner, (sh.KV, sh.HEADS), name="to_v", use_bias=False, **kw)
+    if context is None:
+      k, v, lengths = to_k(x), to_v(x), None
+    else:
+      k, v, lengths = self._keys_values("", to_k, to_v, context, q.shape[1],
+                                        context_mask is not None)
     out = attention.dot_product_attention(q, k, v, num_heads=self.heads, mask=context_mask,
-                                          implementation=self.attention_impl)
+                                          implementation=self.attention_impl,
+                                          kv_lengths=lengths)
     if self.detail_dim:
       to_k_detail = linear(inner, (sh.KV, sh.HEADS), name="to_k_detail", use_bias=False, **kw)
       to_v_detail = linear(inner, (sh.KV, sh.HEADS), name="to_v_detail", use_bias=False, **kw)
@@ -69,14 +86,41 @@ class Attention(nn.Module):
           to_k_detail(dummy)
           to_v_detail(dummy)
       else:
-        tokens = detail_tokens.astype(self.dtype)
-        dk, dv = to_k_detail(tokens), to_v_detail(tokens)
+        dk, dv, dlengths = self._keys_values("detail_", to_k_detail, to_v_detail,
+                                             detail_tokens, q.shape[1], False)
         detail_out = attention.dot_product_attention(
-            q, dk, dv, num_heads=self.heads, implementation=self.attention_impl)
+            q, dk, dv, num_heads=self.heads, implementation=self.attention_impl,
+            kv_lengths=dlengths)
         scale = jnp.asarray(1.0 if detail_scale is None else detail_scale, jnp.float32)
         scale = scale.reshape(scale.shape + (1,) * (3 - scale.ndim))   # [] or [N] -> bcast
         out = out + (scale * detail_out).astype(self.dtype)
     return linear(width, (sh.HEADS, sh.EMBED), name="to_out_0", **kw)(out)
+
+  def _keys_values(self, prefix: str, to_k: nn.Module, to_v: nn.Module, tokens: Array,
+                   query_len: int, masked: bool) -> tuple[Array, Array, Array | None]:
+    """``tokens [B, Lk, Dc]`` -> ``(k, v [B, Lk', H*Dh], lengths [B] or None)``: read
+    from the ``KV_CACHE`` collection where it is given, else projected (and
+    stored, padded as cuDNN needs them, where the collection is mutable)."""
+    names = (prefix + "k", prefix + "v", prefix + "lengths")
+    filling = self.is_mutable_collection(KV_CACHE) and not self.is_initializing()
+    if not filling and self.has_variable(KV_CACHE, names[0]):
+      k, v = self.get_variable(KV_CACHE, names[0]), self.get_variable(KV_CACHE, names[1])
+      lengths = (self.get_variable(KV_CACHE, names[2])
+                 if self.has_variable(KV_CACHE, names[2]) else None)
+      return k, v, lengths
+    tokens = tokens.astype(self.dtype)
+    k, v, lengths = to_k(tokens), to_v(tokens), None
+    if filling:
+      # Padded here once, as dot_product_attention would pad them at every step.
+      impl = attention.resolve_implementation(
+          self.attention_impl, k.dtype, self.head_dim, lengths=(query_len, k.shape[1]),
+          has_mask=masked)
+      if impl == "cudnn" and k.shape[1] % 2 and not masked:
+        k, v, lengths = attention.pad_keys(k, v)
+        self.put_variable(KV_CACHE, names[2], lengths)
+      self.put_variable(KV_CACHE, names[0], k)
+      self.put_variable(KV_CACHE, names[1], v)
+    return k, v, lengths
 
 
 @jax.custom_vjp

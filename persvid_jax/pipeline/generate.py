@@ -351,7 +351,11 @@ class Generator:
                          for n in ("unet", "sr_unet")}
     self._null_ids = jnp.asarray(model.tokenizer.encode([""]))
     self._ctx = conditioning.Context.from_model(model)
+    # The cross-attentions' keys and values: once per video, not at every step.
+    self._base_cache = stack_lib.kv_cache_fn(model.stack, "unet")
+    self._sr_cache = stack_lib.kv_cache_fn(model.stack, "sr_unet")
     self._conditions = jax.jit(self._conditions_fn)
+    self._caches = jax.jit(self._caches_fn, static_argnames=("base_shape", "sr_shape"))
     self._decode = (jax.jit(lambda p, x: stack_lib.decode_latents(model.stack, p, x))
                     if model.stack.vae is not None else None)
 
@@ -375,6 +379,25 @@ class Generator:
                      text_scale=jnp.full((b,), self.text_scale, jnp.float32),
                      detail_scale=jnp.full((b,), self.detail_scale, jnp.float32))
     return base_cond, dict(context=context)
+
+  def _caches_fn(self, unet_params, base_cond: dict, sr_cond: dict, *,
+                 base_shape: tuple[int, ...], sr_shape: tuple[int, ...] | None):
+    """``base_cond``, ``sr_cond`` with their networks' cross-attention keys and
+    values (``kv_cache``, ``stack.kv_cache_fn``) for videos of ``base_shape`` (and
+    ``sr_shape``; None: no SR): the samplers' steps then skip those projections."""
+    b = base_shape[0]
+    context = sr_cond["context"]
+    base_cond, sr_cond = dict(base_cond), dict(sr_cond)
+    x, t, kwargs = guidance.stack_branches(
+        jnp.zeros(base_shape, jnp.float32), jnp.zeros((b,), jnp.int32),
+        uncond=base_cond["uncond"], cond=base_cond["cond"], text_only=base_cond["text_only"],
+        detail_scale=base_cond["detail_scale"])
+    base_cond["kv_cache"] = self._base_cache(unet_params["unet"], x, t, **kwargs)
+    if sr_shape is not None:
+      cond_video = jnp.zeros(sr_shape[:-1] + (self.model.config.sr_unet.cond_channels,))
+      sr_cond["kv_cache"] = self._sr_cache(unet_params["sr_unet"], jnp.zeros(sr_shape), t[:b],
+                                           context, cond_video=cond_video, noise_level=t[:b])
+    return base_cond, sr_cond
 
   # ---- the host API -------------------------------------------------------------
 
@@ -400,11 +423,14 @@ class Generator:
     use_cascade = self.cascade if cascade is None else bool(cascade)
     inputs = make_inputs(resolved, self.model.tokenizer, c, image_slot, detail_source)
     params = self.model.params
-    base_cond, sr_cond = self._conditions(params, bank, jax.tree.map(jnp.asarray, inputs))
     b = len(resolved)
     v = c.video
     base_shape = (b, v.frames, v.height, v.width, v.channels)
     sr_shape = (b, v.frames, v.height * v.sr_factor, v.width * v.sr_factor, v.channels)
+    base_cond, sr_cond = self._conditions(params, bank, jax.tree.map(jnp.asarray, inputs))
+    base_cond, sr_cond = self._caches(self._unet_params, base_cond, sr_cond,
+                                      base_shape=base_shape if use_cascade else sr_shape,
+                                      sr_shape=sr_shape if use_cascade else None)
     if not use_cascade:
       video = samplers.sample(self._base_fn, self._unet_params["unet"], jax.random.key(seed),
                               sr_shape, sampler=self.sampler, cond=base_cond,

@@ -117,3 +117,29 @@ def test_errors():
     fn(1.0, X, T, uncond=dict(context=UNCOND["context"]), cond=FULL, text_scale=1.0)
   with pytest.raises(ValueError, match="both per branch and shared"):
     fn(1.0, X, T, uncond=UNCOND, cond=FULL, text_scale=1.0, context=FULL["context"])
+
+
+def _cached_toy(params, x_t, t, *, context, detail_tokens, kv_cache=None):
+  """``toy`` whose text and detail terms come from ``kv_cache`` when given (as a
+  network's cross-attention keys and values would)."""
+  if kv_cache is not None:
+    context, detail_tokens = kv_cache["context"], kv_cache["detail_tokens"]
+  return toy(params, x_t, t, context=context, detail_tokens=detail_tokens)
+
+
+def test_kv_cache_lines_up_with_the_batched_branches():
+  """A cache filled from ``stack_branches`` gives the guided output at every step,
+  whatever the per-step conditions then hold."""
+  fn = guidance.guided_denoise_fn(_cached_toy)
+  _, _, kwargs = guidance.stack_branches(X, T, uncond=UNCOND, text_only=TEXT_ONLY, cond=FULL,
+                                         detail_scale=2.0)
+  cache = dict(context=kwargs["context"], detail_tokens=kwargs["detail_tokens"])
+  want = fn(PARAMS, X, T, uncond=UNCOND, text_only=TEXT_ONLY, cond=FULL, text_scale=3.0,
+            detail_scale=2.0)
+  junk = _cond(5.0, -4.0)
+  got = fn(PARAMS, X, T, uncond=junk, text_only=junk, cond=junk, text_scale=3.0,
+           detail_scale=2.0, kv_cache=cache)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+  with pytest.raises(ValueError, match="batched=True"):
+    guidance.guided_denoise_fn(_cached_toy, batched=False)(
+        PARAMS, X, T, uncond=UNCOND, cond=FULL, text_scale=3.0, kv_cache=cache)

@@ -194,3 +194,31 @@ def test_tiny_train_step_compiles_sharded_over_two_h100s():
   mib = lambda cell: float(cell.split()[0]) * (1024 if cell.endswith("GiB") else 1)
   assert mib(sharded[3]) < mib(single[3]), (single, sharded)
   assert int(sharded[10]) > 0   # collectives
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
+def test_kv_cache_is_padded_where_cudnn_would_pad():
+  """Traced as for an H100: the cross-attention cache holds the 77 text keys as
+  78 with lengths 77 (padded once per video, not by every step's attention)."""
+  from flax import linen as nn
+  from persvid_jax import config_lib
+  from persvid_jax.models import video_transformer
+  from persvid_jax.models.unet3d import UNet3D
+  u = config_lib.load_config("tiny:bf16").unet
+  model = UNet3D.from_config(u, dtype=jnp.bfloat16, attention_impl="auto")
+  x = jnp.zeros((2, 4, 8, 8, u.in_channels))
+  t = jnp.zeros((2,), jnp.int32)
+  ctx = jnp.zeros((2, 77, u.cross_attention_dim))
+  detail = jnp.zeros((2, 4, u.detail_dim))
+  params = jax.eval_shape(lambda: nn.meta.unbox(model.init(jax.random.key(0), x, t, ctx,
+                                                           detail_tokens=detail)))
+  with aot.cudnn_as_on(aot.CARDS["h100"]):
+    cache = jax.eval_shape(lambda v: model.apply(v, x, t, ctx, detail_tokens=detail,
+                                                 mutable=[video_transformer.KV_CACHE])[1],
+                           params)[video_transformer.KV_CACHE]
+  flat = {tuple(k.key for k in p): leaf
+          for p, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]}
+  assert {leaf.shape[1] for p, leaf in flat.items() if p[-1] in ("k", "v")} == {78}
+  assert {leaf.shape for p, leaf in flat.items() if p[-1] == "lengths"} == {(2,)}
+  # 4 detail tokens are even: stored as they are.
+  assert {leaf.shape[1] for p, leaf in flat.items() if p[-1].startswith("detail_")} == {4}

@@ -19,7 +19,7 @@ from persvid_jax import config_lib
 from persvid_jax import sharding as sh
 from persvid_jax.convert import unet3d as unet3d_convert
 from persvid_jax.convert.common import torch_layout
-from persvid_jax.models import unet3d, video_conv
+from persvid_jax.models import attention, unet3d, video_conv, video_transformer
 from persvid_jax.models.unet3d import UNet3D
 
 MODELSCOPE_PARAMS = 1_411_233_860   # diffusers' default UNet3DConditionModel()
@@ -555,3 +555,52 @@ def test_sharded_init_and_forward(tiny_config):
   host_vars = jax.device_get(variables)
   expected = _apply_fn(model)(host_vars, inputs)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# 6. The cross-attention cache (keys and values once per video).
+# ----------------------------------------------------------------------------
+
+def _fill(model, variables, inputs):
+  """The ``KV_CACHE`` collection a ``mutable`` apply stores (jitted: projections only)."""
+  def fill(v, x):
+    args, kwargs = _call_args(x)
+    return model.apply(v, *args, mutable=[video_transformer.KV_CACHE], **kwargs)[1]
+  return jax.jit(fill)(variables, inputs)[video_transformer.KV_CACHE]
+
+
+@pytest.mark.parametrize("kind", ["base", "sr"])
+def test_kv_cache_gives_the_same_output(kind, request):
+  """Applied with its filled cache (and garbage text), the network gives its output."""
+  s = request.getfixturevalue(kind)
+  cache = _fill(s.model, s.variables, s.inputs)
+  flat = _flat(cache)
+  # Text k/v of every spatial transformer's attn2 (detail k/v too in the base),
+  # nothing for the temporal ones (their attn2 attends to the frames).
+  spatial = {p[:-1] for p in _flat(s.variables["params"]) if p[-2:] == ("to_k", "kernel")
+             and p[-3] == "attn2" and not any(q.startswith(("temp_", "transformer_in"))
+                                              for q in p)}
+  names = {"k", "v", "detail_k", "detail_v"} if s.cfg.detail_cross_attention else {"k", "v"}
+  assert spatial and {p[:-1] for p in flat} == {p[:-1] for p in spatial}
+  assert {p[-1] for p in flat} == names
+  b, lc = s.inputs["context"].shape[:2]
+  assert all(leaf.shape[:2] == (b, lc) for p, leaf in flat.items() if p[-1] in ("k", "v"))
+  want = np.asarray(s.apply(s.variables, s.inputs))
+  garbage = {k: (v * 0 + 7 if k in ("context", "detail_tokens") else v)
+             for k, v in s.inputs.items()}
+  got = s.apply({**s.variables, video_transformer.KV_CACHE: cache}, garbage)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+
+def test_padded_keys_with_lengths_attend_as_unpadded():
+  """What a cache padded for cuDNN holds (``pad_keys``: 77 -> 78 keys, lengths 77)
+  gives XLA's attention the unpadded result: the pad key is masked out."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 16), np.float32)) for _ in range(3))
+  k, v = k[:, :7], v[:, :7]
+  kp, vp, lengths = attention.pad_keys(k, v)
+  assert kp.shape == (2, 8, 16) and lengths.tolist() == [7, 7]
+  want = attention.dot_product_attention(q, k, v, num_heads=2)
+  got = attention.dot_product_attention(q, kp, vp, num_heads=2, kv_lengths=lengths)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
