@@ -44,7 +44,8 @@ def jit_denoise(denoise: Callable, params: Any, n_inputs: int, device: jax.Devic
   the inputs' the default."""
   single = jax.sharding.SingleDeviceSharding(device)
   params_formats = jax.tree.map(lambda _: Format(Layout.AUTO, single), params)
-  return xla_options.jit(denoise, in_shardings=(params_formats,) + (single,) * n_inputs)
+  return xla_options.jit(denoise, program="sample",
+                         in_shardings=(params_formats,) + (single,) * n_inputs)
 
 
 def our_unet(config):

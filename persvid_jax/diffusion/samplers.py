@@ -181,7 +181,7 @@ def step(denoise_fn: DenoiseFn, params: Any, x: Array, i: Array, *, sampler: Sam
 
 # Host-loop mode: one compiled step for all steps (i is traced), cached per
 # denoise_fn (static: build it once, e.g. at module level, not per call).
-_jit_step = xla_options.jit(step, static_argnums=0)
+_jit_step = xla_options.jit(step, program="sample", static_argnums=0)
 
 
 # ----------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def _scan_sample(denoise_fn, params, rng, shape, sampler, cond):
   return x
 
 
-_jit_scan_sample = xla_options.jit(_scan_sample, static_argnums=(0, 3))
+_jit_scan_sample = xla_options.jit(_scan_sample, program="sample", static_argnums=(0, 3))
 
 
 def sample(denoise_fn: DenoiseFn, params: Any, rng: Array, shape: tuple[int, ...], *,

@@ -1,0 +1,25 @@
+"""The project's XLA options: one place, per kind of program, recorded."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persvid_jax import xla_options
+
+
+def test_sampling_programs_use_cublas_gemms_the_train_step_triton():
+  sample, train = xla_options.compiler_options("sample"), xla_options.compiler_options()
+  assert sample["xla_gpu_enable_triton_gemm"] is False
+  assert "xla_gpu_enable_triton_gemm" not in train
+  assert sample["xla_gpu_dot_merger_threshold_mb"] == train["xla_gpu_dot_merger_threshold_mb"]
+  recorded = xla_options.describe()
+  assert recorded["sample_compiler_options"] == sample and recorded["compiler_options"] == train
+
+
+def test_a_program_compiles_with_its_options_here():
+  """The GPU options are accepted (and ignored) by this backend's compiler."""
+  f = xla_options.jit(lambda a, b: jnp.tanh(a @ b), program="sample")
+  a = np.ones((4, 3), np.float32)
+  np.testing.assert_allclose(np.asarray(f(a, a.T)), np.tanh(a @ a.T), rtol=1e-6)
+  with pytest.raises(ValueError, match="program 'serve'"):
+    xla_options.jit(lambda a: a, program="serve")
