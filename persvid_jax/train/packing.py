@@ -77,11 +77,28 @@ BUCKET_LEAVES = 64   # weight matrices a bucket: XLA fuses up to ~90 operands a 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
   """Leaves ``paths[i]`` of ``shapes[i]`` at ``flat[offsets[i]:offsets[i] + size_i]``
-  of one ``float32[size]`` buffer. Static (hashable)."""
+  of one ``float32[size]`` buffer, each stored transposed by ``perms[i]`` (``()``:
+  as it is). Static (hashable)."""
   paths: tuple[tuple[str, ...], ...]
   shapes: tuple[tuple[int, ...], ...]
   offsets: tuple[int, ...]
   size: int
+  perms: tuple[tuple[int, ...], ...] = ()
+
+  def perm(self, i: int) -> tuple[int, ...]:
+    """Leaf ``i``'s storage order (the identity if stored as it is)."""
+    return (self.perms[i] if self.perms and self.perms[i]
+            else tuple(range(len(self.shapes[i]))))
+
+
+def storage_perm(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+  """How a packed leaf is stored: a convolution's kernel ``[*window, I, O]`` with
+  its output channels first (``[O, *window, I]``, cuDNN's filter order: the
+  forward reads it and the filter gradient comes out in it, no transpose either
+  way); everything else as it is (``()``)."""
+  if path[-1] == "kernel" and len(shape) >= 3:
+    return (len(shape) - 1,) + tuple(range(len(shape) - 1))
+  return ()
 
 
 def _bucket(leaves: list[tuple[tuple[str, ...], tuple[int, ...]]]) -> Bucket:
@@ -89,8 +106,14 @@ def _bucket(leaves: list[tuple[tuple[str, ...], tuple[int, ...]]]) -> Bucket:
   for _, shape in leaves:
     offsets.append(size)
     size += math.prod(shape)
+  perms = tuple(storage_perm(p, s) for p, s in leaves)
   return Bucket(paths=tuple(p for p, _ in leaves), shapes=tuple(s for _, s in leaves),
-                offsets=tuple(offsets), size=size)
+                offsets=tuple(offsets), size=size, perms=perms if any(perms) else ())
+
+
+def _stored(bucket: Bucket, i: int, leaf: jax.Array) -> jax.Array:
+  """Leaf ``i`` (its own shape) -> its stored form, flat."""
+  return jnp.ravel(jnp.transpose(leaf, bucket.perm(i)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +172,8 @@ class Packing:
     if not self:
       return tree
     if flat is None:
-      flat = {name: jnp.concatenate([jnp.ravel(_get(tree, p)) for p in b.paths])
+      flat = {name: jnp.concatenate([_stored(b, i, jnp.asarray(_get(tree, p)))
+                                     for i, p in enumerate(b.paths)])
               for name, b in self.buckets}
     elif not (isinstance(flat, dict) and set(flat) == {name for name, _ in self.buckets}):
       flat = {name: flat for name, _ in self.buckets}
@@ -208,8 +232,12 @@ class Packing:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _slices(bucket: Bucket, flat: jax.Array) -> list[jax.Array]:
   """``flat [N]`` -> the bucket's leaves, each in its shape."""
-  return [flat[o:o + math.prod(s)].reshape(s)
-          for o, s in zip(bucket.offsets, bucket.shapes)]
+  out = []
+  for i, (o, s) in enumerate(zip(bucket.offsets, bucket.shapes)):
+    perm = bucket.perm(i)
+    stored = flat[o:o + math.prod(s)].reshape(tuple(s[d] for d in perm))
+    out.append(jnp.transpose(stored, tuple(perm.index(d) for d in range(len(s)))))
+  return out
 
 
 def _slices_fwd(bucket, flat):
@@ -222,7 +250,8 @@ def _slices_bwd(bucket, _, grads):
   # XLA fuses it into its readers (the clip's norm, the update): no buffer of
   # the whole gradient is written. (With a barrier here it is written once:
   # 214 kernels fewer for the H200, 13 GB more moved.)
-  return (jnp.concatenate([jnp.ravel(g).astype(jnp.float32) for g in grads]),)
+  return (jnp.concatenate([_stored(bucket, i, g).astype(jnp.float32)
+                           for i, g in enumerate(grads)]),)
 
 
 _slices.defvjp(_slices_fwd, _slices_bwd)

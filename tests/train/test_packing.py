@@ -167,3 +167,33 @@ def test_shardings_of_the_packed_state_replicate_the_buffer():
   shards = step_lib.state_shardings(abstract, boxed, mesh, packing=packing)
   assert jax.tree.structure(shards) == jax.tree.structure(abstract)
   assert shards.params[packing_lib.PACKED]["vectors"].spec == jax.sharding.PartitionSpec()
+
+
+def test_conv_kernels_are_stored_output_channels_first():
+  """A packed conv kernel ``[*window, I, O]`` lies in its buffer as ``[O, *window, I]``
+  (cuDNN's filter order); it unpacks to itself, and its gradient lands in that order."""
+  rng = np.random.default_rng(1)
+  conv = jnp.asarray(rng.standard_normal((3, 1, 2, 5)), jnp.float32)      # [H, W, I, O]
+  conv3 = jnp.asarray(rng.standard_normal((1, 3, 3, 2, 4)), jnp.float32)  # [T, H, W, I, O]
+  params = {"net": {"c": {"kernel": conv}, "c3": {"kernel": conv3},
+                    "d": {"kernel": jnp.ones((2, 3), jnp.float32)}}}
+  packing = packing_lib.Packing.plan(params, jax.tree.map(lambda _: True, params),
+                                     matrices=True)
+  (name, bucket), = packing.buckets
+  assert [bucket.perm(i) for i in range(3)] == [(3, 0, 1, 2), (4, 0, 1, 2, 3), (0, 1)]
+  flat = packing.pack(params)[packing_lib.PACKED][name]
+  o = dict(zip(bucket.paths, bucket.offsets))
+  np.testing.assert_array_equal(flat[o[("net", "c", "kernel")]:][:30].reshape(5, 3, 1, 2),
+                                np.transpose(conv, (3, 0, 1, 2)))
+  back = packing.unpack(packing.pack(params))
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  weights = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+                         params)
+  loss = lambda p: sum(jnp.sum(jnp.sin(a) * w) for a, w in
+                       zip(jax.tree.leaves(p), jax.tree.leaves(weights)))
+  rest = packing.pack(params)
+  g = jax.grad(lambda f: loss(packing.unpack({**rest, packing_lib.PACKED: {name: f}})))(flat)
+  ref = jax.grad(loss)(params)
+  want = packing.pack(ref)[packing_lib.PACKED][name]
+  np.testing.assert_allclose(g, want, rtol=1e-6)
