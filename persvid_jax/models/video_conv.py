@@ -42,8 +42,16 @@ def _nearest_resize_hw(x: Array, size: tuple[int, int]) -> Array:
   ``src = floor(dst * in / out)``, i.e. torch ``F.interpolate(mode='nearest')``:
   a plain 2x repeat when ``out == 2 * in``, and the same pixels as diffusers
   when an odd-sized skip forces another size.
+
+  An integer factor is a broadcast and a reshape, whose gradient is a sum over
+  each pixel's copies (a gather's is a scatter-add: atomics on a GPU).
   """
   (h, w), (oh, ow) = x.shape[2:4], size
+  if oh % h == 0 and ow % w == 0:
+    fh, fw = oh // h, ow // w
+    b, t, _, _, c = x.shape
+    x = jnp.broadcast_to(x[:, :, :, None, :, None, :], (b, t, h, fh, w, fw, c))
+    return x.reshape(b, t, oh, ow, c)
   rows = (jnp.arange(oh) * h) // oh
   cols = (jnp.arange(ow) * w) // ow
   return jnp.take(jnp.take(x, rows, axis=2), cols, axis=3)

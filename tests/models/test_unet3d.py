@@ -604,3 +604,33 @@ def test_padded_keys_with_lengths_attend_as_unpadded():
   want = attention.dot_product_attention(q, k, v, num_heads=2)
   got = attention.dot_product_attention(q, kp, vp, num_heads=2, kv_lengths=lengths)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# 7. Nearest upsampling.
+# ----------------------------------------------------------------------------
+
+def _gathered(x, size):
+  """torch's nearest rule by index, as a gather (the reference)."""
+  rows = (np.arange(size[0]) * x.shape[2]) // size[0]
+  cols = (np.arange(size[1]) * x.shape[3]) // size[1]
+  return x[:, :, rows][:, :, :, cols]
+
+
+@pytest.mark.parametrize("size", [(8, 10), (12, 15), (7, 9)])
+def test_nearest_upsampling_is_torchs_rule(size):
+  """An integer factor (2x, 3x) is a broadcast whose gradient sums each pixel's
+  copies; another size (an odd skip) gathers; both give torch's pixels."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 4, 5, 6)).astype(np.float32)
+  got = video_conv._nearest_resize_hw(jnp.asarray(x), size)
+  np.testing.assert_array_equal(np.asarray(got), _gathered(x, size))
+  w = rng.standard_normal(got.shape).astype(np.float32)
+  g = jax.grad(lambda v: jnp.sum(video_conv._nearest_resize_hw(v, size) * w))(jnp.asarray(x))
+  ref = jax.grad(lambda v: jnp.sum(v[:, :, (np.arange(size[0]) * 4) // size[0]]
+                                   [:, :, :, (np.arange(size[1]) * 5) // size[1]] * w))(
+      jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-6)
+  if size[0] % 4 == 0 and size[1] % 5 == 0:
+    assert "gather" not in str(jax.make_jaxpr(
+        lambda v: video_conv._nearest_resize_hw(v, size))(x))
