@@ -316,14 +316,18 @@ class Generator:
     cascade: True (the method): base network, then SR. False samples the
       base network directly at the SR resolution (the no-cascade ablation:
       its 3x3 kernels tuned for small frames, run on large ones).
+    kv_cache: True computes the cross-attentions' text and detail keys and
+      values once per video (``stack.kv_cache_fn``); False at every step (the
+      reference path: the same videos, tested).
   """
 
   def __init__(self, model, *, steps: int | None = None, sr_steps: int | None = None,
                text_scale: float | None = None, detail_scale: float | None = None,
                fusion: str | None = None, detail_source: str = "auto",
-               cascade: bool = True):
+               cascade: bool = True, kv_cache: bool = True):
     c = model.config
     self.model = model
+    self.kv_cache = bool(kv_cache)
     _check_detail_source(detail_source)
     self.detail_source = detail_source
     self.cascade = bool(cascade)
@@ -428,9 +432,10 @@ class Generator:
     base_shape = (b, v.frames, v.height, v.width, v.channels)
     sr_shape = (b, v.frames, v.height * v.sr_factor, v.width * v.sr_factor, v.channels)
     base_cond, sr_cond = self._conditions(params, bank, jax.tree.map(jnp.asarray, inputs))
-    base_cond, sr_cond = self._caches(self._unet_params, base_cond, sr_cond,
-                                      base_shape=base_shape if use_cascade else sr_shape,
-                                      sr_shape=sr_shape if use_cascade else None)
+    if self.kv_cache:
+      base_cond, sr_cond = self._caches(self._unet_params, base_cond, sr_cond,
+                                        base_shape=base_shape if use_cascade else sr_shape,
+                                        sr_shape=sr_shape if use_cascade else None)
     if not use_cascade:
       video = samplers.sample(self._base_fn, self._unet_params["unet"], jax.random.key(seed),
                               sr_shape, sampler=self.sampler, cond=base_cond,

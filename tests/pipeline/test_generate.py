@@ -207,3 +207,16 @@ def test_an_empty_slot_gives_null_detail(micro_model, bank_and_concepts):
   base, _ = jax.device_get(g._conditions(micro_model.params, empty, inputs))
   np.testing.assert_allclose(base["cond"]["detail_tokens"], base["uncond"]["detail_tokens"],
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("cascade", [True, False])
+def test_cross_attention_cache_gives_the_same_videos(micro_model, bank_and_concepts, cascade):
+  """Keys and values once per video (the default) or at every step: the same videos."""
+  bank, concepts = bank_and_concepts
+  c = micro_model.config
+  slot = c.concepts.capacity - 1
+  resolved = [gen.resolve(MODE_CASES[i][0], concepts, slot, c) for i in (0, 1)]
+  outs = [gen.Generator(micro_model, steps=2, sr_steps=1, kv_cache=kv, cascade=cascade)(
+      bank, resolved, image_slot=slot, seed=3, progress=False) for kv in (True, False)]
+  np.testing.assert_allclose(outs[0].video, outs[1].video, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs[0].base, outs[1].base, rtol=1e-5, atol=1e-5)
