@@ -21,7 +21,7 @@ from persvid_jax.concepts import build
 from persvid_jax.concepts import database as db_lib
 from persvid_jax.concepts.bank import ConceptBank
 from persvid_jax.diffusion import losses, schedules
-from persvid_jax.models.stack import inference_params
+from persvid_jax.models.stack import inference_params, kv_cache_fn
 from persvid_jax.models.unet3d import UNet3D
 from persvid_jax.models.video_transformer import KV_CACHE
 from persvid_jax.pipeline import generate as gen
@@ -89,8 +89,7 @@ def denoise_program(config, shapes: Shapes, size: int, params=None, abstract: bo
   params = inference_params(params, config.dtype)
   make_inputs = lambda: unet_inputs(shapes, CFG_BATCH, size, jax.random.key(2))
 
-  def fill(p, x, t, ctx):
-    return unet.apply({"params": p}, x, t, ctx, mutable=[KV_CACHE])[1][KV_CACHE]
+  fill = kv_cache_fn(unet)
 
   def denoise(p, x, t, ctx, kv_cache):
     return unet.apply({"params": p, KV_CACHE: kv_cache}, x, t, ctx)

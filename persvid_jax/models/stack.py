@@ -252,19 +252,17 @@ def _variables(params: Any, kv_cache: Any) -> dict:
   return {"params": params} if kv_cache is None else {"params": params, KV_CACHE: kv_cache}
 
 
-def kv_cache_fn(stack: ModelStack, network: str = "unet") -> Callable:
-  """``fill(params, x_t, t, context, **kw) -> kv_cache`` for ``network`` (``'unet'``:
-  ``base_denoise_fn``'s arguments; ``'sr_unet'``: ``sr_denoise_fn``'s): the text
-  (and detail) keys and values of every cross-attention
-  (``video_transformer.KV_CACHE``), computed once per video and passed as
-  ``denoise(..., kv_cache=)`` at each of the sampler's steps.
+def kv_cache_fn(module: nn.Module) -> Callable:
+  """``fill(params, x_t, t, context, **kw) -> kv_cache`` for a generator ``module``
+  (``stack.unet``: ``base_denoise_fn``'s arguments; ``stack.sr_unet``:
+  ``sr_denoise_fn``'s): the text (and detail) keys and values of every
+  cross-attention (``video_transformer.KV_CACHE``), computed once per video and
+  passed as ``denoise(..., kv_cache=)`` at each of the sampler's steps.
 
   ``x_t``, ``t`` (and ``cond_video``) only give shapes: zeros will do. Call it
   under ``jax.jit``: the network's output is unused there, so XLA compiles only
   the ``to_k``/``to_v`` projections (eager, the whole network would run once).
   """
-  module = {"unet": stack.unet, "sr_unet": stack.sr_unet}[network]
-
   def fill(p, x_t, t, context, **kwargs):
     _, state = module.apply({"params": p}, x_t, t, context, mutable=[KV_CACHE], **kwargs)
     return state.get(KV_CACHE, {})

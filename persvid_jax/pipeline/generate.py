@@ -356,8 +356,8 @@ class Generator:
     self._null_ids = jnp.asarray(model.tokenizer.encode([""]))
     self._ctx = conditioning.Context.from_model(model)
     # The cross-attentions' keys and values: once per video, not at every step.
-    self._base_cache = stack_lib.kv_cache_fn(model.stack, "unet")
-    self._sr_cache = stack_lib.kv_cache_fn(model.stack, "sr_unet")
+    self._base_cache = stack_lib.kv_cache_fn(model.stack.unet)
+    self._sr_cache = stack_lib.kv_cache_fn(model.stack.sr_unet)
     self._conditions = jax.jit(self._conditions_fn)
     self._caches = jax.jit(self._caches_fn, static_argnames=("base_shape", "sr_shape"))
     self._decode = (jax.jit(lambda p, x: stack_lib.decode_latents(model.stack, p, x))

@@ -19,7 +19,7 @@ from persvid_jax import config_lib
 from persvid_jax import sharding as sh
 from persvid_jax.convert import unet3d as unet3d_convert
 from persvid_jax.convert.common import torch_layout
-from persvid_jax.models import attention, unet3d, video_conv, video_transformer
+from persvid_jax.models import attention, stack, unet3d, video_conv, video_transformer
 from persvid_jax.models.unet3d import UNet3D
 
 MODELSCOPE_PARAMS = 1_411_233_860   # diffusers' default UNet3DConditionModel()
@@ -562,11 +562,9 @@ def test_sharded_init_and_forward(tiny_config):
 # ----------------------------------------------------------------------------
 
 def _fill(model, variables, inputs):
-  """The ``KV_CACHE`` collection a ``mutable`` apply stores (jitted: projections only)."""
-  def fill(v, x):
-    args, kwargs = _call_args(x)
-    return model.apply(v, *args, mutable=[video_transformer.KV_CACHE], **kwargs)[1]
-  return jax.jit(fill)(variables, inputs)[video_transformer.KV_CACHE]
+  """The cache ``stack.kv_cache_fn`` fills for ``inputs`` (jitted: projections only)."""
+  args, kwargs = _call_args(inputs)
+  return jax.jit(stack.kv_cache_fn(model))(variables["params"], *args, **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["base", "sr"])
