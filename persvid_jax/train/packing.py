@@ -77,28 +77,26 @@ BUCKET_LEAVES = 64   # weight matrices a bucket: XLA fuses up to ~90 operands a 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
   """Leaves ``paths[i]`` of ``shapes[i]`` at ``flat[offsets[i]:offsets[i] + size_i]``
-  of one ``float32[size]`` buffer, each stored transposed by ``perms[i]`` (``()``:
-  as it is). Static (hashable)."""
+  of one ``float32[size]`` buffer, each stored transposed by ``perm(i)``. Static
+  (hashable)."""
   paths: tuple[tuple[str, ...], ...]
   shapes: tuple[tuple[int, ...], ...]
   offsets: tuple[int, ...]
   size: int
-  perms: tuple[tuple[int, ...], ...] = ()
 
   def perm(self, i: int) -> tuple[int, ...]:
-    """Leaf ``i``'s storage order (the identity if stored as it is)."""
-    return (self.perms[i] if self.perms and self.perms[i]
-            else tuple(range(len(self.shapes[i]))))
+    """Leaf ``i``'s storage order (``storage_perm``)."""
+    return storage_perm(self.paths[i], self.shapes[i])
 
 
 def storage_perm(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
   """How a packed leaf is stored: a convolution's kernel ``[*window, I, O]`` with
   its output channels first (``[O, *window, I]``, cuDNN's filter order: the
   forward reads it and the filter gradient comes out in it, no transpose either
-  way); everything else as it is (``()``)."""
+  way); everything else as it is (the identity)."""
   if path[-1] == "kernel" and len(shape) >= 3:
     return (len(shape) - 1,) + tuple(range(len(shape) - 1))
-  return ()
+  return tuple(range(len(shape)))
 
 
 def _bucket(leaves: list[tuple[tuple[str, ...], tuple[int, ...]]]) -> Bucket:
@@ -106,9 +104,8 @@ def _bucket(leaves: list[tuple[tuple[str, ...], tuple[int, ...]]]) -> Bucket:
   for _, shape in leaves:
     offsets.append(size)
     size += math.prod(shape)
-  perms = tuple(storage_perm(p, s) for p, s in leaves)
   return Bucket(paths=tuple(p for p, _ in leaves), shapes=tuple(s for _, s in leaves),
-                offsets=tuple(offsets), size=size, perms=perms if any(perms) else ())
+                offsets=tuple(offsets), size=size)
 
 
 def _stored(bucket: Bucket, i: int, leaf: jax.Array) -> jax.Array:
