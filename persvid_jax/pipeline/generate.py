@@ -389,18 +389,18 @@ class Generator:
     """``base_cond``, ``sr_cond`` with their networks' cross-attention keys and
     values (``kv_cache``, ``stack.kv_cache_fn``) for videos of ``base_shape`` (and
     ``sr_shape``; None: no SR): the samplers' steps then skip those projections."""
-    b = base_shape[0]
+    t = jnp.zeros((base_shape[0],), jnp.int32)   # shapes only, as the videos
     context = sr_cond["context"]
     base_cond, sr_cond = dict(base_cond), dict(sr_cond)
-    x, t, kwargs = guidance.stack_branches(
-        jnp.zeros(base_shape, jnp.float32), jnp.zeros((b,), jnp.int32),
+    x, tt, kwargs = guidance.stack_branches(
+        jnp.zeros(base_shape, jnp.float32), t,
         uncond=base_cond["uncond"], cond=base_cond["cond"], text_only=base_cond["text_only"],
         detail_scale=base_cond["detail_scale"])
-    base_cond["kv_cache"] = self._base_cache(unet_params["unet"], x, t, **kwargs)
+    base_cond["kv_cache"] = self._base_cache(unet_params["unet"], x, tt, **kwargs)
     if sr_shape is not None:
       cond_video = jnp.zeros(sr_shape[:-1] + (self.model.config.sr_unet.cond_channels,))
-      sr_cond["kv_cache"] = self._sr_cache(unet_params["sr_unet"], jnp.zeros(sr_shape), t[:b],
-                                           context, cond_video=cond_video, noise_level=t[:b])
+      sr_cond["kv_cache"] = self._sr_cache(unet_params["sr_unet"], jnp.zeros(sr_shape), t,
+                                           context, cond_video=cond_video, noise_level=t)
     return base_cond, sr_cond
 
   # ---- the host API -------------------------------------------------------------
