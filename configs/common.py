@@ -133,23 +133,24 @@ def train_config(stage: str = "base") -> ml_collections.ConfigDict:
 def check_shared_options(arg: ml_collections.ConfigDict) -> None:
   """Raises ``ConfigError`` for a bad value of a variant option every model config has.
 
-  ``sr_kernel`` and ``sr_dilation`` must be >= 1 and ``swap_at`` and
-  ``attention`` one of their choices: the model would refuse these only once
+  ``sr_kernel`` and ``sr_dilation`` must be >= 1 and ``swap_at``,
+  ``attention`` and ``norm`` one of their choices: the model would refuse these only once
   built, with a traceback.
   """
   config_lib.positive_int_options(arg, "sr_kernel", "sr_dilation")
   config_lib.choice_option(arg, "swap_at", ("input", "output"))
   config_lib.choice_option(arg, "attention", config_lib.ATTENTION_IMPLS)
+  config_lib.choice_option(arg, "norm", config_lib.NORM_IMPLS)
 
 
 def base_config(name: str, *, bf16: bool = False, stage: str = "base", swap_at: str = "input",
                 detail: int = 1, sr_kernel: int = 5, sr_dilation: int = 1,
-                attention: str = "auto") -> ml_collections.ConfigDict:
+                attention: str = "auto", norm: str = "auto") -> ml_collections.ConfigDict:
   """Every field of a model config, at toy size (what ``tiny.py`` runs as it is).
 
   Args mirror the variant options (``tiny.py``'s docstring): compute dtype,
   training stage, concept swap site, detail cross-attention on/off, the SR
-  network's spatial kernel and dilation, attention implementation. Raises
+  network's spatial kernel and dilation, attention and GroupNorm implementations. Raises
   ``ConfigError`` for an unknown stage.
   """
   config = ml_collections.ConfigDict()
@@ -160,6 +161,9 @@ def base_config(name: str, *, bf16: bool = False, stage: str = "base", swap_at: 
   # jax.nn.dot_product_attention's implementation; 'auto' resolves per call
   # (a runtime choice: the weights are the same for every value).
   config.attention_impl = attention
+  # The generators' GroupNorm forward: 'auto' = one Triton kernel (Pallas) where
+  # cuDNN's attention runs, XLA's three or four kernels elsewhere; 'xla', 'pallas'.
+  config.norm_impl = norm
 
   # Base (low-res) video and the SR scale. [B, T, H, W, C], values in [-1, 1].
   config.video = ml_collections.ConfigDict(dict(

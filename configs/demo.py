@@ -31,7 +31,8 @@ Variants: ``stage=base|personalize|sr``, ``bf16``, ``swap_at=input|output``,
 the shipped model; 4 -> 64 px, the SR network still trained on 16-px crops),
 ``steps=N`` (this stage's length instead of ``STEPS``),
 ``subject_weight=W`` (loss weight of subject pixels in base/personalize; 1 = off;
-default 10 for personalize, 1 for base), ``attention=auto|xla|cudnn`` (as in tiny).
+default 10 for personalize, 1 for base), ``attention=auto|xla|cudnn``,
+``norm=auto|xla|pallas`` (as in tiny).
 Built on ``common.py``'s schema, like its siblings ``tiny.py`` and ``modelscope.py``.
 """
 
@@ -48,12 +49,12 @@ STEPS = {"base": 500, "personalize": 3600, "sr": 1500}
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", stage="base",
                              sr_kernel=5, sr_dilation=1, sr_factor=2, steps=0,
-                             subject_weight=-1.0, attention="auto")
+                             subject_weight=-1.0, attention="auto", norm="auto")
   common.check_shared_options(arg)
   # The model would refuse it only once built (a ValueError traceback).
   config_lib.positive_int_options(arg, "sr_factor")
   config = common.base_config("demo", bf16=arg.bf16, stage=arg.stage, swap_at=arg.swap_at,
-                              attention=arg.attention)
+                              attention=arg.attention, norm=arg.norm)
 
   # The schema's toy sizes, widened: 8 frames, 16 concept slots, 64-wide encoders
   # with 4 heads, 4 px patches (the rest as in common.py).

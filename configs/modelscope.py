@@ -16,7 +16,9 @@ parameter table, 1411.23 M for the base generator.
 Variants: ``bf16``, ``detail=0`` (plain ModelScope layout), ``swap_at=...``,
 ``sr_kernel=K`` and ``sr_dilation=D`` (the SR network's spatial kernel; default
 3 at dilation 2, the base network's is 3 at dilation 1: the kernel change),
-``attention=auto|xla|cudnn`` (default auto: cuDNN's fused attention on a CUDA GPU).
+``attention=auto|xla|cudnn`` (default auto: cuDNN's fused attention on a CUDA GPU),
+``norm=auto|xla|pallas`` (the GroupNorms' forward; default auto: one Triton kernel
+each on a CUDA GPU).
 """
 
 import ml_collections
@@ -28,10 +30,12 @@ common = config_lib.import_sibling(__file__, "common")
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=True, swap_at="input", detail=1,
-                             sr_kernel=3, sr_dilation=2, attention="auto")
+                             sr_kernel=3, sr_dilation=2, attention="auto",
+                             norm="auto")
   common.check_shared_options(arg)
   # Sizes below replace the schema's toy ones; its defaults stay for the rest.
-  config = common.base_config("modelscope", bf16=arg.bf16, attention=arg.attention)
+  config = common.base_config("modelscope", bf16=arg.bf16, attention=arg.attention,
+                              norm=arg.norm)
 
   # 256 px video in the VAE's latent space (factor 8): 32x32x4 latents.
   config.video = ml_collections.ConfigDict(dict(

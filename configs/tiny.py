@@ -20,6 +20,8 @@ Variants (comma-separated, e.g. ``configs/tiny.py:bf16,swap_at=output``):
   attention=A    'auto' (default: cuDNN's fused attention on a CUDA GPU in
                  bf16, XLA's elsewhere), 'xla' or 'cudnn' (see
                  persvid_jax/models/attention.py).
+  norm=N         the generators' GroupNorm forward: 'auto' (default: one Triton
+                 kernel each on a CUDA GPU, XLA's elsewhere), 'xla' or 'pallas'.
   latent         diffusion in the latent space of TINY_VAE (a frozen VAE with
                  random weights, factor 2: 8x8x4 base latents of 16 px frames,
                  16x16x4 SR latents of 32 px ones; see common.use_latent_space).
@@ -75,11 +77,13 @@ def shrink_to_micro(config: ml_collections.ConfigDict) -> None:
 def get_config(arg=None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, bf16=False, swap_at="input", detail=1, stage="base",
                              micro=False, latent=False,
-                             sr_kernel=5, sr_dilation=1, attention="auto")
+                             sr_kernel=5, sr_dilation=1, attention="auto",
+                             norm="auto")
   common.check_shared_options(arg)
   config = common.base_config("tiny", bf16=arg.bf16, stage=arg.stage, swap_at=arg.swap_at,
                               detail=arg.detail, sr_kernel=arg.sr_kernel,
-                              sr_dilation=arg.sr_dilation, attention=arg.attention)
+                              sr_dilation=arg.sr_dilation, attention=arg.attention,
+                              norm=arg.norm)
   if arg.micro:
     shrink_to_micro(config)
   if arg.latent:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ModelScope-size benchmark on one GPU, within about 8.5 minutes:
+# The ModelScope-size benchmark on one GPU, within about 9 minutes:
 #
 #   bash launch/bench_gpu.sh [OUT_DIR]        (default: $OUT, else ./bench_out)
 #
@@ -16,16 +16,18 @@
 # 4. end to end: adding a concept from one photo and the cascade (25 DDIM steps
 # at 256 px + 10 at 512 px, 16 frames, CFG), our side only; 5. the train and
 # 256 px denoise steps again in a new process, compiled from the persistent
-# cache the first phases filled (the "second process" compile time).
+# cache the first phases filled (the "second process" compile time); 6. the
+# 256 px denoise step with XLA's GroupNorm instead of the Triton kernel
+# (`modelscope:norm=xla`): the A/B that decides the kernel's default.
 # Each phase has its own time limit and writes its JSON after every row, so a
 # phase cut by its limit still leaves the rows it finished.
 #
 # Output: OUT/bench.md (the tables), OUT/{attention,bench_train,bench,bench_e2e,
-# bench_warm}.json, OUT/*.log (stderr), OUT/env.txt. Environment: STEPS
-# (timed calls per row, default 10), ATT_S / TRAIN_S / STEPS_S / E2E_S / WARM_S
-# (phase limits in seconds, default 30 / 150 / 160 / 80 / 70), WHL (the wheel
-# folder, default .whl beside launch/), CACHE (the compilation cache, emptied
-# first; default /tmp/persvid_bench_cache).
+# bench_warm,bench_norm_xla}.json, OUT/*.log (stderr), OUT/env.txt. Environment:
+# STEPS (timed calls per row, default 10), ATT_S / TRAIN_S / STEPS_S / E2E_S /
+# WARM_S / NORM_S (phase limits in seconds, default 30 / 150 / 160 / 80 / 70 /
+# 40), WHL (the wheel folder, default .whl beside launch/), CACHE (the
+# compilation cache, emptied first; default /tmp/persvid_bench_cache).
 set -uo pipefail
 
 OUT_DIR=${1:-${OUT:-bench_out}}
@@ -35,6 +37,7 @@ TRAIN_S=${TRAIN_S:-150}
 STEPS_S=${STEPS_S:-160}
 E2E_S=${E2E_S:-80}
 WARM_S=${WARM_S:-70}
+NORM_S=${NORM_S:-40}
 CACHE=${CACHE:-/tmp/persvid_bench_cache}
 mkdir -p "$OUT_DIR"
 # A cold persistent cache: the first phases measure first-call compiles and fill
@@ -100,4 +103,5 @@ phase bench_train "$TRAIN_S" --peer --which train
 phase bench "$STEPS_S" --peer --which denoise256,denoise512
 phase bench_e2e "$E2E_S" --which concept,cascade
 phase bench_warm "$WARM_S" --which denoise256,train --steps 3
+phase bench_norm_xla "$NORM_S" --which denoise256 --config modelscope:norm=xla
 cat "$OUT_DIR/bench.md"

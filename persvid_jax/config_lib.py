@@ -285,6 +285,8 @@ TRAIN_STAGES = ("base", "sr", "personalize")
 _MODEL_WEIGHTS = "model.safetensors"
 # config.attention_impl (persvid_jax.models.attention.IMPLEMENTATIONS is this tuple).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# config.norm_impl (persvid_jax.models.attention.GROUP_NORM_IMPLS is this tuple).
+NORM_IMPLS = ("auto", "xla", "pallas")
 
 
 def _number(value: Any) -> bool:
@@ -348,6 +350,9 @@ def check_train_config(config: ml_collections.ConfigDict, *, paths: bool = True)
   if config.get("attention_impl") not in ATTENTION_IMPLS + (None,):
     raise ConfigError(f"config.attention_impl={config.get('attention_impl')!r}; use one of "
                       f"{', '.join(ATTENTION_IMPLS)}")
+  if config.get("norm_impl") not in NORM_IMPLS + (None,):
+    raise ConfigError(f"config.norm_impl={config.get('norm_impl')!r}; use one of "
+                      f"{', '.join(NORM_IMPLS)}")
   problems = _train_problems(tc)
   if problems:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

@@ -138,10 +138,18 @@ def compile_only_devices(card: Card, count: int = 1) -> list[jax.Device]:
 
 @contextlib.contextmanager
 def cudnn_as_on(card: Card):
-  """Within: ``attention_impl='auto'`` resolves as it would on ``card`` (cuDNN's
-  fused attention from compute capability 8.0 on), not as on this CPU."""
+  """Within: ``attention_impl='auto'`` and the GroupNorm's ``'auto'`` resolve as
+  they would on ``card`` (cuDNN's fused attention and the Triton GroupNorm from
+  compute capability 8.0 on), not as on this CPU."""
   with attention.assume_cudnn(card.capability >= (8, 0)):
     yield
+
+
+def lowering_for(device: jax.Device):
+  """Within: lowering targets ``device`` (a compile-only GPU), as Pallas's Triton
+  lowering needs: it reads the GPU's generation from the default device. Only
+  around ``lower``: an eager op there would try to run on a device that is not."""
+  return jax.default_device(device)
 
 
 # ----------------------------------------------------------------------------
@@ -186,6 +194,8 @@ def _kind(op: str, rest: str) -> str:
       return "conv (cuDNN)"
     if "cublas" in target or "gemm" in target.lower():
       return "gemm"
+    if target == "__gpu$xla.gpu.triton":   # a Pallas kernel (ours: the GroupNorm's)
+      return "pallas"
     return "other custom call"
   if op == "fusion":
     if re.search(r"__triton_(nested_)?gemm|__cudnn\$fusion", rest):
@@ -270,6 +280,12 @@ def _sliced_reads(hlo_text: str) -> dict[str, dict[int, int]]:
   return out
 
 
+# Kernels whose time is their memory traffic. A Pallas kernel's bytes are its
+# operands and results, read or written once (ours, the GroupNorm, reads its
+# input twice in one kernel, the second time mostly from L2).
+_MEMORY_BOUND = ("elementwise / reduction", "copy / transpose", "pallas")
+
+
 def kernel_summary(hlo_text: str) -> dict[str, Any]:
   """What the entry computation of a compiled GPU program launches.
 
@@ -280,9 +296,9 @@ def kernel_summary(hlo_text: str) -> dict[str, Any]:
     ``{kernels, by_kind: {kind: count}, memory_bound_bytes}``: ``kernels`` counts
     the entry computation's instructions that launch work (fusions, custom calls,
     copies; not parameters, tuples or bitcasts); ``memory_bound_bytes`` sums the
-    operand and result bytes of the elementwise / reduction fusions and copies,
-    the kernels whose time is their memory traffic (an operand the kernel only
-    slices counts with the bytes of its slices).
+    operand and result bytes of the elementwise / reduction fusions, copies and
+    Pallas kernels, the kernels whose time is their memory traffic (an operand
+    the kernel only slices counts with the bytes of its slices).
   """
   sliced = _sliced_reads(hlo_text)
   entry = hlo_text[hlo_text.index("\nENTRY "):]
@@ -299,7 +315,7 @@ def kernel_summary(hlo_text: str) -> dict[str, Any]:
       continue
     kind = _kind(op, rest)
     by_kind[kind] += 1
-    if kind in ("elementwise / reduction", "copy / transpose"):
+    if kind in _MEMORY_BOUND:
       calls = re.search(r"calls=%?([\w.\-]+)", rest) if op == "fusion" else None
       reads = sliced.get(calls.group(1), {}) if calls else {}
       moved += sizes[name] + sum(reads.get(i, sizes.get(o, 0))
@@ -347,7 +363,8 @@ def _sharded_train(config, shapes: Shapes, devices, fsdp: int):
                                                    pack_matrices=fsdp == 1)
   boxed = {"unet": ours.abstract_unet_params(ours.our_unet(config), shapes, boxed=True)}
   shards = step_lib.state_shardings(state, boxed, mesh, packing=train_step.packing)
-  return step_lib.compile_train_step(train_step, state, shards, batch, mesh)
+  with lowering_for(devices[0]):
+    return step_lib.compile_train_step(train_step, state, shards, batch, mesh)
 
 
 def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
@@ -399,8 +416,9 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
           fn, params, inputs = ours.denoise_program(config, shapes, latent_side(shapes, w),
                                                 abstract=True)
           start = time.perf_counter()
-          lowered = ours.jit_denoise(fn, params, len(inputs), devices[0]).lower(
-              *place((params, *inputs), devices[0]))
+          with lowering_for(devices[0]):
+            lowered = ours.jit_denoise(fn, params, len(inputs), devices[0]).lower(
+                *place((params, *inputs), devices[0]))
           lower_s = time.perf_counter() - start
           row.update(compile_report(lowered))
           row["compile_s"] += lower_s
@@ -430,19 +448,19 @@ def aot_markdown(result: dict) -> str:
            f"config `{result['config']}`. Memory: what XLA assigned (arguments + outputs + "
            f"temporaries - donated), of the card's {fmt_bytes(result['memory_bytes'])}. "
            f"Kernels: launches of one call. Roofline parts: FLOPs at "
-           f"{result['peak_tflops']:.0f} TFLOP/s; the elementwise / reduction / copy "
+           f"{result['peak_tflops']:.0f} TFLOP/s; the elementwise / reduction / copy / Pallas "
            f"kernels' bytes at {result['bandwidth_tbs']} TB/s. A sharded row (x N GPUs): "
            f"memory, kernels, bytes and compute per GPU, FLOPs of the whole step.", "",
            "| work | shape | compile s (here) | memory | of card | kernels | cuDNN attention "
-           "fwd / bwd | cuDNN conv | gemm | elementwise, copies | collectives | their bytes | "
-           "FLOPs | compute ms | memory ms |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "fwd / bwd | cuDNN conv | gemm | elementwise, copies | Pallas | collectives | "
+           "their bytes | FLOPs | compute ms | memory ms |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   notes = []
   for r in result["rows"]:
     work = r["work"] + (f" x {r['gpus']} GPUs (fsdp {r['fsdp']})" if r.get("gpus", 1) > 1
                         else "")
     if r["error"]:
-      lines.append(f"| {work} | {r['shape']} | fails | | | | | | | | | | | | |")
+      lines.append(f"| {work} | {r['shape']} | fails | | | | | | | | | | | | | |")
       notes.append(f"- {work}: {r['error']}")
       continue
     k = r["by_kind"]
@@ -452,6 +470,6 @@ def aot_markdown(result: dict) -> str:
         f"{k.get('attention fwd (cuDNN)', 0)} / {k.get('attention bwd (cuDNN)', 0)} | "
         f"{k.get('conv (cuDNN)', 0)} | {k.get('gemm', 0)} | "
         f"{k.get('elementwise / reduction', 0) + k.get('copy / transpose', 0)} | "
-        f"{k.get('collective', 0)} | {r['memory_bound_bytes'] / 1e9:.1f} GB | "
+        f"{k.get('pallas', 0)} | {k.get('collective', 0)} | {r['memory_bound_bytes'] / 1e9:.1f} GB | "
         f"{fmt_flops(r['flops'])} | {fmt(r['compute_ms'], '.1f')} | {r['memory_ms']:.1f} |")
   return "\n".join(lines + ([""] + notes if notes else []))

@@ -51,7 +51,8 @@ def jit_denoise(denoise: Callable, params: Any, n_inputs: int, device: jax.Devic
 def our_unet(config):
   return UNet3D.from_config(bench_unet_config(config), dtype=config.dtype,
                             param_dtype=config.param_dtype,
-                            attention_impl=config.get("attention_impl"))
+                            attention_impl=config.get("attention_impl"),
+                            norm_impl=config.get("norm_impl"))
 
 
 def unet_inputs(shapes: Shapes, batch: int, size: int, rng: jax.Array):

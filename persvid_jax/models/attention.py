@@ -26,6 +26,7 @@ import numpy as np
 
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
+from persvid_jax.models import group_norm_pallas
 
 Dtype = Any
 
@@ -207,9 +208,10 @@ def _per_channel(v: jax.Array, channels: int, ndim: int) -> jax.Array:
   return v.reshape(v.shape[:-1] + (1,) * (ndim - v.ndim) + (channels,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
 def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
-                    epsilon: float, batch_dims: int, silu: bool, dtype: Any) -> jax.Array:
+                    epsilon: float, batch_dims: int, silu: bool, dtype: Any,
+                    kernel: str = "xla") -> jax.Array:
   """GroupNorm (+ SiLU) of ``x [*batch, *reduced, C]`` in float32, cast to ``dtype``.
 
   The first ``batch_dims`` axes are samples; statistics run over the other axes
@@ -223,11 +225,21 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
   group kernel and one elementwise pass for ``dx``, the SiLU's derivative
   recomputed inside. Autodiff of the forward gives XLA a float32 copy of the
   normalised activations and two more reduction stages.
+
+  ``kernel``: the forward's implementation, ``'xla'`` (three or four kernels on
+  a GPU), ``'pallas'`` (one Triton kernel, ``group_norm_pallas``; CUDA GPUs) or
+  ``'interpret'`` (that kernel in Pallas's interpreter, for tests on a CPU). The
+  gradient is XLA's in every case.
   """
-  return _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype)[0]
+  return _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel)[0]
 
 
-def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype):
+def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel="xla"):
+  if kernel != "xla":
+    y, mean, rstd = group_norm_pallas.group_norm_silu_fwd(
+        x, scale, bias, groups, epsilon, batch_dims, silu, dtype,
+        interpret=kernel == "interpret")
+    return y, (x, scale, bias, mean, rstd)
   xf = x.astype(jnp.float32)
   c = x.shape[-1]
   axes = tuple(range(batch_dims, x.ndim - 1))
@@ -242,8 +254,8 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype):
   return y.astype(dtype), (x, scale, bias, mean, rstd)
 
 
-def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, res, dy):
-  del epsilon, dtype
+def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
+  del epsilon, dtype, kernel
   x, scale, bias, mean, rstd = res
   c = x.shape[-1]
   axes = tuple(range(batch_dims, x.ndim - 1))
@@ -299,6 +311,10 @@ class GroupNorm(nn.Module):
   applies SiLU and casts) and three or four for the gradient. ``nn.GroupNorm``
   reduces over a ``[.., G, C/G]`` view whose reduced axes are not contiguous, and
   costs four to six kernels forward and about seven backward.
+
+  ``implementation``: the forward's kernel, ``'auto'`` (the Triton kernel of
+  ``group_norm_pallas`` where cuDNN's attention runs: a CUDA GPU of compute
+  capability 8.0 or newer; XLA's elsewhere), ``'xla'`` or ``'pallas'``.
   """
   num_groups: int
   epsilon: float = 1e-5
@@ -306,6 +322,7 @@ class GroupNorm(nn.Module):
   activation: str | None = None       # None or "silu"
   dtype: Dtype = jnp.float32          # output dtype
   param_dtype: Dtype = jnp.float32
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -321,7 +338,33 @@ class GroupNorm(nn.Module):
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                            (sh.NORM,)), (c,), self.param_dtype)
     return group_norm_silu(x, scale, bias, self.num_groups, float(self.epsilon),
-                           self.batch_dims, self.activation == "silu", jnp.dtype(self.dtype))
+                           self.batch_dims, self.activation == "silu", jnp.dtype(self.dtype),
+                           resolve_group_norm(self.implementation))
+
+
+GROUP_NORM_IMPLS = config_lib.NORM_IMPLS   # ("auto", "xla", "pallas")
+
+
+def resolve_group_norm(implementation: str | None) -> str:
+  """``'xla'`` or ``'pallas'``: what ``implementation`` (``'auto'``, ``'xla'``,
+  ``'pallas'`` or ``None`` = ``'auto'``) runs here; ``'auto'`` is ``'pallas'`` on a
+  CUDA GPU of compute capability 8.0 or newer (or within ``assume_cudnn(True)``)
+  when this jax has Pallas's Triton backend.
+
+  Raises:
+    ValueError: an unknown implementation, or ``'pallas'`` without that backend.
+  """
+  implementation = implementation or "auto"
+  if implementation not in GROUP_NORM_IMPLS:
+    raise ValueError(f"GroupNorm implementation {implementation!r}; use one of "
+                     f"{', '.join(GROUP_NORM_IMPLS)}")
+  if implementation == "pallas" and not group_norm_pallas.available():
+    raise ValueError("GroupNorm implementation 'pallas' needs Pallas's Triton backend, which "
+                     f"jax {jax.__version__} lacks; use 'xla' or 'auto'")
+  if implementation != "auto":
+    return implementation
+  gpu = _ASSUMED[-1] if _ASSUMED else _cuda_ampere_or_newer()
+  return "pallas" if gpu and group_norm_pallas.available() else "xla"
 
 
 IMPLEMENTATIONS = config_lib.ATTENTION_IMPLS   # ("auto", "xla", "cudnn")
@@ -329,6 +372,17 @@ IMPLEMENTATIONS = config_lib.ATTENTION_IMPLS   # ("auto", "xla", "cudnn")
 # cuDNN's fused (flash) attention: head widths it takes on every GPU jax
 # supports it on (Hopper takes up to 256; 128 keeps one rule for A100 too).
 _CUDNN_MAX_HEAD_DIM = 128
+
+
+def _cuda_ampere_or_newer() -> bool:
+  """The default backend is a CUDA GPU of compute capability 8.0 or newer."""
+  if jax.default_backend() != "gpu":
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return tuple(int(x) for x in str(capability).split(".")[:2]) >= (8, 0)
+  except ValueError:   # None or an unknown format (ROCm)
+    return False
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,13 +396,7 @@ def cudnn_available() -> bool:
   raises at trace time where it cannot run it (no CUDA GPU, no cuDNN it can
   load), so the probe answers with jax's own rules instead of a copy of them.
   """
-  if jax.default_backend() != "gpu":
-    return False
-  capability = getattr(jax.devices()[0], "compute_capability", None)
-  try:
-    if tuple(int(x) for x in str(capability).split(".")[:2]) < (8, 0):
-      return False
-  except ValueError:   # None or an unknown format (ROCm): no cuDNN
+  if not _cuda_ampere_or_newer():
     return False
   spec = jax.ShapeDtypeStruct((1, 128, 1, 64), jnp.bfloat16)
   try:
@@ -364,7 +412,8 @@ _ASSUMED: list[bool] = []   # innermost assume_cudnn() answer, if any
 
 @contextlib.contextmanager
 def assume_cudnn(available: bool):
-  """Within: ``'auto'`` resolves as if ``cudnn_available()`` answered ``available``.
+  """Within: ``'auto'`` resolves as if ``cudnn_available()`` answered ``available``
+  (the attention's, and the GroupNorm's: its Triton kernel where cuDNN's attention runs).
 
   For compiling on this host for a GPU that is not here (``persvid_jax.bench.aot``):
   the programs must be traced as that GPU would trace them. Tracing only; what

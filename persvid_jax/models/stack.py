@@ -102,8 +102,8 @@ class ModelStack:
         image_encoder=ImageEncoder.from_config(config.image, **kw),
         mapper=ReferenceMapper.from_config(config, **kw),
         extractor=DetailExtractor.from_config(config, **kw),
-        unet=UNet3D.from_config(config.unet, **kw),
-        sr_unet=UNet3D.from_config(config.sr_unet, **kw),
+        unet=UNet3D.from_config(config.unet, norm_impl=config.get("norm_impl"), **kw),
+        sr_unet=UNet3D.from_config(config.sr_unet, norm_impl=config.get("norm_impl"), **kw),
         config=config, vae=vae)
 
   @property

@@ -206,6 +206,7 @@ class _BlockBase(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str = "auto"
 
 
 # The two layer groups every block repeats. Free functions, not methods: linen
@@ -215,7 +216,7 @@ class _BlockBase(nn.Module):
 def _resnet_layer(block: _BlockBase, j: int, x: Array, cond: _Conditioning) -> Array:
   """``resnets_{j}`` (spatial) then ``temp_convs_{j}`` (temporal)."""
   s = block.spec
-  kw = dict(dtype=block.dtype, param_dtype=block.param_dtype)
+  kw = dict(dtype=block.dtype, param_dtype=block.param_dtype, norm_impl=block.norm_impl)
   cls = nn.remat(ResnetBlock) if s.remat else ResnetBlock
   x = cls(block.features, s.norm_num_groups, s.norm_eps, kernel_size=s.spatial_kernel_size,
           dilation=s.spatial_dilation, name=f"resnets_{j}", **kw)(x, cond.temb)
@@ -228,7 +229,7 @@ def _attention_layer(block: _BlockBase, j: int, x: Array, cond: _Conditioning) -
   """``attentions_{j}`` (spatial + text/detail) then ``temp_attentions_{j}``."""
   s = block.spec
   kw = dict(dtype=block.dtype, param_dtype=block.param_dtype,
-            attention_impl=block.attention_impl)
+            attention_impl=block.attention_impl, norm_impl=block.norm_impl)
   heads = block.features // s.head_dim
   spatial = nn.remat(SpatialTransformer) if s.remat else SpatialTransformer
   temporal = nn.remat(TemporalTransformer) if s.remat else TemporalTransformer
@@ -317,6 +318,8 @@ class UNet3D(nn.Module):
     dtype: compute dtype (e.g. bfloat16); norms and softmax stay float32.
     param_dtype: parameter dtype (float32).
     attention_impl: ``jax.nn.dot_product_attention`` implementation.
+    norm_impl: the GroupNorms' forward (``attention.GroupNorm.implementation``:
+      'auto', 'xla' or 'pallas').
 
   Under a mesh with ``nn.logical_axis_rules`` the video activations are
   constrained at block boundaries to ``sharding.BATCH`` on their leading axis
@@ -326,14 +329,15 @@ class UNet3D(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str = "auto"
 
   @classmethod
   def from_config(cls, unet_config, *, dtype="float32", param_dtype="float32",
-                  attention_impl=None, **kwargs) -> "UNet3D":
+                  attention_impl=None, norm_impl=None, **kwargs) -> "UNet3D":
     """From ``config.unet`` / ``config.sr_unet``; dtypes may be strings."""
     return cls(spec=UNet3DSpec.from_config(unet_config), dtype=attention.dtype_of(dtype),
                param_dtype=attention.dtype_of(param_dtype), attention_impl=attention_impl,
-               **kwargs)
+               norm_impl=norm_impl or "auto", **kwargs)
 
   def _check_inputs(self, x, context, context_mask, detail_tokens, cond_video, noise_level):
     """Shape errors at the boundary, naming the expected shape (trace time, free)."""
@@ -417,10 +421,12 @@ class UNet3D(nn.Module):
       h = jnp.concatenate([h, cond_video.astype(self.dtype)], axis=-1)
     h = _constrain(conv(c0, (3, 3), name="conv_in", **kw)(h))
     h = TemporalTransformer(s.transformer_in_heads, s.head_dim, s.norm_num_groups,
-                            attention_impl=self.attention_impl, name="transformer_in", **kw)(h)
+                            attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                            name="transformer_in", **kw)(h)
     h = _constrain(h)
 
-    block_kw = dict(spec=s, attention_impl=self.attention_impl, **kw)
+    block_kw = dict(spec=s, attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                    **kw)
     # 3. Down.
     skips = [h]
     for i, kind in enumerate(s.down_block_types):
@@ -446,5 +452,5 @@ class UNet3D(nn.Module):
 
     # 6. Output.
     h = GroupNorm(s.norm_num_groups, epsilon=s.norm_eps, batch_dims=2, activation="silu",
-                  name="conv_norm_out", **kw)(h)
+                  implementation=self.norm_impl, name="conv_norm_out", **kw)(h)
     return conv(s.out_channels, (3, 3), name="conv_out", **kw)(h)

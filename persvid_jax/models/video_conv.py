@@ -73,6 +73,7 @@ class ResnetBlock(nn.Module):
   dilation: int = 1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, temb: Array) -> Array:
@@ -80,7 +81,7 @@ class ResnetBlock(nn.Module):
 
     def norm(name, y):   # per frame, then SiLU
       return GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, batch_dims=2,
-                       activation="silu", name=name, **kw)(y)
+                       activation="silu", implementation=self.norm_impl, name=name, **kw)(y)
 
     h = norm("norm1", x)
     h = spatial_conv(self.features, self.kernel_size, self.dilation, name="conv1", **kw)(h)
@@ -101,12 +102,13 @@ class NormSiLUConv3d(nn.Module):
   zero_init: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     h = GroupNorm(self.norm_num_groups, epsilon=TEMPORAL_CONV_GROUP_NORM_EPS, batch_dims=1,
-                  activation="silu", name="norm", dtype=self.dtype,
-                  param_dtype=self.param_dtype)(x)
+                  activation="silu", implementation=self.norm_impl, name="norm",
+                  dtype=self.dtype, param_dtype=self.param_dtype)(x)
     if self.dropout:
       h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     init = nn.initializers.zeros_init() if self.zero_init else nn.initializers.lecun_normal()
@@ -155,10 +157,11 @@ class TemporalConvLayer(nn.Module):
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, norm_impl=self.norm_impl)
     c = x.shape[-1]
     h = x
     for i in range(1, 5):

@@ -283,6 +283,7 @@ class SpatialTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, context: Array, context_mask: Array | None = None,
@@ -292,7 +293,7 @@ class SpatialTransformer(nn.Module):
     b, t, h, w, c = x.shape
     inner = self.heads * self.head_dim
     y = GroupNorm(self.norm_num_groups, epsilon=TRANSFORMER_GROUP_NORM_EPS, batch_dims=2,
-                  name="norm", **kw)(x).reshape(b * t, h * w, c)
+                  implementation=self.norm_impl, name="norm", **kw)(x).reshape(b * t, h * w, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, detail_dim=self.detail_dim,
                               attention_impl=self.attention_impl,
@@ -319,6 +320,7 @@ class TemporalTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -326,7 +328,7 @@ class TemporalTransformer(nn.Module):
     b, t, h, w, c = x.shape
     inner = self.heads * self.head_dim
     y = GroupNorm(self.norm_num_groups, epsilon=TRANSFORMER_GROUP_NORM_EPS, batch_dims=1,
-                  name="norm", **kw)(x)
+                  implementation=self.norm_impl, name="norm", **kw)(x)
     y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, attention_impl=self.attention_impl,

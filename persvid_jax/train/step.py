@@ -214,7 +214,7 @@ def compile_train_step(train_step: Callable, abstract_state: Any, state_shards: 
       in_shardings=(state_formats, batch_shardings(abstract_batch, mesh), replicated),
       out_shardings=(state_formats, replicated),
       donate_argnums=(0,))
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  rng = jax.eval_shape(jax.random.key, 0)   # no eager op: the device may be compile-only
   start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sh.LOGICAL_RULES):
     compiled = jitted.lower(abstract_state, abstract_batch, rng).compile()

@@ -168,6 +168,32 @@ def test_tiny_config_compiles_for_an_h100(tmp_path):
   assert "fails" not in r.stdout
   hlo = (tmp_path / "hlo" / "denoise256.hlo.txt").read_text()
   assert "__cudnn$fmhaSoftmax" in hlo
+  # 'auto' GroupNorms are Triton kernels there, counted as Pallas launches.
+  assert aot.kernel_summary(hlo)["by_kind"]["pallas"] == hlo.count('"__gpu$xla.gpu.triton"') > 10
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
+def test_group_norm_kernel_compiles_for_an_h100_and_counts_its_bytes():
+  """One Triton launch where XLA emits three or four; its bytes are its
+  operands and results (``x``, ``scale``, ``bias`` in; ``y``, mean, rstd out)."""
+  from persvid_jax.models import group_norm_pallas
+  device, = aot.compile_only_devices(aot.CARDS["h100"])
+  s = jax.ShapeDtypeStruct
+  x, p = s((2, 4, 16, 16, 320), jnp.bfloat16), s((320,), jnp.float32)
+  for kernel, want in (("pallas", 1), ("xla", 3)):
+    f = lambda x, a, b: attention.group_norm_silu(x, a, b, 32, 1e-6, 2, True, jnp.bfloat16,
+                                                  kernel)
+    with aot.lowering_for(device):
+      report = aot.compile_report(jax.jit(f).lower(*aot.place((x, p, p), device)))
+    assert report["kernels"] == want, report["by_kind"]
+  assert report["by_kind"] == {"elementwise / reduction": 3}
+  with aot.lowering_for(device):
+    report = aot.compile_report(jax.jit(
+        lambda x, a, b: group_norm_pallas.group_norm_silu_fwd(x, a, b, 32, 1e-6, 2, True,
+                                                              jnp.bfloat16)
+    ).lower(*aot.place((x, p, p), device)))
+  assert report["by_kind"] == {"pallas": 1}
+  assert report["memory_bound_bytes"] == 2 * (2 * 4 * 16 * 16 * 320 * 2) + 2 * 320 * 4 + 2 * 8 * 32 * 4
 
 
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")

@@ -1,0 +1,156 @@
+"""GroupNorm (+ SiLU) forward in one Pallas (Triton) kernel, for CUDA GPUs.
+
+XLA cannot fuse a normalisation's reduction with the pass that uses its result:
+on a GPU a GroupNorm forward is three kernels (per-channel sums of ``x`` and
+``x^2``, the group statistics, the normalising pass) and four over a whole
+video, about 560 of the sampler's 1,390 kernels at the ModelScope size. Here
+each Triton program owns ``gb`` groups of one sample, streams that ``[L, gb,
+C/G]`` slab twice (the sums, then normalise + SiLU + cast) and writes the group
+mean and rstd that the gradient (``attention._group_norm_bwd``, XLA's) reads.
+Both reads of the slab are in one kernel, so the second is mostly served from
+L2 at the sizes that matter (a grid's slabs at 256 px total ~20 MB, the H200's
+L2 is 50 MB).
+
+The numbers are ``attention.group_norm_silu``'s: float32 sums, ``E[x^2] -
+E[x]^2`` clamped at 0, ``epsilon`` inside the rsqrt, ``(x - mean) * rstd *
+scale + bias``. Triton tensors have power-of-2 sizes, so a group's ``C/G``
+channels (10, 20 or 40 at 320/640/1280 channels and 32 groups) are loaded as
+the next power of 2 with a mask; the rows of a slab as tiles of ``rows``, the
+last one masked.
+
+Pallas's Triton backend is deprecated from jax 0.11 (it warns once per
+compile); where a later jax drops it, ``available()`` says so and the
+GroupNorm's ``'auto'`` runs XLA's.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+try:   # Pallas's Triton backend: deprecated in jax 0.11 in favour of Mosaic GPU
+  from jax.experimental.pallas import triton as plgpu
+except ImportError:   # a jax without it: attention.resolve_group_norm answers 'xla'
+  plgpu = None
+
+# A grid of at least this many programs (about two per SM on an H100/H200)
+# before a program takes more than one group: more groups a program give longer
+# contiguous runs of channels (better coalesced), fewer programs less parallelism.
+_MIN_PROGRAMS = 256
+# Elements of one loaded tile: 4,096 is 32 float32 registers a thread at 4 warps.
+_TILE = 4096
+
+
+def available() -> bool:
+  """Whether this jax has Pallas's Triton backend (the kernel's)."""
+  return plgpu is not None
+
+
+def tiles(samples: int, length: int, groups: int, group_width: int) -> tuple[int, int]:
+  """``(gb, rows)``: groups per program and rows per tile for a ``[samples, length,
+  groups, group_width]`` input.
+
+  ``gb``: the largest power of 2 dividing ``groups`` that keeps ``samples *
+  groups / gb >= 256`` programs (1 when even that is fewer), at most 256
+  channels. ``rows``: a power of 2 filling a tile of ~4,096 elements, at most
+  ``length`` rounded up to a power of 2.
+  """
+  gb = 1
+  while (groups % (2 * gb) == 0 and samples * groups // (2 * gb) >= _MIN_PROGRAMS
+         and 2 * gb * group_width <= 256):
+    gb *= 2
+  width = gb * pl.next_power_of_2(group_width)
+  rows = max(1, min(_TILE // width, pl.next_power_of_2(length)))
+  return gb, rows
+
+
+def _kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, length: int, rows: int,
+            epsilon: float, silu: bool):
+  """One program: ``x_ref, y_ref [L, gb, C/G]``, ``scale_ref, bias_ref [gb, C/G]``,
+  ``mean_ref, rstd_ref [gb]``."""
+  f32 = jnp.float32
+  gb, width = x_ref.shape[-2:]
+  padded = pl.next_power_of_2(width)
+  in_group = jnp.arange(padded) < width                                   # [P]
+  params_mask = jnp.broadcast_to(in_group[None, :], (gb, padded))
+
+  def tile(i):
+    """Rows ``[i * rows, (i + 1) * rows)``: a view of the tile and its mask."""
+    in_rows = (i * rows + jnp.arange(rows)) < length
+    mask = in_rows[:, None, None] & in_group[None, None, :]
+    return x_ref.at[pl.ds(i * rows, rows), :, pl.ds(0, padded)], mask
+
+  def sums(i, carry):
+    s, ss = carry
+    view, mask = tile(i)
+    x = plgpu.load(view, mask=mask, other=0.0).astype(f32)               # [rows, gb, P]
+    return s + x.sum(0), ss + (x * x).sum(0)
+
+  zero = jnp.zeros((gb, padded), f32)
+  steps = pl.cdiv(length, rows)
+  s, ss = jax.lax.fori_loop(0, steps, sums, (zero, zero))
+  count = length * width
+  mean = s.sum(-1) / count                                                # [gb]
+  rstd = jax.lax.rsqrt(jnp.maximum(ss.sum(-1) / count - mean * mean, 0.0) + epsilon)
+  scale = plgpu.load(scale_ref.at[:, pl.ds(0, padded)], mask=params_mask, other=0.0)
+  bias = plgpu.load(bias_ref.at[:, pl.ds(0, padded)], mask=params_mask, other=0.0)
+  scale, bias = scale.astype(f32)[None], bias.astype(f32)[None]          # [1, gb, P]
+
+  def normalise(i, _):
+    view, mask = tile(i)
+    x = plgpu.load(view, mask=mask, other=0.0).astype(f32)
+    z = (x - mean[None, :, None]) * rstd[None, :, None] * scale + bias
+    if silu:
+      z = z * jax.nn.sigmoid(z)
+    plgpu.store(y_ref.at[pl.ds(i * rows, rows), :, pl.ds(0, padded)], z.astype(y_ref.dtype),
+                mask=mask)
+    return 0
+
+  jax.lax.fori_loop(0, steps, normalise, 0)
+  mean_ref[...] = mean
+  rstd_ref[...] = rstd
+
+
+def group_norm_silu_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+                        epsilon: float, batch_dims: int, silu: bool, dtype: Any, *,
+                        interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """GroupNorm (+ SiLU) of ``x [*batch, *reduced, C]`` in one kernel.
+
+  Args:
+    x: any float dtype; the first ``batch_dims`` axes are samples, statistics
+      run over the others and each group's ``C // groups`` channels.
+    scale, bias: ``[C]``.
+    groups, epsilon, silu: as ``attention.group_norm_silu``.
+    dtype: the output's dtype.
+    interpret: run Pallas's interpreter (any backend; for tests on a CPU).
+
+  Returns:
+    ``y`` (``x``'s shape, ``dtype``), ``mean`` and ``rstd`` (``[*batch, G]``
+    float32), what ``attention._group_norm_fwd`` returns.
+  """
+  batch = x.shape[:batch_dims]
+  c = x.shape[-1]
+  samples = math.prod(batch)
+  length = math.prod(x.shape[batch_dims:-1])
+  width = c // groups
+  gb, rows = tiles(samples, length, groups, width)
+  kernel = functools.partial(_kernel, length=length, rows=rows, epsilon=epsilon, silu=silu)
+  slab = pl.BlockSpec((None, length, gb, width), lambda n, g: (n, 0, g, 0))
+  per_group = pl.BlockSpec((None, gb), lambda n, g: (n, g))
+  params = pl.BlockSpec((gb, width), lambda n, g: (g, 0))
+  stats = jax.ShapeDtypeStruct((samples, groups), jnp.float32)
+  y, mean, rstd = pl.pallas_call(
+      kernel, grid=(samples, groups // gb),
+      in_specs=[slab, params, params], out_specs=[slab, per_group, per_group],
+      out_shape=[jax.ShapeDtypeStruct((samples, length, groups, width), jnp.dtype(dtype)),
+                 stats, stats],
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=interpret, name="group_norm_silu",
+  )(x.reshape(samples, length, groups, width), scale.reshape(groups, width),
+    bias.reshape(groups, width))
+  return y.reshape(x.shape), mean.reshape(batch + (groups,)), rstd.reshape(batch + (groups,))

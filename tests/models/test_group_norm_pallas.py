@@ -1,0 +1,135 @@
+"""The Triton GroupNorm kernel (``group_norm_pallas``) against XLA's GroupNorm.
+
+The kernel runs here in Pallas's interpreter (the same kernel body, its masked
+loads and stores included); that it lowers and compiles for a GPU is tested in
+tests/launch/test_aot.py where jax's CUDA plugin is installed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from persvid_jax.models import attention, group_norm_pallas
+from persvid_jax.models.attention import GroupNorm
+
+
+def _inputs(shape, dtype=jnp.bfloat16, seed=0):
+  k = jax.random.split(jax.random.key(seed), 3)
+  c = shape[-1]
+  x = (jax.random.normal(k[0], shape) * 3.0 + 1.5).astype(dtype)    # |mean| > std
+  return x, 1.0 + 0.3 * jax.random.normal(k[1], (c,)), 0.3 * jax.random.normal(k[2], (c,))
+
+
+@pytest.mark.parametrize("shape, batch_dims, groups", [
+    ((2, 3, 6, 10, 320), 2, 32),    # per frame, 10 channels a group (loaded as 16)
+    ((2, 3, 5, 7, 64), 1, 32),      # a whole video, 2 a group; 105 rows: the last tile masked
+    ((4, 100, 24), 1, 8),           # 3 a group
+    ((3, 2, 4, 4, 256), 2, 8),      # 32 a group, several groups a program
+])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_kernel_matches_xla(shape, batch_dims, groups, silu, dtype):
+  x, scale, bias = _inputs(shape)
+  y, mean, rstd = group_norm_pallas.group_norm_silu_fwd(
+      x, scale, bias, groups, 1e-5, batch_dims, silu, dtype, interpret=True)
+  want, (_, _, _, want_mean, want_rstd) = attention._group_norm_fwd(
+      x, scale, bias, groups, 1e-5, batch_dims, silu, dtype)
+  assert y.dtype == jnp.dtype(dtype) and y.shape == x.shape
+  assert mean.shape == rstd.shape == shape[:batch_dims] + (groups,)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(rstd, want_rstd, rtol=1e-5)   # sums in another order
+  # float32: rounding apart; bf16: at most one unit in the last place.
+  tol = 1e-5 if dtype == jnp.float32 else 2.0 ** -7
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32),
+                             rtol=tol, atol=tol)
+
+
+def test_kernel_differs_where_the_statistics_differ():
+  """Not vacuous: a group's statistics come from its own channels only."""
+  x, scale, bias = _inputs((2, 16, 64))
+  x = x.at[:, :, :8].add(20.0)                         # the first group only
+  y, mean, _ = group_norm_pallas.group_norm_silu_fwd(x, scale, bias, 8, 1e-5, 1, False,
+                                                      jnp.float32, interpret=True)
+  _, (_, _, _, want_mean, _) = attention._group_norm_fwd(x, scale, bias, 8, 1e-5, 1, False,
+                                                         jnp.float32)
+  np.testing.assert_allclose(mean, want_mean, rtol=1e-6)
+  assert float(jnp.abs(mean[:, 0]).min()) > 5 * float(jnp.abs(mean[:, 1:]).max())
+
+
+def test_gradient_through_the_kernel_is_xlas():
+  """The custom VJP's backward reads the kernel's mean and rstd: the gradient
+  equals the all-XLA one."""
+  x, scale, bias = _inputs((2, 3, 4, 4, 64), jnp.float32)
+  w = jax.random.normal(jax.random.key(9), x.shape)
+
+  def loss(kernel):
+    return lambda x, s, b: jnp.sum(
+        attention.group_norm_silu(x, s, b, 8, 1e-6, 2, True, jnp.float32, kernel) * w)
+  got = jax.grad(loss("interpret"), (0, 1, 2))(x, scale, bias)
+  want = jax.grad(loss("xla"), (0, 1, 2))(x, scale, bias)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+@pytest.mark.parametrize("samples, length, groups, width", [
+    (32, 1024, 32, 10), (2, 16384, 32, 20), (32, 256, 32, 40), (1, 7, 4, 3), (512, 64, 32, 8)])
+def test_tiles(samples, length, groups, width):
+  gb, rows = group_norm_pallas.tiles(samples, length, groups, width)
+  assert groups % gb == 0 and gb * width <= 256
+  programs = samples * groups // gb
+  assert gb == 1 or programs >= 256, "more groups a program only while the grid stays wide"
+  assert groups % (2 * gb) or programs // 2 < 256 or 2 * gb * width > 256, "gb is the largest"
+  padded = gb * group_norm_pallas.pl.next_power_of_2(width)
+  assert rows & (rows - 1) == 0 and rows * padded <= 4096
+  assert rows <= group_norm_pallas.pl.next_power_of_2(length)
+
+
+def test_auto_picks_the_kernel_where_cudnn_runs(monkeypatch):
+  assert attention.resolve_group_norm("auto") == "xla"       # this CPU
+  assert attention.resolve_group_norm(None) == "xla"
+  with attention.assume_cudnn(True):
+    assert attention.resolve_group_norm("auto") == "pallas"
+    assert attention.resolve_group_norm("xla") == "xla"
+  assert attention.resolve_group_norm("pallas") == "pallas"
+  with pytest.raises(ValueError, match="GroupNorm implementation 'triton'; use one of auto"):
+    attention.resolve_group_norm("triton")
+  with pytest.raises(ValueError, match="GroupNorm implementation 'fast'"):
+    GroupNorm(4, implementation="fast").init(jax.random.key(0), jnp.ones((1, 4, 8)))
+  # A jax without Pallas's Triton backend (deprecated from 0.11): XLA's, or a clear refusal.
+  monkeypatch.setattr(group_norm_pallas, "plgpu", None)
+  with attention.assume_cudnn(True):
+    assert attention.resolve_group_norm("auto") == "xla"
+  with pytest.raises(ValueError, match="needs Pallas's Triton backend"):
+    attention.resolve_group_norm("pallas")
+
+
+@pytest.mark.parametrize("norm, kernels", [("pallas", True), ("xla", False), ("auto", False)])
+def test_every_generator_group_norm_takes_the_configs_implementation(norm, kernels):
+  """``config.norm_impl`` reaches every GroupNorm of both generators (traced on
+  this CPU, where 'auto' is XLA's): one Pallas call per GroupNorm, or none."""
+  from flax import linen as nn
+  from persvid_jax import config_lib
+  from persvid_jax.models.stack import ModelStack
+  stack = ModelStack.from_config(config_lib.load_config(f"tiny:norm={norm}"))
+  for net in (stack.unet, stack.sr_unet):
+    args, kwargs = stack.example_inputs()["sr_unet" if net is stack.sr_unet else "unet"]
+    calls = []
+
+    def count(f, args, kwargs, context):
+      if isinstance(context.module, GroupNorm) and context.method_name == "__call__":
+        calls.append(context.module.implementation)
+      return f(*args, **kwargs)
+    with nn.intercept_methods(count):
+      jaxpr = jax.make_jaxpr(lambda: net.init(jax.random.key(0), *args, **kwargs))()
+    assert len(calls) > 10 and set(calls) == {norm}
+    assert str(jaxpr).count("pallas_call") == (len(calls) if kernels else 0)
+
+
+def test_bad_norm_option_is_refused():
+  from persvid_jax import config_lib
+  with pytest.raises(config_lib.ConfigError, match="norm='triton'"):
+    config_lib.load_config("tiny:norm=triton")
+  config = config_lib.load_config("tiny")
+  config.norm_impl = "triton"   # as --config.norm_impl=triton would
+  with pytest.raises(config_lib.ConfigError, match="config.norm_impl='triton'"):
+    config_lib.check_train_config(config, paths=False)
