@@ -236,9 +236,10 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
 
 def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel="xla"):
   if kernel != "xla":
-    y, mean, rstd = group_norm_pallas.group_norm_silu_fwd(
-        x, scale, bias, groups, epsilon, batch_dims, silu, dtype,
-        interpret=kernel == "interpret")
+    y, mean, rstd = _per_batch_shard(functools.partial(
+        group_norm_pallas.group_norm_silu_fwd, groups=groups, epsilon=epsilon,
+        batch_dims=batch_dims, silu=silu, dtype=dtype, interpret=kernel == "interpret"),
+        x, scale, bias)
     return y, (x, scale, bias, mean, rstd)
   xf = x.astype(jnp.float32)
   c = x.shape[-1]
@@ -252,6 +253,25 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, ke
        * scale.astype(jnp.float32) + bias.astype(jnp.float32))
   y = jax.nn.silu(z) if silu else z
   return y.astype(dtype), (x, scale, bias, mean, rstd)
+
+
+def _per_batch_shard(fn, x: jax.Array, scale: jax.Array, bias: jax.Array):
+  """``fn(x, scale, bias) -> (y, mean, rstd)``, each ``[B, ...]``, run on each
+  device's shard of the batch under a mesh of several devices.
+
+  XLA's partitioner cannot split a kernel's custom call; the norm's samples are
+  independent, so ``shard_map`` over the mesh axes the batch is laid out on
+  (``sharding.BATCH`` under the active logical rules; the whole call on every
+  device where there are none) gives each device its own samples.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return fn(x, scale, bias)
+  batch = nn.logical_to_mesh_axes((sh.BATCH,))
+  spec = jax.sharding.PartitionSpec(batch[0] if batch is not None else None)
+  return jax.shard_map(fn, in_specs=(spec, jax.sharding.PartitionSpec(),
+                                     jax.sharding.PartitionSpec()),
+                       out_specs=(spec, spec, spec), check_vma=False)(x, scale, bias)
 
 
 def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
