@@ -228,8 +228,9 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
 
   ``kernel``: the forward's implementation, ``'xla'`` (three or four kernels on
   a GPU), ``'pallas'`` (one Triton kernel, ``group_norm_pallas``; CUDA GPUs) or
-  ``'interpret'`` (that kernel in Pallas's interpreter, for tests on a CPU). The
-  gradient is XLA's in every case.
+  ``'interpret'`` (that kernel in Pallas's interpreter, for tests on a CPU); with
+  either kernel the gradient is one kernel too (``group_norm_silu_bwd``) and a
+  small reduction for the scale and bias gradients.
   """
   return _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel)[0]
 
@@ -239,7 +240,7 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, ke
     y, mean, rstd = _per_batch_shard(functools.partial(
         group_norm_pallas.group_norm_silu_fwd, groups=groups, epsilon=epsilon,
         batch_dims=batch_dims, silu=silu, dtype=dtype, interpret=kernel == "interpret"),
-        x, scale, bias)
+        (x,), (scale, bias))
     return y, (x, scale, bias, mean, rstd)
   xf = x.astype(jnp.float32)
   c = x.shape[-1]
@@ -255,9 +256,10 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, ke
   return y.astype(dtype), (x, scale, bias, mean, rstd)
 
 
-def _per_batch_shard(fn, x: jax.Array, scale: jax.Array, bias: jax.Array):
-  """``fn(x, scale, bias) -> (y, mean, rstd)``, each ``[B, ...]``, run on each
-  device's shard of the batch under a mesh of several devices.
+def _per_batch_shard(fn, batched: tuple, shared: tuple):
+  """``fn(*batched, *shared)``, whose ``batched`` arguments and results are all
+  ``[B, ...]`` (``shared``: the norm's scale and bias), run on each device's
+  shard of the batch under a mesh of several devices.
 
   XLA's partitioner cannot split a kernel's custom call; the norm's samples are
   independent, so ``shard_map`` over the mesh axes the batch is laid out on
@@ -266,17 +268,26 @@ def _per_batch_shard(fn, x: jax.Array, scale: jax.Array, bias: jax.Array):
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return fn(x, scale, bias)
+    return fn(*batched, *shared)
   batch = nn.logical_to_mesh_axes((sh.BATCH,))
   spec = jax.sharding.PartitionSpec(batch[0] if batch is not None else None)
-  return jax.shard_map(fn, in_specs=(spec, jax.sharding.PartitionSpec(),
-                                     jax.sharding.PartitionSpec()),
-                       out_specs=(spec, spec, spec), check_vma=False)(x, scale, bias)
+  replicated = jax.sharding.PartitionSpec()
+  return jax.shard_map(fn, in_specs=(spec,) * len(batched) + (replicated,) * len(shared),
+                       out_specs=spec, check_vma=False)(*batched, *shared)
 
 
 def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
-  del epsilon, dtype, kernel
+  del epsilon, dtype
   x, scale, bias, mean, rstd = res
+  zero = jnp.zeros((), jnp.float32)
+  if kernel != "xla":
+    dx, sum_dz, sum_dz_xhat = _per_batch_shard(functools.partial(
+        group_norm_pallas.group_norm_silu_bwd, groups=groups, batch_dims=batch_dims,
+        silu=silu, interpret=kernel == "interpret"), (x, dy, mean, rstd), (scale, bias))
+    dbias, dscale = jax.lax.reduce((sum_dz, sum_dz_xhat), (zero, zero),
+                                   lambda p, q: (p[0] + q[0], p[1] + q[1]),
+                                   tuple(range(batch_dims)))
+    return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
   c = x.shape[-1]
   axes = tuple(range(batch_dims, x.ndim - 1))
   count = math.prod(x.shape[a] for a in axes) * (c // groups)
@@ -296,7 +307,6 @@ def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
   dz, x_hat = dz_and_x_hat(x, dy, mean, rstd)
   sum_dz, sum_dz_xhat = _partial_sums(dz, dz * x_hat, axes,   # [*batch, *outer, C]
                                       variadic=True)
-  zero = jnp.zeros((), jnp.float32)
   dbias, dscale = jax.lax.reduce((sum_dz, sum_dz_xhat), (zero, zero),    # one kernel
                                  lambda p, q: (p[0] + q[0], p[1] + q[1]),
                                  tuple(range(sum_dz.ndim - 1)))

@@ -56,19 +56,41 @@ def test_kernel_differs_where_the_statistics_differ():
   assert float(jnp.abs(mean[:, 0]).min()) > 5 * float(jnp.abs(mean[:, 1:]).max())
 
 
-def test_gradient_through_the_kernel_is_xlas():
-  """The custom VJP's backward reads the kernel's mean and rstd: the gradient
-  equals the all-XLA one."""
-  x, scale, bias = _inputs((2, 3, 4, 4, 64), jnp.float32)
+@pytest.mark.parametrize("shape, batch_dims, groups, silu", [
+    ((2, 3, 4, 4, 64), 2, 8, True),      # per frame, 8 channels a group
+    ((2, 3, 5, 7, 96), 1, 32, True),     # a whole video, 3 a group, a masked last tile
+    ((2, 3, 4, 4, 320), 2, 32, False),   # 10 a group, no SiLU
+])
+def test_gradient_kernel_matches_xla(shape, batch_dims, groups, silu):
+  """The backward kernel (the sums of dz and dz * x_hat, then dx) and the
+  scale / bias gradients from its sums: equal to the all-XLA gradient."""
+  x, scale, bias = _inputs(shape, jnp.float32)
   w = jax.random.normal(jax.random.key(9), x.shape)
 
   def loss(kernel):
     return lambda x, s, b: jnp.sum(
-        attention.group_norm_silu(x, s, b, 8, 1e-6, 2, True, jnp.float32, kernel) * w)
+        attention.group_norm_silu(x, s, b, groups, 1e-6, batch_dims, silu, jnp.float32,
+                                  kernel) * w)
   got = jax.grad(loss("interpret"), (0, 1, 2))(x, scale, bias)
   want = jax.grad(loss("xla"), (0, 1, 2))(x, scale, bias)
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_gradient_kernel_in_bf16():
+  """bf16 activations and output gradient: ``dx`` in bf16 within its rounding."""
+  x, scale, bias = _inputs((2, 3, 4, 4, 320))
+  dy = jax.random.normal(jax.random.key(5), x.shape).astype(jnp.bfloat16)
+  _, (_, _, _, mean, rstd) = attention._group_norm_fwd(x, scale, bias, 32, 1e-6, 2, True,
+                                                       jnp.bfloat16)
+  got = attention._group_norm_bwd(32, 1e-6, 2, True, jnp.bfloat16, "interpret",
+                                  (x, scale, bias, mean, rstd), dy)
+  want = attention._group_norm_bwd(32, 1e-6, 2, True, jnp.bfloat16, "xla",
+                                   (x, scale, bias, mean, rstd), dy)
+  assert got[0].dtype == jnp.bfloat16
+  for a, b in zip(got, want):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=2.0 ** -7, atol=2.0 ** -7 * float(np.abs(b).max()))
 
 
 @pytest.mark.parametrize("samples, length, groups, width", [
