@@ -282,7 +282,7 @@ def _sliced_reads(hlo_text: str) -> dict[str, dict[int, int]]:
 
 # Kernels whose time is their memory traffic. A Pallas kernel's bytes are its
 # operands and results, read or written once (ours, the GroupNorm, reads its
-# input twice in one kernel, the second time mostly from L2).
+# input twice in one kernel; the second read should mostly hit L2).
 _MEMORY_BOUND = ("elementwise / reduction", "copy / transpose", "pallas")
 
 

@@ -1,4 +1,4 @@
-"""GroupNorm (+ SiLU) forward in one Pallas (Triton) kernel, for CUDA GPUs.
+"""GroupNorm (+ SiLU) forward and gradient, each one Pallas (Triton) kernel, for CUDA GPUs.
 
 XLA cannot fuse a normalisation's reduction with the pass that uses its result:
 on a GPU a GroupNorm forward is three kernels (per-channel sums of ``x`` and
@@ -9,10 +9,9 @@ C/G]`` slab twice (the sums, then normalise + SiLU + cast) and writes the group
 mean and rstd that the gradient reads. The gradient (``group_norm_silu_bwd``)
 is one kernel too: per program, the sums of ``dz`` and ``dz * x_hat`` over its
 slab, then ``dx`` on a second read; the scale and bias gradients are those sums
-added over the samples (one small XLA reduction).
-Both reads of the slab are in one kernel, so the second is mostly served from
-L2 at the sizes that matter (a grid's slabs at 256 px total ~20 MB, the H200's
-L2 is 50 MB).
+added over the samples (one small XLA reduction). Both reads of a slab are in
+one kernel, so L2 should serve most of the second (a wave of programs' slabs at
+256 px is ~20 MB, the H200's L2 50 MB); unmeasured until a GPU run.
 
 The numbers are ``attention.group_norm_silu``'s: float32 sums, ``E[x^2] -
 E[x]^2`` clamped at 0, ``epsilon`` inside the rsqrt, ``(x - mean) * rstd *
