@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,46 +71,99 @@ def tiles(samples: int, length: int, groups: int, group_width: int) -> tuple[int
   return gb, rows
 
 
+class _Layout(NamedTuple):
+  """How a ``[*batch, *reduced, C]`` input is viewed and cut: ``[samples, length,
+  groups, width]``, a grid of ``(samples, groups / gb)`` programs, tiles of
+  ``rows`` rows."""
+  batch: tuple[int, ...]
+  samples: int
+  length: int
+  groups: int
+  width: int
+  gb: int
+  rows: int
+
+  @classmethod
+  def of(cls, x: jax.Array, groups: int, batch_dims: int) -> "_Layout":
+    batch = x.shape[:batch_dims]
+    samples, length = math.prod(batch), math.prod(x.shape[batch_dims:-1])
+    width = x.shape[-1] // groups
+    return cls(batch, samples, length, groups, width, *tiles(samples, length, groups, width))
+
+  def view(self, a: jax.Array) -> jax.Array:
+    return a.reshape(self.samples, self.length, self.groups, self.width)
+
+  def call(self, kernel, inputs, in_specs, out_specs, out_shape, name: str, interpret: bool):
+    """``pl.pallas_call`` over this layout's grid; specs by name: ``'slab'``
+    (``[L, gb, C/G]`` of a sample), ``'per_group'`` (``[gb]``), ``'params'``
+    (``[gb, C/G]``, shared by the samples), ``'per_channel'`` (``[gb, C/G]`` of a
+    sample)."""
+    gb, width = self.gb, self.width
+    specs = dict(slab=pl.BlockSpec((None, self.length, gb, width), lambda n, g: (n, 0, g, 0)),
+                 per_group=pl.BlockSpec((None, gb), lambda n, g: (n, g)),
+                 params=pl.BlockSpec((gb, width), lambda n, g: (g, 0)),
+                 per_channel=pl.BlockSpec((None, gb, width), lambda n, g: (n, g, 0)))
+    return pl.pallas_call(
+        functools.partial(kernel, length=self.length, rows=self.rows),
+        grid=(self.samples, self.groups // gb),
+        in_specs=[specs[k] for k in in_specs], out_specs=[specs[k] for k in out_specs],
+        out_shape=out_shape, compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret, name=name)(*inputs)
+
+
+class _Slab(NamedTuple):
+  """In a program: the masks and the scale and bias of its ``gb`` groups, each
+  group's channels padded to ``padded`` (a power of 2)."""
+  padded: int
+  in_group: jax.Array      # [P]
+  params_mask: jax.Array   # [gb, P]
+  scale: jax.Array         # [1, gb, P] float32
+  bias: jax.Array          # [1, gb, P] float32
+
+  @classmethod
+  def of(cls, scale_ref, bias_ref) -> "_Slab":
+    gb, width = scale_ref.shape
+    padded = pl.next_power_of_2(width)
+    in_group = jnp.arange(padded) < width
+    params_mask = jnp.broadcast_to(in_group[None, :], (gb, padded))
+    load = lambda ref: plgpu.load(ref.at[:, pl.ds(0, padded)], mask=params_mask,
+                                  other=0.0).astype(jnp.float32)[None]
+    return cls(padded, in_group, params_mask, load(scale_ref), load(bias_ref))
+
+  def window(self, i, rows: int, length: int):
+    """Rows ``[i * rows, (i + 1) * rows)``: the index of a tile and its mask."""
+    mask = ((i * rows + jnp.arange(rows)) < length)[:, None, None] & self.in_group[None, None]
+    return (pl.ds(i * rows, rows), slice(None), pl.ds(0, self.padded)), mask
+
+
 def _kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, length: int, rows: int,
             epsilon: float, silu: bool):
   """One program: ``x_ref, y_ref [L, gb, C/G]``, ``scale_ref, bias_ref [gb, C/G]``,
   ``mean_ref, rstd_ref [gb]``."""
   f32 = jnp.float32
-  gb, width = x_ref.shape[-2:]
-  padded = pl.next_power_of_2(width)
-  in_group = jnp.arange(padded) < width                                   # [P]
-  params_mask = jnp.broadcast_to(in_group[None, :], (gb, padded))
+  slab = _Slab.of(scale_ref, bias_ref)
 
-  def tile(i):
-    """Rows ``[i * rows, (i + 1) * rows)``: a view of the tile and its mask."""
-    in_rows = (i * rows + jnp.arange(rows)) < length
-    mask = in_rows[:, None, None] & in_group[None, None, :]
-    return x_ref.at[pl.ds(i * rows, rows), :, pl.ds(0, padded)], mask
+  def load(i):
+    index, mask = slab.window(i, rows, length)
+    return plgpu.load(x_ref.at[index], mask=mask, other=0.0).astype(f32), index, mask
 
   def sums(i, carry):
-    s, ss = carry
-    view, mask = tile(i)
-    x = plgpu.load(view, mask=mask, other=0.0).astype(f32)               # [rows, gb, P]
-    return s + x.sum(0), ss + (x * x).sum(0)
+    x = load(i)[0]                                                        # [rows, gb, P]
+    return carry[0] + x.sum(0), carry[1] + (x * x).sum(0)
 
-  zero = jnp.zeros((gb, padded), f32)
+  zero = jnp.zeros(slab.params_mask.shape, f32)
   steps = pl.cdiv(length, rows)
   s, ss = jax.lax.fori_loop(0, steps, sums, (zero, zero))
-  count = length * width
+  count = length * x_ref.shape[-1]
   mean = s.sum(-1) / count                                                # [gb]
   rstd = jax.lax.rsqrt(jnp.maximum(ss.sum(-1) / count - mean * mean, 0.0) + epsilon)
-  scale = plgpu.load(scale_ref.at[:, pl.ds(0, padded)], mask=params_mask, other=0.0)
-  bias = plgpu.load(bias_ref.at[:, pl.ds(0, padded)], mask=params_mask, other=0.0)
-  scale, bias = scale.astype(f32)[None], bias.astype(f32)[None]          # [1, gb, P]
 
   def normalise(i, _):
-    view, mask = tile(i)
-    x = plgpu.load(view, mask=mask, other=0.0).astype(f32)
-    z = (x - mean[None, :, None]) * rstd[None, :, None] * scale + bias
+    x, index, mask = load(i)
+    z = (x - mean[None, :, None]) * rstd[None, :, None] * slab.scale + slab.bias
     if silu:
       z = z * jax.nn.sigmoid(z)
-    plgpu.store(y_ref.at[pl.ds(i * rows, rows), :, pl.ds(0, padded)], z.astype(y_ref.dtype),
-                mask=mask)
+    plgpu.store(y_ref.at[index], z.astype(y_ref.dtype), mask=mask)
     return 0
 
   jax.lax.fori_loop(0, steps, normalise, 0)
@@ -135,26 +188,15 @@ def group_norm_silu_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, groups:
     ``y`` (``x``'s shape, ``dtype``), ``mean`` and ``rstd`` (``[*batch, G]``
     float32), what ``attention._group_norm_fwd`` returns.
   """
-  batch = x.shape[:batch_dims]
-  c = x.shape[-1]
-  samples = math.prod(batch)
-  length = math.prod(x.shape[batch_dims:-1])
-  width = c // groups
-  gb, rows = tiles(samples, length, groups, width)
-  kernel = functools.partial(_kernel, length=length, rows=rows, epsilon=epsilon, silu=silu)
-  slab = pl.BlockSpec((None, length, gb, width), lambda n, g: (n, 0, g, 0))
-  per_group = pl.BlockSpec((None, gb), lambda n, g: (n, g))
-  params = pl.BlockSpec((gb, width), lambda n, g: (g, 0))
-  stats = jax.ShapeDtypeStruct((samples, groups), jnp.float32)
-  y, mean, rstd = pl.pallas_call(
-      kernel, grid=(samples, groups // gb),
-      in_specs=[slab, params, params], out_specs=[slab, per_group, per_group],
-      out_shape=[jax.ShapeDtypeStruct((samples, length, groups, width), jnp.dtype(dtype)),
-                 stats, stats],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret, name="group_norm_silu",
-  )(x.reshape(samples, length, groups, width), scale.reshape(groups, width),
-    bias.reshape(groups, width))
+  layout = _Layout.of(x, groups, batch_dims)
+  stats = jax.ShapeDtypeStruct((layout.samples, groups), jnp.float32)
+  y, mean, rstd = layout.call(
+      functools.partial(_kernel, epsilon=epsilon, silu=silu),
+      (layout.view(x), scale.reshape(groups, -1), bias.reshape(groups, -1)),
+      ("slab", "params", "params"), ("slab", "per_group", "per_group"),
+      [jax.ShapeDtypeStruct(layout.view(x).shape, jnp.dtype(dtype)), stats, stats],
+      "group_norm_silu", interpret)
+  batch = layout.batch
   return y.reshape(x.shape), mean.reshape(batch + (groups,)), rstd.reshape(batch + (groups,))
 
 
@@ -164,52 +206,43 @@ def _bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, dx_ref, 
   ``mean_ref, rstd_ref [gb]``, ``scale_ref, bias_ref [gb, C/G]``, and the
   per-channel sums of ``dz`` and ``dz * x_hat`` over the slab, ``[gb, C/G]``."""
   f32 = jnp.float32
-  gb, width = x_ref.shape[-2:]
-  padded = pl.next_power_of_2(width)
-  in_group = jnp.arange(padded) < width
-  params_mask = jnp.broadcast_to(in_group[None, :], (gb, padded))
+  slab = _Slab.of(scale_ref, bias_ref)
   mean = mean_ref[...][None, :, None]
   rstd = rstd_ref[...][None, :, None]
-  scale = plgpu.load(scale_ref.at[:, pl.ds(0, padded)], mask=params_mask, other=0.0)
-  bias = plgpu.load(bias_ref.at[:, pl.ds(0, padded)], mask=params_mask, other=0.0)
-  scale, bias = scale.astype(f32)[None], bias.astype(f32)[None]          # [1, gb, P]
 
-  def tile(i):
-    """``(dz, x_hat, mask)`` of rows ``[i * rows, (i + 1) * rows)``; zero where masked."""
-    in_rows = (i * rows + jnp.arange(rows)) < length
-    mask = in_rows[:, None, None] & in_group[None, None, :]
-    window = (pl.ds(i * rows, rows), slice(None), pl.ds(0, padded))
-    x = plgpu.load(x_ref.at[window], mask=mask, other=0.0).astype(f32)
-    dz = plgpu.load(dy_ref.at[window], mask=mask, other=0.0).astype(f32)
+  def load(i):
+    """``(dz, x_hat, index, mask)`` of tile ``i``; ``dz`` is 0 where masked."""
+    index, mask = slab.window(i, rows, length)
+    x = plgpu.load(x_ref.at[index], mask=mask, other=0.0).astype(f32)
+    dz = plgpu.load(dy_ref.at[index], mask=mask, other=0.0).astype(f32)
     x_hat = (x - mean) * rstd      # where masked, dz is 0: no term of either sum
     if silu:
-      z = x_hat * scale + bias
-      s = jax.nn.sigmoid(z)
-      dz = dz * s * (1.0 + z * (1.0 - s))
-    return dz, x_hat, mask
+      z = x_hat * slab.scale + slab.bias
+      sig = jax.nn.sigmoid(z)
+      dz = dz * sig * (1.0 + z * (1.0 - sig))
+    return dz, x_hat, index, mask
 
   def sums(i, carry):
-    a, b = carry
-    dz, x_hat, _ = tile(i)
-    return a + dz.sum(0), b + (dz * x_hat).sum(0)
+    dz, x_hat = load(i)[:2]
+    return carry[0] + dz.sum(0), carry[1] + (dz * x_hat).sum(0)
 
-  zero = jnp.zeros((gb, padded), f32)
+  zero = jnp.zeros(slab.params_mask.shape, f32)
   steps = pl.cdiv(length, rows)
   sum_dz, sum_dz_xhat = jax.lax.fori_loop(0, steps, sums, (zero, zero))
-  count = length * width
-  mean_g = ((sum_dz * scale[0]).sum(-1) / count)[None, :, None]
-  mean_gx = ((sum_dz_xhat * scale[0]).sum(-1) / count)[None, :, None]
+  count = length * x_ref.shape[-1]
+  mean_g = ((sum_dz * slab.scale[0]).sum(-1) / count)[None, :, None]
+  mean_gx = ((sum_dz_xhat * slab.scale[0]).sum(-1) / count)[None, :, None]
 
   def dx(i, _):
-    dz, x_hat, mask = tile(i)
-    out = rstd * (dz * scale - mean_g - x_hat * mean_gx)
-    plgpu.store(dx_ref.at[pl.ds(i * rows, rows), :, pl.ds(0, padded)],
-                out.astype(dx_ref.dtype), mask=mask)
+    dz, x_hat, index, mask = load(i)
+    out = rstd * (dz * slab.scale - mean_g - x_hat * mean_gx)
+    plgpu.store(dx_ref.at[index], out.astype(dx_ref.dtype), mask=mask)
     return 0
 
   jax.lax.fori_loop(0, steps, dx, 0)
-  plgpu.store(sum_dz_ref.at[:, pl.ds(0, padded)], sum_dz, mask=params_mask)
-  plgpu.store(sum_dz_xhat_ref.at[:, pl.ds(0, padded)], sum_dz_xhat, mask=params_mask)
+  window = (slice(None), pl.ds(0, slab.padded))
+  plgpu.store(sum_dz_ref.at[window], sum_dz, mask=slab.params_mask)
+  plgpu.store(sum_dz_xhat_ref.at[window], sum_dz_xhat, mask=slab.params_mask)
 
 
 def group_norm_silu_bwd(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Array,
@@ -224,27 +257,16 @@ def group_norm_silu_bwd(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.
     ``dz`` and ``dz * x_hat`` (``[*batch, C]`` float32; ``dz`` the gradient at the
     SiLU's input): summed over the samples they are the bias and scale gradients.
   """
-  batch = x.shape[:batch_dims]
-  c = x.shape[-1]
-  samples = math.prod(batch)
-  length = math.prod(x.shape[batch_dims:-1])
-  width = c // groups
-  gb, rows = tiles(samples, length, groups, width)
-  kernel = functools.partial(_bwd_kernel, length=length, rows=rows, silu=silu)
-  slab = pl.BlockSpec((None, length, gb, width), lambda n, g: (n, 0, g, 0))
-  per_group = pl.BlockSpec((None, gb), lambda n, g: (n, g))
-  params = pl.BlockSpec((gb, width), lambda n, g: (g, 0))
-  per_channel = pl.BlockSpec((None, gb, width), lambda n, g: (n, g, 0))
-  sums = jax.ShapeDtypeStruct((samples, groups, width), jnp.float32)
-  view = lambda a: a.reshape(samples, length, groups, width)
-  dx, sum_dz, sum_dz_xhat = pl.pallas_call(
-      kernel, grid=(samples, groups // gb),
-      in_specs=[slab, slab, per_group, per_group, params, params],
-      out_specs=[slab, per_channel, per_channel],
-      out_shape=[jax.ShapeDtypeStruct(view(x).shape, x.dtype), sums, sums],
-      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-      interpret=interpret, name="group_norm_silu_bwd",
-  )(view(x), view(dy), mean.reshape(samples, groups), rstd.reshape(samples, groups),
-    scale.reshape(groups, width), bias.reshape(groups, width))
-  return (dx.reshape(x.shape), sum_dz.reshape(batch + (c,)),
-          sum_dz_xhat.reshape(batch + (c,)))
+  layout = _Layout.of(x, groups, batch_dims)
+  sums = jax.ShapeDtypeStruct((layout.samples, groups, layout.width), jnp.float32)
+  dx, sum_dz, sum_dz_xhat = layout.call(
+      functools.partial(_bwd_kernel, silu=silu),
+      (layout.view(x), layout.view(dy), mean.reshape(layout.samples, groups),
+       rstd.reshape(layout.samples, groups), scale.reshape(groups, -1),
+       bias.reshape(groups, -1)),
+      ("slab", "slab", "per_group", "per_group", "params", "params"),
+      ("slab", "per_channel", "per_channel"),
+      [jax.ShapeDtypeStruct(layout.view(x).shape, x.dtype), sums, sums],
+      "group_norm_silu_bwd", interpret)
+  channels = layout.batch + (x.shape[-1],)
+  return dx.reshape(x.shape), sum_dz.reshape(channels), sum_dz_xhat.reshape(channels)

@@ -81,11 +81,18 @@ def test_auto_rule(monkeypatch, impl, dtype, head_dim, lengths, mask, want):
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match="'flash'; use one of auto, xla, cudnn"):
     attention.resolve_implementation("flash", jnp.bfloat16, 64, lengths=(64, 64))
-  with pytest.raises(config_lib.ConfigError, match="attention='flash'"):
-    config_lib.load_config("tiny:attention=flash")
+
+
+@pytest.mark.parametrize("option, field", [("attention", "attention_impl"),
+                                           ("norm", "norm_impl")])
+def test_unknown_kernel_option_is_refused(option, field):
+  """The attention and GroupNorm kernels: a bad variant or config field is one
+  ConfigError, before any model is built."""
+  with pytest.raises(config_lib.ConfigError, match=f"{option}='flash'"):
+    config_lib.load_config(f"tiny:{option}=flash")
   config = config_lib.load_config("tiny")
-  config.attention_impl = "flash"   # as --config.attention_impl=flash would
-  with pytest.raises(config_lib.ConfigError, match="config.attention_impl='flash'"):
+  config[field] = "flash"   # as --config.FIELD=flash would
+  with pytest.raises(config_lib.ConfigError, match=f"config.{field}='flash'"):
     config_lib.check_train_config(config, paths=False)
 
 

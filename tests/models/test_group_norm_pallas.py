@@ -147,16 +147,6 @@ def test_every_generator_group_norm_takes_the_configs_implementation(norm, kerne
     assert str(jaxpr).count("pallas_call") == (len(calls) if kernels else 0)
 
 
-def test_bad_norm_option_is_refused():
-  from persvid_jax import config_lib
-  with pytest.raises(config_lib.ConfigError, match="norm='triton'"):
-    config_lib.load_config("tiny:norm=triton")
-  config = config_lib.load_config("tiny")
-  config.norm_impl = "triton"   # as --config.norm_impl=triton would
-  with pytest.raises(config_lib.ConfigError, match="config.norm_impl='triton'"):
-    config_lib.check_train_config(config, paths=False)
-
-
 def test_kernel_runs_per_batch_shard_under_a_mesh():
   """Under a mesh of several devices the kernel (a custom call XLA cannot
   partition) runs on each device's samples: same values and gradient as XLA's
