@@ -17,8 +17,8 @@
 # at 256 px + 10 at 512 px, 16 frames, CFG), our side only; 5. the train and
 # 256 px denoise steps again in a new process, compiled from the persistent
 # cache the first phases filled (the "second process" compile time); 6. the
-# 256 px denoise step with XLA's norms instead of the Triton kernels
-# (`modelscope:norm=xla`): the A/B that decides the kernels' default.
+# 256 px denoise step with XLA's GroupNorm instead of the Triton kernel
+# (`modelscope:norm=xla`): the A/B that decides the kernel's default.
 # Each phase has its own time limit and writes its JSON after every row, so a
 # phase cut by its limit still leaves the rows it finished.
 #

@@ -285,7 +285,7 @@ TRAIN_STAGES = ("base", "sr", "personalize")
 _MODEL_WEIGHTS = "model.safetensors"
 # config.attention_impl (persvid_jax.models.attention.IMPLEMENTATIONS is this tuple).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-# config.norm_impl (persvid_jax.models.attention.NORM_IMPLS is this tuple).
+# config.norm_impl (persvid_jax.models.attention.GROUP_NORM_IMPLS is this tuple).
 NORM_IMPLS = ("auto", "xla", "pallas")
 
 

@@ -31,11 +31,11 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
 
   Returns:
     ``{device, device_kind, platform, peak_tflops, config, dtype, attention,
-    norms, shapes, steps, peer, peer_h200_reference, rows: [Row fields + ratio,
+    group_norm, shapes, steps, peer, peer_h200_reference, rows: [Row fields + ratio,
     tflops_per_s, mfu]}``; ``attention``: the config's ``attention_impl`` and
     whether cuDNN's fused attention can run here (what ``'auto'`` then picks for
-    bf16 rows); ``norms``: the config's ``norm_impl`` and the generators' norm
-    kernels that run here (``'xla'`` or ``'pallas'``).
+    bf16 rows); ``group_norm``: the config's ``norm_impl`` and the forward that
+    runs here (``'xla'`` or ``'pallas'``).
   """
   if steps < 1:
     raise BenchError(f"--steps must be >= 1, got {steps}")
@@ -55,8 +55,8 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
                 peak_tflops=peak, config=config.get("name", "?"), dtype=str(config.dtype),
                 attention=dict(implementation=config.get("attention_impl"),
                                cudnn_available=attention.cudnn_available()),
-                norms=dict(implementation=config.get("norm_impl"),
-                                runs=attention.resolve_norm(config.get("norm_impl"))),
+                group_norm=dict(implementation=config.get("norm_impl"),
+                                runs=attention.resolve_group_norm(config.get("norm_impl"))),
                 shapes=dataclasses.asdict(shapes), steps=steps, jax=jax.__version__,
                 xla=xla_options.describe(), git=records.git_state(),
                 peer=None, peer_h200_reference=reference, rows=[])

@@ -26,7 +26,7 @@ import numpy as np
 
 from persvid_jax import config_lib
 from persvid_jax import sharding as sh
-from persvid_jax.models import group_norm_pallas, layer_norm_pallas
+from persvid_jax.models import group_norm_pallas
 
 Dtype = Any
 
@@ -56,9 +56,9 @@ def layer_norm(*, name: str, epsilon: float = 1e-5, dtype: Dtype = jnp.float32,
   return LayerNorm(epsilon=epsilon, param_dtype=param_dtype, name=name)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def layer_norm_f32(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                   dtype: Any = jnp.float32, kernel: str = "xla") -> jax.Array:
+                   dtype: Any = jnp.float32) -> jax.Array:
   """LayerNorm over the last axis of ``x [..., C]`` in float32, cast to ``dtype``;
   ``scale``, ``bias``: ``[C]``.
 
@@ -76,20 +76,11 @@ def layer_norm_f32(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: flo
   element is an outlier of many standard deviations). Autodiff of the forward
   writes a float32 ``dy * x_hat`` and reads it back (for an H200, a transformer
   block's three LayerNorms and their gradients move ~40 % fewer bytes).
-
-  ``kernel``: ``'xla'``, ``'pallas'`` (``layer_norm_pallas``: forward and
-  gradient each one Triton kernel that reads its rows once; CUDA GPUs) or
-  ``'interpret'`` (those kernels in Pallas's interpreter, for tests on a CPU).
   """
-  return _layer_norm_fwd(x, scale, bias, epsilon, dtype, kernel)[0]
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
-def _layer_norm_fwd(x, scale, bias, epsilon, dtype, kernel="xla"):
-  if kernel != "xla":
-    y, mean, rstd = _per_batch_shard(functools.partial(
-        layer_norm_pallas.layer_norm_fwd, epsilon=epsilon, dtype=dtype,
-        interpret=kernel == "interpret"), (x,), (scale, bias))
-    return y, (x, scale, bias, mean, rstd)
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
   xf = x.astype(jnp.float32)
   mean = jnp.mean(xf, -1, keepdims=True)
   var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
@@ -107,17 +98,10 @@ def _layer_norm_fwd(x, scale, bias, epsilon, dtype, kernel="xla"):
   return y.astype(dtype), (x, scale, bias, first + mean_d, rstd)
 
 
-def _layer_norm_bwd(epsilon, dtype, kernel, res, dy):
+def _layer_norm_bwd(epsilon, dtype, res, dy):
   del epsilon, dtype
   x, scale, bias, mean, rstd = res
   zero = jnp.zeros((), jnp.float32)
-  if kernel != "xla":
-    dx, sum_dy, sum_dy_xhat = _per_batch_shard(functools.partial(
-        layer_norm_pallas.layer_norm_bwd, interpret=kernel == "interpret"),
-        (x, dy, mean, rstd), (scale,))
-    dbias, dscale = jax.lax.reduce((sum_dy, sum_dy_xhat), (zero, zero),
-                                   lambda p, q: (p[0] + q[0], p[1] + q[1]), (0,))
-    return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
   dyf = dy.astype(jnp.float32)
   x_hat = (x.astype(jnp.float32) - mean) * rstd
   dbias, dscale = jax.lax.reduce((dyf, dyf * x_hat), (zero, zero),
@@ -142,15 +126,10 @@ class LayerNorm(nn.Module):
   dtype=float32, use_fast_variance=False)`` then a cast; ``layer_norm_f32`` says
   why. (The cast inside: the gradient then arrives in ``dtype``, not as a
   float32 copy.)
-
-  ``implementation``: ``'xla'`` (the default, as every encoder runs it),
-  ``'pallas'`` or ``'auto'`` (``resolve_norm``); the generators pass their
-  config's ``norm_impl``.
   """
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32          # output dtype
   param_dtype: Dtype = jnp.float32
-  implementation: str = "xla"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -159,8 +138,7 @@ class LayerNorm(nn.Module):
                                                              (sh.NORM,)), (c,), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                            (sh.NORM,)), (c,), self.param_dtype)
-    return layer_norm_f32(x, scale, bias, float(self.epsilon), jnp.dtype(self.dtype),
-                          resolve_norm(self.implementation))
+    return layer_norm_f32(x, scale, bias, float(self.epsilon), jnp.dtype(self.dtype))
 
 
 def group_norm(num_groups: int, *, name: str, epsilon: float = 1e-5,
@@ -391,15 +369,14 @@ class GroupNorm(nn.Module):
                                                            (sh.NORM,)), (c,), self.param_dtype)
     return group_norm_silu(x, scale, bias, self.num_groups, float(self.epsilon),
                            self.batch_dims, self.activation == "silu", jnp.dtype(self.dtype),
-                           resolve_norm(self.implementation))
+                           resolve_group_norm(self.implementation))
 
 
-NORM_IMPLS = config_lib.NORM_IMPLS   # ("auto", "xla", "pallas")
+GROUP_NORM_IMPLS = config_lib.NORM_IMPLS   # ("auto", "xla", "pallas")
 
 
-def resolve_norm(implementation: str | None) -> str:
-  """The GroupNorm's and LayerNorm's kernels: ``'xla'`` or ``'pallas'``, what
-  ``implementation`` (``'auto'``, ``'xla'``,
+def resolve_group_norm(implementation: str | None) -> str:
+  """``'xla'`` or ``'pallas'``: what ``implementation`` (``'auto'``, ``'xla'``,
   ``'pallas'`` or ``None`` = ``'auto'``) runs here; ``'auto'`` is ``'pallas'`` on a
   CUDA GPU of compute capability 8.0 or newer (or within ``assume_cudnn(True)``)
   when this jax has Pallas's Triton backend.
@@ -408,11 +385,11 @@ def resolve_norm(implementation: str | None) -> str:
     ValueError: an unknown implementation, or ``'pallas'`` without that backend.
   """
   implementation = implementation or "auto"
-  if implementation not in NORM_IMPLS:
-    raise ValueError(f"norm implementation {implementation!r}; use one of "
-                     f"{', '.join(NORM_IMPLS)}")
+  if implementation not in GROUP_NORM_IMPLS:
+    raise ValueError(f"GroupNorm implementation {implementation!r}; use one of "
+                     f"{', '.join(GROUP_NORM_IMPLS)}")
   if implementation == "pallas" and not group_norm_pallas.available():
-    raise ValueError("norm implementation 'pallas' needs Pallas's Triton backend, which "
+    raise ValueError("GroupNorm implementation 'pallas' needs Pallas's Triton backend, which "
                      f"jax {jax.__version__} lacks; use 'xla' or 'auto'")
   if implementation != "auto":
     return implementation

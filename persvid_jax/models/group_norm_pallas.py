@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 
 try:   # Pallas's Triton backend: deprecated in jax 0.11 in favour of Mosaic GPU
   from jax.experimental.pallas import triton as plgpu
-except ImportError:   # a jax without it: attention.resolve_norm answers 'xla'
+except ImportError:   # a jax without it: attention.resolve_group_norm answers 'xla'
   plgpu = None
 
 # A grid of at least this many programs (about two per SM on an H100/H200)

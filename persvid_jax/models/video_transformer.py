@@ -243,7 +243,6 @@ class BasicTransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
-  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, *, frames: int = 1, context: Array | None = None,
@@ -254,8 +253,7 @@ class BasicTransformerBlock(nn.Module):
                    attention_impl=self.attention_impl, **kw)
 
     def norm(name, y):
-      return attention.LayerNorm(epsilon=LAYER_NORM_EPS, implementation=self.norm_impl,
-                                 name=name, **kw)(y)
+      return attention.LayerNorm(epsilon=LAYER_NORM_EPS, name=name, **kw)(y)
 
     x = x + Attention(name="attn1", **attn_kw)(norm("norm1", x))
     h = norm("norm2", x)
@@ -298,7 +296,7 @@ class SpatialTransformer(nn.Module):
                   implementation=self.norm_impl, name="norm", **kw)(x).reshape(b * t, h * w, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, detail_dim=self.detail_dim,
-                              attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                              attention_impl=self.attention_impl,
                               name="transformer_blocks_0", **kw)(
         y, frames=t, context=context, context_mask=context_mask,
         detail_tokens=detail_tokens, detail_scale=detail_scale)
@@ -334,7 +332,6 @@ class TemporalTransformer(nn.Module):
     y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, attention_impl=self.attention_impl,
-                              norm_impl=self.norm_impl,
                               name="transformer_blocks_0", **kw)(y)
     y = linear(c, (sh.HEADS, sh.EMBED), name="proj_out",
                kernel_init=nn.initializers.zeros_init(), **kw)(y)

@@ -66,7 +66,7 @@ def test_cli_with_peer_on_cpu(tmp_path):
   # Attention alone: XLA's kernel timed at the widest level's three calls; no
   # cuDNN on a CPU, so 'auto' (the config's) ran XLA and the cuDNN cells are empty.
   assert result["attention"] == {"implementation": "auto", "cudnn_available": False}
-  assert result["norms"] == {"implementation": "auto", "runs": "xla"}
+  assert result["group_norm"] == {"implementation": "auto", "runs": "xla"}
   ab = result["attention_ab"]
   assert [r["case"] for r in ab["rows"]] == ["spatial self", "cross (text)", "temporal"]
   spatial = ab["rows"][0]
