@@ -161,8 +161,8 @@ def base_config(name: str, *, bf16: bool = False, stage: str = "base", swap_at: 
   # jax.nn.dot_product_attention's implementation; 'auto' resolves per call
   # (a runtime choice: the weights are the same for every value).
   config.attention_impl = attention
-  # The generators' GroupNorm forward: 'auto' = one Triton kernel (Pallas) where
-  # cuDNN's attention runs, XLA's three or four kernels elsewhere; 'xla', 'pallas'.
+  # The generators' GroupNorm kernels: 'auto' = one Triton kernel (Pallas) a
+  # direction where cuDNN's attention runs, XLA's three or four elsewhere; 'xla', 'pallas'.
   config.norm_impl = norm
 
   # Base (low-res) video and the SR scale. [B, T, H, W, C], values in [-1, 1].

@@ -17,8 +17,8 @@ Variants: ``bf16``, ``detail=0`` (plain ModelScope layout), ``swap_at=...``,
 ``sr_kernel=K`` and ``sr_dilation=D`` (the SR network's spatial kernel; default
 3 at dilation 2, the base network's is 3 at dilation 1: the kernel change),
 ``attention=auto|xla|cudnn`` (default auto: cuDNN's fused attention on a CUDA GPU),
-``norm=auto|xla|pallas`` (the GroupNorms' forward; default auto: one Triton kernel
-each on a CUDA GPU).
+``norm=auto|xla|pallas`` (the GroupNorms' kernels; default auto: one Triton kernel
+a direction on a CUDA GPU).
 """
 
 import ml_collections

@@ -20,8 +20,8 @@ Variants (comma-separated, e.g. ``configs/tiny.py:bf16,swap_at=output``):
   attention=A    'auto' (default: cuDNN's fused attention on a CUDA GPU in
                  bf16, XLA's elsewhere), 'xla' or 'cudnn' (see
                  persvid_jax/models/attention.py).
-  norm=N         the generators' GroupNorm forward: 'auto' (default: one Triton
-                 kernel each on a CUDA GPU, XLA's elsewhere), 'xla' or 'pallas'.
+  norm=N         the generators' GroupNorm kernels: 'auto' (default: one Triton
+                 kernel a direction on a CUDA GPU, XLA's elsewhere), 'xla' or 'pallas'.
   latent         diffusion in the latent space of TINY_VAE (a frozen VAE with
                  random weights, factor 2: 8x8x4 base latents of 16 px frames,
                  16x16x4 SR latents of 32 px ones; see common.use_latent_space).

@@ -34,8 +34,8 @@ def run(config, works: Sequence[str], shapes: Shapes, *, steps: int = 10, peer: 
     group_norm, shapes, steps, peer, peer_h200_reference, rows: [Row fields + ratio,
     tflops_per_s, mfu]}``; ``attention``: the config's ``attention_impl`` and
     whether cuDNN's fused attention can run here (what ``'auto'`` then picks for
-    bf16 rows); ``group_norm``: the config's ``norm_impl`` and the forward that
-    runs here (``'xla'`` or ``'pallas'``).
+    bf16 rows); ``group_norm``: the config's ``norm_impl`` and the GroupNorm
+    kernels that run here (``'xla'`` or ``'pallas'``).
   """
   if steps < 1:
     raise BenchError(f"--steps must be >= 1, got {steps}")

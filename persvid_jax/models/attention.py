@@ -226,11 +226,10 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
   recomputed inside. Autodiff of the forward gives XLA a float32 copy of the
   normalised activations and two more reduction stages.
 
-  ``kernel``: the forward's implementation, ``'xla'`` (three or four kernels on
-  a GPU), ``'pallas'`` (one Triton kernel, ``group_norm_pallas``; CUDA GPUs) or
-  ``'interpret'`` (that kernel in Pallas's interpreter, for tests on a CPU); with
-  either kernel the gradient is one kernel too (``group_norm_silu_bwd``) and a
-  small reduction for the scale and bias gradients.
+  ``kernel``: ``'xla'`` (the above: three or four kernels each way on a GPU),
+  ``'pallas'`` (``group_norm_pallas``: one Triton kernel forward, one for the
+  gradient plus a small reduction for the scale and bias gradients; CUDA GPUs)
+  or ``'interpret'`` (those kernels in Pallas's interpreter, for tests on a CPU).
   """
   return _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel)[0]
 
@@ -342,9 +341,10 @@ class GroupNorm(nn.Module):
   reduces over a ``[.., G, C/G]`` view whose reduced axes are not contiguous, and
   costs four to six kernels forward and about seven backward.
 
-  ``implementation``: the forward's kernel, ``'auto'`` (the Triton kernel of
-  ``group_norm_pallas`` where cuDNN's attention runs: a CUDA GPU of compute
-  capability 8.0 or newer; XLA's elsewhere), ``'xla'`` or ``'pallas'``.
+  ``implementation``: the forward's and gradient's kernels, ``'auto'`` (the
+  Triton kernels of ``group_norm_pallas`` where cuDNN's attention runs: a CUDA
+  GPU of compute capability 8.0 or newer; XLA's elsewhere), ``'xla'`` or
+  ``'pallas'``.
   """
   num_groups: int
   epsilon: float = 1e-5

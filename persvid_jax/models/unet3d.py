@@ -318,7 +318,7 @@ class UNet3D(nn.Module):
     dtype: compute dtype (e.g. bfloat16); norms and softmax stay float32.
     param_dtype: parameter dtype (float32).
     attention_impl: ``jax.nn.dot_product_attention`` implementation.
-    norm_impl: the GroupNorms' forward (``attention.GroupNorm.implementation``:
+    norm_impl: the GroupNorms' kernels (``attention.GroupNorm.implementation``:
       'auto', 'xla' or 'pallas').
 
   Under a mesh with ``nn.logical_axis_rules`` the video activations are
