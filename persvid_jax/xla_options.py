@@ -2,8 +2,11 @@
 
 Programs are compiled through ``jit`` (a ``jax.jit`` that passes
 ``compiler_options()``), so the train step, the samplers and the benchmark see
-the same options, and ``describe()`` records them (with ``$XLA_FLAGS``, the way
-to try another option for a whole process) in run records and benchmark JSON.
+the same options, and ``describe()`` records them (with ``$XLA_FLAGS``) in run
+records and benchmark JSON. ``$XLA_FLAGS`` is the way to try another value for
+a whole process: an option it names is left out of ``compiler_options()``
+(which would otherwise win over it), e.g.
+``XLA_FLAGS=--xla_gpu_experimental_enable_fusion_autotuner=true``.
 The ``xla_gpu_*`` options are read only by the GPU compiler; the CPU's ignores
 them, so one call serves both.
 
@@ -16,6 +19,16 @@ launch.bench --aot h200`` counts kernels and bytes; ``docs/benchmarks.md``):
   three copy kernels per attention that move three activations. Three GEMMs
   write q, k and v where attention reads them (denoise256: 148 kernels and
   7 GB less).
+
+``xla_gpu_experimental_enable_fusion_autotuner = False``
+  XLA's generic fusion autotuner compiles each of a program's non-GEMM fusions
+  (the train step: ~850) once per candidate emitter, and on a GPU times them.
+  Compiled for a GPU without one, it compiles the candidates and then takes
+  the default emitter anyway: the program is the same text, and the train
+  step's compile on 2 CPU cores drops 234 -> ~170 s (72 s were this pass). On
+  a GPU the default emitters are what the CPU proxies count; the autotuner's
+  picks are an A/B with ``$XLA_FLAGS`` (above). cuBLAS, cuDNN and Triton GEMM
+  autotuning are unaffected.
 
 ``xla_gpu_enable_triton_gemm = False`` for the sampling programs only
   (``PROGRAM_OPTIONS['sample']``): their GEMMs go to cuBLAS, which adds the
@@ -36,6 +49,7 @@ import jax
 # Values are XLA's types: bool, int, or str (a comma list for enum lists).
 GPU_OPTIONS: dict[str, Any] = {
     "xla_gpu_dot_merger_threshold_mb": 0,
+    "xla_gpu_experimental_enable_fusion_autotuner": False,
 }
 
 # Added to GPU_OPTIONS for one kind of program (``jit(..., program=)``).
@@ -48,10 +62,18 @@ PROGRAM_OPTIONS: dict[str, dict[str, Any]] = {
 def compiler_options(program: str = "train") -> dict[str, Any]:
   """The options a ``program`` (``'train'``: the train step; ``'sample'``: the
   samplers' steps and the denoise benchmark) is compiled with
-  (``jax.jit(compiler_options=...)``)."""
+  (``jax.jit(compiler_options=...)``), less those ``$XLA_FLAGS`` names."""
   if program not in PROGRAM_OPTIONS:
     raise ValueError(f"program {program!r}; use one of {sorted(PROGRAM_OPTIONS)}")
-  return {**GPU_OPTIONS, **PROGRAM_OPTIONS[program]}
+  named = _named_in_xla_flags()
+  return {k: v for k, v in {**GPU_OPTIONS, **PROGRAM_OPTIONS[program]}.items()
+          if k not in named}
+
+
+def _named_in_xla_flags() -> set[str]:
+  """The option names ``$XLA_FLAGS`` sets (``--name=value`` or ``--name``)."""
+  return {flag[2:].split("=", 1)[0] for flag in os.environ.get("XLA_FLAGS", "").split()
+          if flag.startswith("--")}
 
 
 def jit(fn: Callable, *, program: str = "train", **kwargs) -> Callable:

@@ -23,3 +23,16 @@ def test_a_program_compiles_with_its_options_here():
   np.testing.assert_allclose(np.asarray(f(a, a.T)), np.tanh(a @ a.T), rtol=1e-6)
   with pytest.raises(ValueError, match="program 'serve'"):
     xla_options.jit(lambda a: a, program="serve")
+
+
+def test_an_option_named_in_xla_flags_is_left_to_it(monkeypatch):
+  """compiler_options would win over $XLA_FLAGS; an option the user names there
+  is left out, so that one process can A/B it."""
+  name = "xla_gpu_experimental_enable_fusion_autotuner"
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  assert xla_options.compiler_options()[name] is False
+  monkeypatch.setenv("XLA_FLAGS", f"--xla_gpu_autotune_level=2 --{name}=true")
+  train, sample = xla_options.compiler_options(), xla_options.compiler_options("sample")
+  assert name not in train and name not in sample
+  assert train["xla_gpu_dot_merger_threshold_mb"] == 0
+  assert xla_options.describe()["xla_flags"].endswith(f"--{name}=true")
