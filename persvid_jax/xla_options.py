@@ -25,7 +25,7 @@ launch.bench --aot h200`` counts kernels and bytes; ``docs/benchmarks.md``):
   (the train step: ~850) once per candidate emitter, and on a GPU times them.
   Compiled for a GPU without one, it compiles the candidates and then takes
   the default emitter anyway: the program is the same text, and the train
-  step's compile on 2 CPU cores drops 234 -> ~170 s (72 s were this pass). On
+  step's compile on 2 CPU cores drops 234 -> 167 s (72 s were this pass). On
   a GPU the default emitters are what the CPU proxies count; the autotuner's
   picks are an A/B with ``$XLA_FLAGS`` (above). cuBLAS, cuDNN and Triton GEMM
   autotuning are unaffected.
