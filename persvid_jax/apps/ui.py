@@ -18,7 +18,9 @@ unreadable files) rather than Gradio's own decoding.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import os
 import pathlib
 import re
@@ -32,7 +34,6 @@ from PIL import Image
 
 from persvid_jax.concepts import build, images
 from persvid_jax.concepts import database as db_lib
-from persvid_jax.concepts import subject as subject_lib
 from persvid_jax.concepts.bank import ConceptBank
 from persvid_jax.pipeline import generate as gen
 from persvid_jax.pipeline import media
@@ -128,6 +129,11 @@ class Studio:
     # write at a time (the compiled programs and the database are shared).
     self._lock = threading.Lock()
     self._count = 0
+    # The encoders' crops that preview() segmented, by photo content: adding
+    # the concept then skips the segmentation (the slow host-side part).
+    self._segmented: collections.OrderedDict[str, build.ReferenceImage] = (
+        collections.OrderedDict())
+    self._segmented_lock = threading.Lock()
     self.check_database()
 
   # ---- database -------------------------------------------------------------------
@@ -223,8 +229,8 @@ class Studio:
     for image, mask in build.load_photos(list(paths)):
       # One segmentation gives both the full-photo mask and the encoders' crop
       # (the arguments build.subject_reference uses).
-      seg = subject_lib.segment_subject(image, mask=mask, size=build.reference_size(config),
-                                        fill=config.concepts.get("subject_fill", 0.4))
+      seg = build.segment(image, config, mask)
+      self._remember(image, mask, build.reference_from_crop(seg))
       m = seg.mask[..., None]
       shown = (image * (0.35 + 0.65 * m)).astype(np.uint8)
       edge = (m[..., 0] > 0) & ~_eroded(m[..., 0] > 0)
@@ -257,11 +263,36 @@ class Studio:
       if db is None:
         db = db_lib.ConceptDatabase.create(self.db_dir, self.model.config,
                                            self.model.feature_id, commit=False)
-      record, features = build.add_concept(db, name, self.model, photos, list(paths),
-                                           feature_fn=self._feature_fn)
+      record, features = build.add_concept(
+          db, name, self.model, photos, list(paths), feature_fn=self._feature_fn,
+          references=[self._recall(image, mask) for image, mask in photos])
     cover = ", ".join(f"{p['coverage']:.0%}" for p in features.provenance)
     return (f"added <{record.name}> (slot {record.slot}, {record.num_images} photo(s), "
             f"subject coverage {cover})")
+
+
+  def _remember(self, image: np.ndarray, mask, ref: build.ReferenceImage) -> None:
+    with self._segmented_lock:
+      self._segmented[_photo_key(image, mask)] = ref
+      while len(self._segmented) > 4 * MAX_PHOTOS:   # a long-running page: bounded
+        self._segmented.popitem(last=False)
+
+  def _recall(self, image: np.ndarray, mask) -> build.ReferenceImage | None:
+    with self._segmented_lock:
+      return self._segmented.get(_photo_key(image, mask))
+
+
+def _photo_key(image: np.ndarray, mask) -> str:
+  """A photo's identity by content (and its mask's): the same pixels, the same crop."""
+  h = hashlib.blake2b(digest_size=16)
+  for a in (image, mask):
+    if a is not None:
+      a = np.ascontiguousarray(a)
+      h.update(repr((a.dtype.str, a.shape)).encode())
+      h.update(a.tobytes())
+    else:
+      h.update(b"none")
+  return h.hexdigest()
 
 
 def _check_photo_count(paths: Sequence[str]) -> None:

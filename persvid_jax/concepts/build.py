@@ -68,11 +68,22 @@ def subject_reference(image: np.ndarray, config, mask: np.ndarray | None = None
 
   ``mask`` (float ``[H, W]``) replaces the automatic segmentation.
   """
-  s = subject_lib.segment_subject(image, mask=mask, size=reference_size(config),
-                                  fill=config.concepts.get("subject_fill", 0.4))
-  return ReferenceImage(image=s.crop.astype(np.float32) / 127.5 - 1.0,
-                        mask=np.asarray(s.crop_mask, np.float32)[..., None],
-                        crop=s.crop, coverage=float(s.coverage))
+  return reference_from_crop(segment(image, config, mask))
+
+
+def segment(image: np.ndarray, config, mask: np.ndarray | None = None
+            ) -> subject_lib.SubjectCrop:
+  """``segment_subject`` with the config's crop: side ``reference_size(config)``
+  and ``concepts.subject_fill`` (what ``subject_reference`` runs)."""
+  return subject_lib.segment_subject(image, mask=mask, size=reference_size(config),
+                                     fill=config.concepts.get("subject_fill", 0.4))
+
+
+def reference_from_crop(seg: subject_lib.SubjectCrop) -> ReferenceImage:
+  """The encoders' input from a ``segment`` result (e.g. one a mask preview made)."""
+  return ReferenceImage(image=seg.crop.astype(np.float32) / 127.5 - 1.0,
+                        mask=np.asarray(seg.crop_mask, np.float32)[..., None],
+                        crop=seg.crop, coverage=float(seg.coverage))
 
 
 def scene_reference(image: np.ndarray, config) -> ReferenceImage:
@@ -141,7 +152,7 @@ def load_photos(paths: Sequence[str | pathlib.Path], mask_paths=None):
 
 
 def encode_concept(model, photos, paths: Sequence[str | pathlib.Path] = (),
-                   feature_fn=None) -> ConceptFeatures:
+                   feature_fn=None, references=None) -> ConceptFeatures:
   """Photos of one subject -> its bank entry.
 
   Args:
@@ -149,8 +160,22 @@ def encode_concept(model, photos, paths: Sequence[str | pathlib.Path] = (),
     photos: ``[(uint8 [H, W, 3], mask [H, W] or None)]`` (``load_photos``).
     paths: the files, for provenance (may be empty).
     feature_fn: a ``make_feature_fn(model)`` to reuse (compiled once).
+    references: optional, one per photo: its ``ReferenceImage`` if already
+      segmented (``reference_from_crop`` of a preview's ``segment``), or None to
+      segment it here. The segmentation is the slow, host-side part of adding a
+      concept (tens of ms a photo); a UI that showed the mask has it already.
   """
-  refs = [subject_reference(img, model.config, mask) for img, mask in photos]
+  if references is None:
+    references = [None] * len(photos)
+  if len(references) != len(photos):
+    raise ValueError(f"{len(references)} references for {len(photos)} photos")
+  side = reference_size(model.config)
+  for r in references:
+    if r is not None and r.image.shape != (side, side, 3):
+      raise ValueError(f"a reference crop of shape {r.image.shape}; this model's "
+                       f"encoders take {side}x{side}x3")
+  refs = [r if r is not None else subject_reference(img, model.config, mask)
+          for (img, mask), r in zip(photos, references)]
   feature_fn = feature_fn or make_feature_fn(model)
   ref, detail = feature_fn(model.params, jnp.asarray(np.stack([r.image for r in refs])),
                            jnp.asarray(np.stack([r.mask for r in refs])))
@@ -163,18 +188,18 @@ def encode_concept(model, photos, paths: Sequence[str | pathlib.Path] = (),
 
 
 def add_concept(db, name: str, model, photos, paths: Sequence[str | pathlib.Path],
-                feature_fn=None):
+                feature_fn=None, references=None):
   """Encodes ``photos`` and stores them as concept ``name`` in ``db``, with a thumbnail.
 
   Args:
     db: a ``database.ConceptDatabase`` of ``model``'s features.
     name: the new concept's name.
-    model, photos, paths, feature_fn: as for ``encode_concept``.
+    model, photos, paths, feature_fn, references: as for ``encode_concept``.
 
   Returns:
     ``(record, features)``: the database's ``ConceptRecord`` and ``ConceptFeatures``.
   """
-  features = encode_concept(model, photos, paths, feature_fn)
+  features = encode_concept(model, photos, paths, feature_fn, references)
   record = db.add(name, features.ref_tokens, features.detail_tokens, list(features.provenance))
   if features.provenance:
     try:

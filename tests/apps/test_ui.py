@@ -87,6 +87,37 @@ def test_studio_describe_generate_and_errors(studio_db):
   assert studio.names() == ["sub1"]
 
 
+def test_adding_reuses_the_previews_segmentation(micro_model, tmp_path, monkeypatch):
+  """A photo previewed (its mask shown) is not segmented again when added, and
+  the stored features are those of segmenting it then."""
+  import numpy as np
+  from persvid_jax.concepts import build
+  studio = ui.Studio(micro_model, tmp_path / "db", tmp_path / "out", steps=2, sr_steps=2)
+  seen, shown = str(PHOTOS / "sub2_a.png"), str(PHOTOS / "sub2_b.png")
+  studio.preview([seen])
+  segmented = []
+  real = build.segment
+  monkeypatch.setattr(build, "segment",
+                      lambda image, *a, **k: segmented.append(image.shape) or real(image, *a, **k))
+  assert "added <sub2>" in studio.add("sub2", [seen, shown])
+  assert len(segmented) == 1          # only the photo the preview did not see
+  monkeypatch.setattr(build, "segment", real)
+  fresh = build.encode_concept(micro_model, build.load_photos([seen, shown]))
+  db = studio._open()
+  slot = db.slot_of("sub2")
+  np.testing.assert_allclose(np.asarray(db.bank.ref_tokens[slot], np.float32),
+                             fresh.ref_tokens, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(db.bank.detail_tokens[slot], np.float32),
+                             fresh.detail_tokens, rtol=1e-5, atol=1e-6)
+  photos = build.load_photos([seen])
+  with pytest.raises(ValueError, match="2 references for 1 photos"):
+    build.encode_concept(micro_model, photos, references=[None, None])
+  small = build.reference_from_crop(
+      build.subject_lib.segment_subject(photos[0][0], size=8))
+  with pytest.raises(ValueError, match="reference crop of shape"):
+    build.encode_concept(micro_model, photos, references=[small])
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
