@@ -129,6 +129,16 @@ def test_random_params_and_the_latent_models_vae():
   assert set(model.params) == set(bench.CONCEPT_NETWORKS)
 
 
+def test_concept_row_times_its_three_parts(micro_model):
+  """Segmentation (host), encoders (device), commit (host), each timed: the row's
+  time is their sum per call."""
+  from persvid_jax.bench import ours
+  row = ours.ours_concept(micro_model.config, steps=1, model=micro_model)
+  parts = [row.extra[k] for k in ("segment_ms", "features_ms", "commit_ms")]
+  assert all(p > 0 for p in parts) and row.extra["photo"] == "sub1_a.png"
+  assert row.ours_ms == pytest.approx(sum(parts))   # one timed call: medians of one
+
+
 @pytest.mark.slow
 def test_count_flops_cli_runs_nothing_and_matches_the_peer(tmp_path):
   """``--count``: both sides counted from shapes only (lowered program / meta device)."""
