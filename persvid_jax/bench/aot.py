@@ -42,6 +42,7 @@ from persvid_jax.bench import ours
 from persvid_jax.bench.core import (BenchError, Shapes, fmt, fmt_bytes, fmt_flops, latent_side,
                                     memory_of, peak_tflops_of, row_shapes)
 from persvid_jax.bench.flops import ours_flops
+from persvid_jax.concepts import build
 from persvid_jax.models import attention
 from persvid_jax.train import step as step_lib
 
@@ -370,8 +371,8 @@ def _sharded_train(config, shapes: Shapes, devices, fsdp: int):
 def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
                gpus: int = 1, fsdp: int = 1, log: Callable[[str], None] = print,
                dump_dir: str | None = None) -> dict:
-  """Compiles train / denoise256 / denoise512 for the GPU ``card`` (a key of
-  ``CARDS``) without one, as that GPU would trace them (``attention_impl``
+  """Compiles train / denoise256 / denoise512 / concept (adding a concept's
+  encoders, one photo) for the GPU ``card`` (a key of ``CARDS``) without one, as that GPU would trace them (``attention_impl``
   'auto' answers as there), and reads what XLA assigned and emitted.
 
   Args:
@@ -400,8 +401,10 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
                      f"train batch {shapes.batch} (--batch)")
   devices = compile_only_devices(spec, gpus)
   labels = row_shapes(shapes)
+  side = build.reference_size(config)
+  labels["concept"] = f"1 photo, {side}x{side}"
   rows = []
-  for w in (w for w in ("denoise256", "denoise512", "train") if w in works):
+  for w in (w for w in ("denoise256", "denoise512", "train", "concept") if w in works):
     log(f"compiling {w} for {spec.name} (no device; minutes at the full size) ...")
     sharded = w == "train" and gpus > 1
     row = dict(work=w, shape=labels[w], gpus=gpus if sharded else 1,
@@ -412,6 +415,14 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
           on = devices if sharded else devices[:1]
           row.update(compiled_report(*_sharded_train(config, shapes, on,
                                                          fsdp if sharded else 1)))
+        elif w == "concept":   # build.make_feature_fn's program, as the bench runs it
+          features, params, inputs = ours.concept_program(config)
+          start = time.perf_counter()
+          with lowering_for(devices[0]):
+            lowered = features.lower(*place((params, *inputs), devices[0]))
+          lower_s = time.perf_counter() - start
+          row.update(compile_report(lowered))
+          row["compile_s"] += lower_s
         else:   # as ours_denoise: inference params, their layouts XLA's choice
           fn, params, inputs = ours.denoise_program(config, shapes, latent_side(shapes, w),
                                                 abstract=True)

@@ -16,6 +16,8 @@ WORKS = ("train", "denoise256", "denoise512", "cascade", "concept", "attention")
 
 
 PEER_WORKS = ("train", "denoise256", "denoise512")
+# What --aot compiles for an absent GPU: those, and adding a concept's encoders.
+AOT_WORKS = PEER_WORKS + ("concept",)
 
 
 DEFAULT_WORKS = tuple(w for w in WORKS if w != "attention")   # --which's default
@@ -171,8 +173,8 @@ def parse_works(text: str | None, compile_only: str | None = None) -> tuple[str,
   """``--which`` text (``"train,denoise256"``) -> the works; ``BenchError`` on unknown names.
 
   ``None`` gives the default works: every timed one but ``attention``, or, for a
-  ``compile_only`` mode (``"count"``, ``"aot"``: no device run), ``PEER_WORKS``,
-  the only works those take.
+  ``compile_only`` mode (``"count"``, ``"aot"``: no device run), ``PEER_WORKS``;
+  ``--count`` takes those only, ``--aot`` ``AOT_WORKS``.
   """
   if text is None:
     text = ",".join(PEER_WORKS if compile_only else DEFAULT_WORKS)
@@ -181,9 +183,10 @@ def parse_works(text: str | None, compile_only: str | None = None) -> tuple[str,
   if unknown or not works:
     raise BenchError(f"--which {text!r}: unknown work {unknown or '(none)'}; use a "
                      f"comma-separated subset of {','.join(WORKS)}")
-  extra = sorted(set(works) - set(PEER_WORKS))
+  allowed = AOT_WORKS if compile_only == "aot" else PEER_WORKS
+  extra = sorted(set(works) - set(allowed))
   if compile_only and extra:
-    raise BenchError(f"--{compile_only} takes {', '.join(PEER_WORKS)} only, not "
+    raise BenchError(f"--{compile_only} takes {', '.join(allowed)} only, not "
                      f"{', '.join(extra)}")
   return works
 

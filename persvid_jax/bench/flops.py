@@ -25,7 +25,8 @@ def cost_flops(program) -> float | None:
 
 
 def ours_flops(config, shapes: Shapes, work: str) -> float:
-  """FLOPs of one call of ``work`` (train / denoise256 / denoise512) from XLA's cost
+  """FLOPs of one call of ``work`` (train / denoise256 / denoise512 / concept: its
+  encoders) from XLA's cost
   analysis of the lowered, unoptimised program: abstract params and inputs, so
   no memory and no device (the 1.4 B-parameter generator counts in seconds on a CPU).
 
@@ -36,6 +37,9 @@ def ours_flops(config, shapes: Shapes, work: str) -> float:
     if work == "train":
       train_step, state, batch, rng = ours.train_program(config, shapes, abstract=True)
       return cost_flops(jax.jit(train_step).lower(state, batch, rng))
+    if work == "concept":
+      features, params, inputs = ours.concept_program(config)
+      return cost_flops(features.lower(params, *inputs))
     denoise, params, inputs = ours.denoise_program(config, shapes, latent_side(shapes, work),
                                                abstract=True)
     return cost_flops(jax.jit(denoise).lower(params, *inputs))

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.experimental.layout import Format, Layout
 
@@ -229,6 +230,18 @@ def ours_cascade(config, shapes: Shapes, steps: int, sample_steps: int, sr_steps
 
 # What adding a concept runs (concepts.build.make_feature_fn).
 CONCEPT_NETWORKS = ("image_encoder", "mapper", "extractor")
+
+
+def concept_program(config):
+  """``(features, params, (crops, masks))``: the encoders' program of adding a
+  concept from one photo (``build.make_feature_fn``, jitted) with abstract
+  params and inputs (``crops [1, R, R, 3]``, ``masks [1, R, R, 1]``, R the
+  reference size): for counting its FLOPs or compiling it for an absent GPU."""
+  model = model_lib.abstract_model(config, networks=CONCEPT_NETWORKS)
+  side = build.reference_size(config)
+  crops = jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+  masks = jax.ShapeDtypeStruct((1, side, side, 1), jnp.float32)
+  return build.make_feature_fn(model), model.params, (crops, masks)
 
 
 def ours_concept(config, steps: int, photo: str | pathlib.Path | None = None,

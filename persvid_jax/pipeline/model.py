@@ -338,6 +338,20 @@ def export_model(model: Model, out_dir: str | os.PathLike, **extra_info) -> path
   return out_dir
 
 
+def abstract_model(config, networks: Sequence[str] | None = None) -> Model:
+  """A model whose params are ``jax.ShapeDtypeStruct`` leaves: nothing allocated
+  (for lowering or compiling its programs for an absent device, ``bench.aot``).
+
+  Args:
+    networks: only these get params (default every network of the stack).
+  """
+  stack, tokenizer = _build(config)
+  names = tuple(networks or stack.network_names)
+  params = {n: nn.meta.unbox(a)["params"] for n, a in stack.abstract_variables(names).items()}
+  return Model(config=config, stack=stack, tokenizer=tokenizer, params=params,
+               source="abstract (shapes only)", info=dict(sources=[]))
+
+
 def random_model(config, seed: int = 0, *, std: float | None = None,
                  networks: Sequence[str] | None = None) -> Model:
   """A model with fresh params (tests, benchmarks, shape checks).
@@ -350,16 +364,15 @@ def random_model(config, seed: int = 0, *, std: float | None = None,
     networks: only these get params (default every network of the stack); e.g.
       adding a concept needs the image encoder, mapper and extractor only.
   """
-  stack, tokenizer = _build(config)
-  names = tuple(networks or stack.network_names)
   rng = jax.random.key(seed)
   if std is not None:
-    abstract = {n: nn.meta.unbox(a)["params"]
-                for n, a in stack.abstract_variables(names).items()}
-    return Model(config=config, stack=stack, tokenizer=tokenizer,
-                 params=params_lib.random_params(abstract, rng, std=std),
-                 source=f"random N(0, {std}) (seed {seed})",
-                 info=dict(sources=[dict(init_seed=seed, std=std)]))
+    abstract = abstract_model(config, networks)
+    return dataclasses.replace(
+        abstract, params=params_lib.random_params(abstract.params, rng, std=std),
+        source=f"random N(0, {std}) (seed {seed})",
+        info=dict(sources=[dict(init_seed=seed, std=std)]))
+  stack, tokenizer = _build(config)
+  names = tuple(networks or stack.network_names)
   params = {}
   for i, name in enumerate(names):
     variables = stack.init_fn(name)(jax.random.fold_in(rng, i))

@@ -144,7 +144,8 @@ def _bench(*args, timeout=900):
     (["--aot", "h100", "--peer"], "--aot compiles our programs only"),
     (["--hlo-dir", "x"], "--hlo-dir, --gpus and --fsdp go with --aot CARD"),
     (["--gpus", "8"], "--hlo-dir, --gpus and --fsdp go with --aot CARD"),
-    (["--aot", "h100", "--which", "cascade"], "--aot takes train, denoise256, denoise512 only"),
+    (["--aot", "h100", "--which", "cascade"],
+     "--aot takes train, denoise256, denoise512, concept only, not cascade"),
 ])
 def test_bad_aot_flags_are_one_line(args, message):
   r = _bench("--config", "tiny", *args)
@@ -162,10 +163,13 @@ def test_without_the_plugin_aot_says_what_to_install():
 
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
 def test_tiny_config_compiles_for_an_h100(tmp_path):
-  r = _bench("--config", "tiny:bf16", "--aot", "h100", "--which", "denoise256",
+  r = _bench("--config", "tiny:bf16", "--aot", "h100", "--which", "denoise256,concept",
              "--hlo-dir", str(tmp_path / "hlo"))
   assert r.returncode == 0, r.stderr
   assert "fails" not in r.stdout
+  # Adding a concept's encoders: their program, compiled for the card too.
+  assert "| concept | 1 photo, 32x32 |" in r.stdout, r.stdout
+  assert "__cudnn$fmhaSoftmax" in (tmp_path / "hlo" / "concept.hlo.txt").read_text()
   hlo = (tmp_path / "hlo" / "denoise256.hlo.txt").read_text()
   assert "__cudnn$fmhaSoftmax" in hlo
   # 'auto' GroupNorms are Triton kernels there, counted as Pallas launches.

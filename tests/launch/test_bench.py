@@ -129,6 +129,21 @@ def test_random_params_and_the_latent_models_vae():
   assert set(model.params) == set(bench.CONCEPT_NETWORKS)
 
 
+def test_aot_takes_the_concept_encoders_count_does_not():
+  """--aot compiles adding a concept's encoders (abstract params: nothing drawn);
+  --count compares with the peer, which has no such program."""
+  assert bench.parse_works("train,concept", "aot") == ("train", "concept")
+  with pytest.raises(bench.BenchError, match="--count takes train, denoise256, denoise512 "
+                                              "only, not concept"):
+    bench.parse_works("concept", "count")
+  from persvid_jax.bench import ours
+  features, params, (crops, masks) = ours.concept_program(config_lib.load_config("tiny"))
+  assert set(params) == set(bench.CONCEPT_NETWORKS)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+  ref, detail = jax.eval_shape(features, params, crops, masks)
+  assert crops.shape[0] == ref.shape[0] == detail.shape[0] == 1
+
+
 def test_concept_row_times_its_three_parts(micro_model):
   """Segmentation (host), encoders (device), commit (host), each timed: the row's
   time is their sum per call."""
