@@ -5,7 +5,7 @@
       [--batch B --frames T --size S --text-len L] [--steps N] [--peak-tflops P]
   python -m launch.bench --count [--peer] [--config modelscope] [--json FILE]
   python -m launch.bench --aot h100|h200|a100 [--config modelscope] [--json FILE]
-      [--hlo-dir DIR] [--gpus N --fsdp F]
+      [--which train,denoise256,denoise512,concept,sr512] [--hlo-dir DIR] [--gpus N --fsdp F]
 
 Prints a markdown table (``persvid_jax/bench`` says what each column
 measures). The default config is ``modelscope`` at the reference shapes of
@@ -15,8 +15,10 @@ on a CPU in seconds.
 from the lowered programs (and, with ``--peer``, the peer's on torch's meta
 device) and prints what the targets (docs/benchmarks.md) ask in ms, TFLOP/s and MFU, in about a
 minute on a CPU at the full ModelScope size. ``--aot CARD`` compiles the same
-three programs for that GPU without one (jax's CUDA plugin, ``pip install
-'jax[cuda12]'``, no GPU or driver; ``persvid_jax/bench/aot.py``) and prints whether
+three programs (by default; with ``--which``, also adding a concept's encoders,
+``concept``, and the cascade's SR step, ``sr512``) for that GPU without one (jax's
+CUDA plugin, ``pip install 'jax[cuda12]'``, no GPU or driver;
+``persvid_jax/bench/aot.py``) and prints whether
 each compiles, the device memory XLA assigns, and the kernels it launches, in a
 few minutes per program on a CPU. Imports no TensorFlow.
 """
@@ -45,12 +47,13 @@ def _parse(argv):
   p.add_argument("--which",
                  help="comma-separated works (default: all but attention, which times "
                  "attention alone, XLA's kernel against cuDNN's; with --count: train, "
-                 "denoise256, denoise512)")
+                 "denoise256, denoise512; --aot also takes concept and sr512)")
   p.add_argument("--count", action="store_true",
                  help="count FLOPs only (no weights, no device; --peer: the peer's too) and "
                  "print what the targets (docs/benchmarks.md) ask of each row")
   p.add_argument("--aot", metavar="CARD",
-                 help="compile train / denoise256 / denoise512 for this GPU without one "
+                 help="compile train / denoise256 / denoise512 (--which: also concept, "
+                 "sr512) for this GPU without one "
                  "(h100, h200, a100; needs jax's CUDA plugin) and report memory and kernels")
   p.add_argument("--hlo-dir", help="--aot: write each compiled program here (WORK.hlo.txt)")
   p.add_argument("--gpus", type=_common.int_range(1), default=1,

@@ -40,7 +40,7 @@ from persvid_jax import records, xla_options
 from persvid_jax import sharding as sh
 from persvid_jax.bench import ours
 from persvid_jax.bench.core import (BenchError, Shapes, fmt, fmt_bytes, fmt_flops, latent_side,
-                                    memory_of, peak_tflops_of, row_shapes)
+                                    memory_of, peak_tflops_of, row_shapes, shape_str)
 from persvid_jax.bench.flops import ours_flops
 from persvid_jax.concepts import build
 from persvid_jax.models import attention
@@ -372,7 +372,7 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
                gpus: int = 1, fsdp: int = 1, log: Callable[[str], None] = print,
                dump_dir: str | None = None) -> dict:
   """Compiles train / denoise256 / denoise512 / concept (adding a concept's
-  encoders, one photo) for the GPU ``card`` (a key of ``CARDS``) without one, as that GPU would trace them (``attention_impl``
+  encoders, one photo) / sr512 (the cascade's SR step, ``ours.sr_program``) for the GPU ``card`` (a key of ``CARDS``) without one, as that GPU would trace them (``attention_impl``
   'auto' answers as there), and reads what XLA assigned and emitted.
 
   Args:
@@ -403,8 +403,12 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
   labels = row_shapes(shapes)
   side = build.reference_size(config)
   labels["concept"] = f"1 photo, {side}x{side}"
+  sr = config.video.sr_factor * shapes.size
+  video = shape_str(1, shapes.frames, sr, sr, shapes.channels)
+  labels["sr512"] = f"{video}, text {shapes.text_len}x{shapes.text_width}"
   rows = []
-  for w in (w for w in ("denoise256", "denoise512", "train", "concept") if w in works):
+  order = ("denoise256", "denoise512", "train", "concept", "sr512")
+  for w in (w for w in order if w in works):
     log(f"compiling {w} for {spec.name} (no device; minutes at the full size) ...")
     sharded = w == "train" and gpus > 1
     row = dict(work=w, shape=labels[w], gpus=gpus if sharded else 1,
@@ -415,11 +419,15 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
           on = devices if sharded else devices[:1]
           row.update(compiled_report(*_sharded_train(config, shapes, on,
                                                          fsdp if sharded else 1)))
-        elif w == "concept":   # build.make_feature_fn's program, as the bench runs it
-          features, params, inputs = ours.concept_program(config)
+        elif w in ("concept", "sr512"):   # jitted as their callers jit them
+          if w == "concept":   # build.make_feature_fn's program
+            fn, params, inputs = ours.concept_program(config)
+          else:   # a sampler's step: as the denoise rows
+            step, params, inputs = ours.sr_program(config, shapes)
+            fn = ours.jit_denoise(step, params, len(inputs), devices[0])
           start = time.perf_counter()
           with lowering_for(devices[0]):
-            lowered = features.lower(*place((params, *inputs), devices[0]))
+            lowered = fn.lower(*place((params, *inputs), devices[0]))
           lower_s = time.perf_counter() - start
           row.update(compile_report(lowered))
           row["compile_s"] += lower_s

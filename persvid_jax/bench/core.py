@@ -16,8 +16,9 @@ WORKS = ("train", "denoise256", "denoise512", "cascade", "concept", "attention")
 
 
 PEER_WORKS = ("train", "denoise256", "denoise512")
-# What --aot compiles for an absent GPU: those, and adding a concept's encoders.
-AOT_WORKS = PEER_WORKS + ("concept",)
+# What --aot compiles for an absent GPU: those, adding a concept's encoders, and
+# the cascade's SR step (its base step is denoise256's network).
+AOT_WORKS = PEER_WORKS + ("concept", "sr512")
 
 
 DEFAULT_WORKS = tuple(w for w in WORKS if w != "attention")   # --which's default
@@ -179,10 +180,14 @@ def parse_works(text: str | None, compile_only: str | None = None) -> tuple[str,
   if text is None:
     text = ",".join(PEER_WORKS if compile_only else DEFAULT_WORKS)
   works = tuple(w.strip() for w in text.split(",") if w.strip())
-  unknown = [w for w in works if w not in WORKS]
+  known = WORKS + tuple(w for w in AOT_WORKS if w not in WORKS)
+  unknown = [w for w in works if w not in known]
   if unknown or not works:
     raise BenchError(f"--which {text!r}: unknown work {unknown or '(none)'}; use a "
-                     f"comma-separated subset of {','.join(WORKS)}")
+                     f"comma-separated subset of {','.join(known)}")
+  aot_only = sorted(set(works) - set(WORKS))
+  if aot_only and compile_only != "aot":
+    raise BenchError(f"{', '.join(aot_only)}: compiled by --aot only (no timed row)")
   allowed = AOT_WORKS if compile_only == "aot" else PEER_WORKS
   extra = sorted(set(works) - set(allowed))
   if compile_only and extra:

@@ -26,7 +26,7 @@ def cost_flops(program) -> float | None:
 
 def ours_flops(config, shapes: Shapes, work: str) -> float:
   """FLOPs of one call of ``work`` (train / denoise256 / denoise512 / concept: its
-  encoders) from XLA's cost
+  encoders / sr512: the cascade's SR step) from XLA's cost
   analysis of the lowered, unoptimised program: abstract params and inputs, so
   no memory and no device (the 1.4 B-parameter generator counts in seconds on a CPU).
 
@@ -40,6 +40,9 @@ def ours_flops(config, shapes: Shapes, work: str) -> float:
     if work == "concept":
       features, params, inputs = ours.concept_program(config)
       return cost_flops(features.lower(params, *inputs))
+    if work == "sr512":
+      step, params, inputs = ours.sr_program(config, shapes)
+      return cost_flops(jax.jit(step).lower(params, *inputs))
     denoise, params, inputs = ours.denoise_program(config, shapes, latent_side(shapes, work),
                                                abstract=True)
     return cost_flops(jax.jit(denoise).lower(params, *inputs))

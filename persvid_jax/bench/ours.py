@@ -22,7 +22,7 @@ from persvid_jax.concepts import build
 from persvid_jax.concepts import database as db_lib
 from persvid_jax.concepts.bank import ConceptBank
 from persvid_jax.diffusion import losses, schedules
-from persvid_jax.models.stack import inference_params, kv_cache_fn
+from persvid_jax.models.stack import inference_params, kv_cache_fn, sr_denoise_fn
 from persvid_jax.models.unet3d import UNet3D
 from persvid_jax.models.video_transformer import KV_CACHE
 from persvid_jax.pipeline import generate as gen
@@ -230,6 +230,32 @@ def ours_cascade(config, shapes: Shapes, steps: int, sample_steps: int, sr_steps
 
 # What adding a concept runs (concepts.build.make_feature_fn).
 CONCEPT_NETWORKS = ("image_encoder", "mapper", "extractor")
+
+
+def sr_program(config, shapes: Shapes):
+  """``(step, params, inputs)``: one step of the cascade's SR generator
+  (``sr_denoise_fn``) on one video ``[1, T, 2S, 2S, C]`` (the SR scale of
+  ``shapes.size``), its text keys and values read from the cache as
+  ``Generator`` fills it, params cast as samplers hold them; abstract (for
+  counting its FLOPs or compiling it for an absent GPU: the ``--aot`` work
+  ``sr512``, the network the cascade runs after the base steps)."""
+  side = config.video.sr_factor * shapes.size
+  video = jax.ShapeDtypeStruct((1, shapes.frames, side, side, shapes.channels), jnp.float32)
+  model = model_lib.abstract_model(config, networks=("sr_unet",))
+  params = jax.eval_shape(lambda p: inference_params(p, config.dtype),
+                          model.params["sr_unet"])
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  context = jax.ShapeDtypeStruct((1, shapes.text_len, shapes.text_width), jnp.float32)
+  cond_video = jax.ShapeDtypeStruct(video.shape[:-1] + (config.sr_unet.cond_channels,),
+                                    jnp.float32)
+  kv_cache = jax.eval_shape(kv_cache_fn(model.stack.sr_unet), params, video, t, context,
+                            cond_video=cond_video, noise_level=t)
+  denoise = sr_denoise_fn(model.stack)
+
+  def step(p, x, t, context, cond_video, noise_level, kv_cache):
+    return denoise(p, x, t, context, cond_video, noise_level, kv_cache=kv_cache)
+
+  return step, params, (video, t, context, cond_video, t, kv_cache)
 
 
 def concept_program(config):

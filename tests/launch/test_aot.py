@@ -145,7 +145,7 @@ def _bench(*args, timeout=900):
     (["--hlo-dir", "x"], "--hlo-dir, --gpus and --fsdp go with --aot CARD"),
     (["--gpus", "8"], "--hlo-dir, --gpus and --fsdp go with --aot CARD"),
     (["--aot", "h100", "--which", "cascade"],
-     "--aot takes train, denoise256, denoise512, concept only, not cascade"),
+     "--aot takes train, denoise256, denoise512, concept, sr512 only, not cascade"),
 ])
 def test_bad_aot_flags_are_one_line(args, message):
   r = _bench("--config", "tiny", *args)
@@ -163,13 +163,15 @@ def test_without_the_plugin_aot_says_what_to_install():
 
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
 def test_tiny_config_compiles_for_an_h100(tmp_path):
-  r = _bench("--config", "tiny:bf16", "--aot", "h100", "--which", "denoise256,concept",
+  r = _bench("--config", "tiny:bf16", "--aot", "h100", "--which", "denoise256,concept,sr512",
              "--hlo-dir", str(tmp_path / "hlo"))
   assert r.returncode == 0, r.stderr
   assert "fails" not in r.stdout
   # Adding a concept's encoders: their program, compiled for the card too.
   assert "| concept | 1 photo, 32x32 |" in r.stdout, r.stdout
   assert "__cudnn$fmhaSoftmax" in (tmp_path / "hlo" / "concept.hlo.txt").read_text()
+  # The cascade's SR step (the SR network, one video at twice the side).
+  assert "| sr512 | 1x4x32x32x3, text 16x32 |" in r.stdout, r.stdout
   hlo = (tmp_path / "hlo" / "denoise256.hlo.txt").read_text()
   assert "__cudnn$fmhaSoftmax" in hlo
   # 'auto' GroupNorms are Triton kernels there, counted as Pallas launches.

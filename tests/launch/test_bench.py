@@ -129,19 +129,30 @@ def test_random_params_and_the_latent_models_vae():
   assert set(model.params) == set(bench.CONCEPT_NETWORKS)
 
 
-def test_aot_takes_the_concept_encoders_count_does_not():
-  """--aot compiles adding a concept's encoders (abstract params: nothing drawn);
-  --count compares with the peer, which has no such program."""
-  assert bench.parse_works("train,concept", "aot") == ("train", "concept")
+def test_aot_takes_the_concept_encoders_and_the_sr_step():
+  """--aot compiles adding a concept's encoders and the cascade's SR step
+  (abstract params: nothing drawn); --count compares with the peer, which has
+  neither, and sr512 has no timed row."""
+  assert bench.parse_works("train,concept,sr512", "aot") == ("train", "concept", "sr512")
   with pytest.raises(bench.BenchError, match="--count takes train, denoise256, denoise512 "
                                               "only, not concept"):
     bench.parse_works("concept", "count")
+  with pytest.raises(bench.BenchError, match="sr512: compiled by --aot only"):
+    bench.parse_works("train,sr512")
   from persvid_jax.bench import ours
-  features, params, (crops, masks) = ours.concept_program(config_lib.load_config("tiny"))
+  config = config_lib.load_config("tiny")
+  features, params, (crops, masks) = ours.concept_program(config)
   assert set(params) == set(bench.CONCEPT_NETWORKS)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
   ref, detail = jax.eval_shape(features, params, crops, masks)
   assert crops.shape[0] == ref.shape[0] == detail.shape[0] == 1
+  shapes = bench.default_shapes(config)
+  step, params, inputs = ours.sr_program(config, shapes)
+  side = config.video.sr_factor * shapes.size
+  assert inputs[0].shape == (1, shapes.frames, side, side, shapes.channels)
+  assert inputs[3].shape[-1] == config.sr_unet.cond_channels and "kv_cache" not in params
+  assert jax.eval_shape(step, params, *inputs).shape == inputs[0].shape
+  assert all(x.dtype == config.dtype for x in jax.tree.leaves(params) if x.ndim > 1)
 
 
 def test_concept_row_times_its_three_parts(micro_model):
