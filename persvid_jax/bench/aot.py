@@ -372,8 +372,10 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
                gpus: int = 1, fsdp: int = 1, log: Callable[[str], None] = print,
                dump_dir: str | None = None) -> dict:
   """Compiles train / denoise256 / denoise512 / concept (adding a concept's
-  encoders, one photo) / sr512 (the cascade's SR step, ``ours.sr_program``) for the GPU ``card`` (a key of ``CARDS``) without one, as that GPU would trace them (``attention_impl``
-  'auto' answers as there), and reads what XLA assigned and emitted.
+  encoders, one photo) / sr512 (the cascade's SR step, ``ours.sr_program``) for
+  the GPU ``card`` (a key of ``CARDS``) without one, as that GPU would trace them
+  (``attention_impl`` 'auto' answers as there), and reads what XLA assigned and
+  emitted.
 
   Args:
     gpus: with more than one, the train step is compiled sharded over that many
