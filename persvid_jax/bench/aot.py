@@ -421,25 +421,18 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
           on = devices if sharded else devices[:1]
           row.update(compiled_report(*_sharded_train(config, shapes, on,
                                                          fsdp if sharded else 1)))
-        elif w in ("concept", "sr512"):   # jitted as their callers jit them
+        else:   # one GPU, jitted as its caller jits it
           if w == "concept":   # build.make_feature_fn's program
             fn, params, inputs = ours.concept_program(config)
-          else:   # a sampler's step: as the denoise rows
-            step, params, inputs = ours.sr_program(config, shapes)
+          else:   # a sampler's step (ours_denoise's; sr512: the cascade's SR step):
+            # inference params, their layouts XLA's choice
+            step, params, inputs = (
+                ours.sr_program(config, shapes) if w == "sr512" else
+                ours.denoise_program(config, shapes, latent_side(shapes, w), abstract=True))
             fn = ours.jit_denoise(step, params, len(inputs), devices[0])
           start = time.perf_counter()
           with lowering_for(devices[0]):
             lowered = fn.lower(*place((params, *inputs), devices[0]))
-          lower_s = time.perf_counter() - start
-          row.update(compile_report(lowered))
-          row["compile_s"] += lower_s
-        else:   # as ours_denoise: inference params, their layouts XLA's choice
-          fn, params, inputs = ours.denoise_program(config, shapes, latent_side(shapes, w),
-                                                abstract=True)
-          start = time.perf_counter()
-          with lowering_for(devices[0]):
-            lowered = ours.jit_denoise(fn, params, len(inputs), devices[0]).lower(
-                *place((params, *inputs), devices[0]))
           lower_s = time.perf_counter() - start
           row.update(compile_report(lowered))
           row["compile_s"] += lower_s
