@@ -347,12 +347,9 @@ def check_train_config(config: ml_collections.ConfigDict, *, paths: bool = True)
   tc = config.train
   if tc.get("stage") not in TRAIN_STAGES:
     raise ConfigError(f"config.train.stage={tc.get('stage')!r}; use one of {TRAIN_STAGES}")
-  if config.get("attention_impl") not in ATTENTION_IMPLS + (None,):
-    raise ConfigError(f"config.attention_impl={config.get('attention_impl')!r}; use one of "
-                      f"{', '.join(ATTENTION_IMPLS)}")
-  if config.get("norm_impl") not in NORM_IMPLS + (None,):
-    raise ConfigError(f"config.norm_impl={config.get('norm_impl')!r}; use one of "
-                      f"{', '.join(NORM_IMPLS)}")
+  for key, choices in (("attention_impl", ATTENTION_IMPLS), ("norm_impl", NORM_IMPLS)):
+    if config.get(key) not in choices + (None,):
+      raise ConfigError(f"config.{key}={config.get(key)!r}; use one of {', '.join(choices)}")
   problems = _train_problems(tc)
   if problems:
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
