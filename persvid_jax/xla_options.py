@@ -42,9 +42,12 @@ launch.bench --aot h200`` counts kernels and bytes; ``docs/benchmarks.md``):
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+import threading
+import time
+from typing import Any, Callable, NamedTuple
 
 import jax
+from jax import monitoring
 
 # Values are XLA's types: bool, int, or str (a comma list for enum lists).
 GPU_OPTIONS: dict[str, Any] = {
@@ -93,6 +96,64 @@ def enable_cache(directory: str | os.PathLike, *, min_compile_s: float = 1.0) ->
   jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
   jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
+
+
+class CompileTimes(NamedTuple):
+  """Where a first call's seconds go: jax's tracing, the lowering to StableHLO,
+  and XLA's compile (or the load of its result from the persistent compilation
+  cache, ``cache_hit``). A second process skips only the last by the cache."""
+  total_s: float
+  trace_s: float
+  lower_s: float
+  compile_s: float
+  cache_hit: bool
+
+  def describe(self) -> str:
+    """One line: ``traced 7.5 s, lowered 1.8 s, compiled 150.2 s`` (``loaded
+    from the persistent compilation cache`` on a hit)."""
+    xla = "loaded from the persistent compilation cache" if self.cache_hit else "compiled"
+    return (f"traced {self.trace_s:.1f} s, lowered {self.lower_s:.1f} s, "
+            f"{xla} {self.compile_s:.1f} s")
+
+
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_listening = threading.local()
+
+
+def _on_event(event: str, **_) -> None:
+  hits = getattr(_listening, "hits", None)
+  if event == _CACHE_HIT and hits is not None:
+    _listening.hits = hits + 1
+
+
+def compile_timed(jitted: Any, *args, **kwargs) -> tuple[Any, CompileTimes]:
+  """``jitted.trace(*args, **kwargs).lower().compile()``, each stage timed.
+
+  ``args``: what ``jitted`` is called with, or their ``jax.ShapeDtypeStruct``s.
+  Whether XLA's part came from the persistent compilation cache is read from
+  jax's monitoring events (on this thread).
+
+  Returns:
+    ``(compiled, CompileTimes)``.
+  """
+  start = time.perf_counter()
+  traced = jitted.trace(*args, **kwargs)
+  t_trace = time.perf_counter()
+  lowered = traced.lower()
+  t_lower = time.perf_counter()
+  _listening.hits = 0
+  try:
+    compiled = lowered.compile()
+    hits = _listening.hits
+  finally:
+    _listening.hits = None
+  end = time.perf_counter()
+  return compiled, CompileTimes(total_s=end - start, trace_s=t_trace - start,
+                                lower_s=t_lower - t_trace, compile_s=end - t_lower,
+                                cache_hit=hits > 0)
+
+
+monitoring.register_event_listener(_on_event)
 
 
 def describe() -> dict[str, Any]:

@@ -36,3 +36,23 @@ def test_an_option_named_in_xla_flags_is_left_to_it(monkeypatch):
   assert name not in train and name not in sample
   assert train["xla_gpu_dot_merger_threshold_mb"] == 0
   assert xla_options.describe()["xla_flags"].endswith(f"--{name}=true")
+
+
+def test_compile_timed_splits_the_seconds_and_sees_a_cache_hit():
+  """The tests' persistent cache (conftest) is on: a program new to it compiles,
+  the same program traced again by a fresh ``jit`` is loaded from it."""
+  import time
+
+  import jax
+  salt = float(time.time_ns() % 1_000_000)   # a program no earlier run has cached
+  make = lambda: xla_options.jit(lambda a: jnp.tanh(a * salt) @ a.T)
+  a = np.ones((8, 4), np.float32)
+  first, times = xla_options.compile_timed(make(), a)
+  again, warm = xla_options.compile_timed(make(), jax.ShapeDtypeStruct(a.shape, a.dtype))
+  assert not times.cache_hit and warm.cache_hit
+  for t in (times, warm):
+    parts = t.trace_s + t.lower_s + t.compile_s
+    assert min(t.trace_s, t.lower_s, t.compile_s) >= 0 and abs(parts - t.total_s) < 1e-3
+  assert "loaded from the persistent compilation cache" in warm.describe()
+  assert times.describe().startswith("traced ") and " compiled " in times.describe()
+  np.testing.assert_allclose(np.asarray(again(a)), np.asarray(first(a)), rtol=1e-6)
