@@ -51,10 +51,11 @@ class TrainResult:
   step: int
   first_step: int               # the step training started from (> 0 on resume)
   last_metrics: dict
-  compile_seconds: float
+  compile_seconds: float         # the train step's trace + lower + XLA compile
   steps_per_second: float
   workdir: str
   stopped_by: str | None = None  # 'SIGTERM' / 'SIGINT' when a signal ended the run early
+  compile_from_cache: bool = False   # XLA's part loaded from the persistent cache
 
 
 class _StopRequest:
@@ -350,7 +351,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
   batch_shards = step_lib.batch_shardings(abstract_batch, mesh)
 
   # ---- Compile ----------------------------------------------------------------
-  compiled, compile_s = step_lib.compile_train_step(
+  compiled, compile_times = step_lib.compile_train_step(
       s.train_step, ckpt_lib.abstract_with_shardings(s.step_abstract_state,
                                                      s.step_state_shards),
       s.step_state_shards, abstract_batch, mesh)
@@ -429,8 +430,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, *, progress: bool = 
     rate = steps_timed / max(time.perf_counter() - t0, 1e-9)
     # A signal after the last step stopped nothing: the run is complete.
     result = TrainResult(step=step, first_step=first_step, last_metrics=metrics_host,
-                         compile_seconds=compile_s, steps_per_second=rate,
-                         workdir=str(workdir),
+                         compile_seconds=compile_times.total_s, steps_per_second=rate,
+                         workdir=str(workdir), compile_from_cache=compile_times.cache_hit,
                          stopped_by=stop.signal if step < tc.total_steps else None)
     if jax.process_index() == 0:
       (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))

@@ -11,7 +11,6 @@ before any data is read, with the compile time logged.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -195,7 +194,7 @@ def batch_shardings(batch: dict, mesh: Mesh) -> dict:
 
 def compile_train_step(train_step: Callable, abstract_state: Any, state_shards: Any,
                        abstract_batch: dict, mesh: Mesh):
-  """Jits with shardings + donation, lowers and compiles; logs the compile time.
+  """Jits with shardings + donation, lowers and compiles; logs where the time went.
 
   The state's memory layouts are XLA's choice (``Layout.AUTO``), the same going
   in and out, so consecutive steps need no conversion: on a GPU it keeps every
@@ -204,8 +203,10 @@ def compile_train_step(train_step: Callable, abstract_state: Any, state_shards: 
   four every step. Put a state into those layouts once with ``place_state``.
 
   Returns:
-    ``(compiled, seconds)``: ``compiled(place_state(compiled, state), batch, rng)``
-    runs the step.
+    ``(compiled, times)``: ``compiled(place_state(compiled, state), batch, rng)``
+    runs the step; ``times`` (``xla_options.CompileTimes``) splits the
+    ``total_s`` into tracing, lowering and XLA's compile, and says whether that
+    came from the persistent compilation cache.
   """
   replicated = NamedSharding(mesh, P())
   state_formats = jax.tree.map(lambda s: Format(Layout.AUTO, s), state_shards)
@@ -215,12 +216,10 @@ def compile_train_step(train_step: Callable, abstract_state: Any, state_shards: 
       out_shardings=(state_formats, replicated),
       donate_argnums=(0,))
   rng = jax.eval_shape(jax.random.key, 0)   # no eager op: the device may be compile-only
-  start = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(sh.LOGICAL_RULES):
-    compiled = jitted.lower(abstract_state, abstract_batch, rng).compile()
-  seconds = time.perf_counter() - start
-  log.info("train step compiled in %.1f s", seconds)
-  return compiled, seconds
+    compiled, times = xla_options.compile_timed(jitted, abstract_state, abstract_batch, rng)
+  log.info("train step ready in %.1f s: %s", times.total_s, times.describe())
+  return compiled, times
 
 
 def place_state(compiled: Any, state: Any) -> Any:

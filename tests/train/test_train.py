@@ -236,11 +236,13 @@ def test_sr_random_crop_is_the_same_window_of_each_video():
 def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path):
   """Preemption: SIGTERM to the whole process group (as ``timeout`` and schedulers
   send it, input worker processes included) -> the step in flight finishes, a
-  checkpoint is written, exit status 0; the next launch resumes from it."""
+  checkpoint is written, exit status 0; the next launch resumes from it, its
+  train step loaded from the persistent compilation cache the trainer keeps
+  (``$PERSVID_JAX_CACHE``; here the tests' own)."""
   import signal
   import time
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "",
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(os.environ, PERSVID_JAX_CACHE=jax.config.jax_compilation_cache_dir)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)   # the trainer's own setting, not jax's env
   cmd = [sys.executable, "-m", "launch.train", "--config", "configs/tiny.py:micro",
          "--workdir", str(tmp_path), "--no-progress", "--config.mesh.data=1",
          "--config.mesh.fsdp=1", "--config.train.sample_every_steps=0",
@@ -299,7 +301,11 @@ def test_sigterm_checkpoints_and_exits_0_then_resumes(tmp_path):
   assert again.returncode == 0, err[-3000:]
   assert "Traceback" not in err
   assert f"done: step {total} (from {step})" in out, out
-  assert json.loads((tmp_path / "result.json").read_text())["stopped_by"] is None
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert result["stopped_by"] is None
+  # Resumed: the same program, XLA's part from the cache (and the log says so).
+  assert result["compile_from_cache"] is True, err[-3000:]
+  assert "loaded from the persistent compilation cache" in err and "(XLA from the cache)" in out
   from persvid_jax import checkpoint as ckpt_lib
   manager = ckpt_lib.make_manager(tmp_path / "checkpoints", async_save=False)
   try:
