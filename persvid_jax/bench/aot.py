@@ -149,7 +149,7 @@ def cudnn_as_on(card: Card):
 def lowering_for(device: jax.Device):
   """Within: lowering targets ``device`` (a compile-only GPU), as Pallas's Triton
   lowering needs: it reads the GPU's generation from the default device. Only
-  around ``lower``: an eager op there would try to run on a device that is not."""
+  around a compile: an eager op there would try to run on a device that is not."""
   return jax.default_device(device)
 
 
@@ -386,9 +386,11 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
 
   Returns:
     ``{config, card, memory_bytes, bandwidth_tbs, peak_tflops, rows: [{work, shape,
-    gpus, fsdp, flops, compile_s, argument_bytes, output_bytes, temp_bytes,
+    gpus, fsdp, flops, compile_s, trace_s, lower_s, argument_bytes, output_bytes, temp_bytes,
     alias_bytes, total_bytes, kernels, by_kind, memory_bound_bytes, compute_ms,
-    memory_ms, error}]}``: ``compute_ms`` = FLOPs per GPU at the card's dense bf16 peak,
+    memory_ms, error}]}``: ``compile_s`` includes jax's tracing and lowering
+    (``trace_s``, ``lower_s``: what a second process still spends when XLA's
+    part comes from the persistent cache), ``compute_ms`` = FLOPs per GPU at the card's dense bf16 peak,
     ``memory_ms`` = the memory-bound kernels' bytes at its bandwidth (two
     components of a roofline estimate, not a measurement); a work that does not
     trace or compile has only ``error``.
@@ -419,8 +421,9 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
       with cudnn_as_on(spec):
         if w == "train":   # the trainer's own compile, over 1 or N GPUs
           on = devices if sharded else devices[:1]
-          row.update(compiled_report(*_sharded_train(config, shapes, on,
-                                                         fsdp if sharded else 1)))
+          compiled, times = _sharded_train(config, shapes, on, fsdp if sharded else 1)
+          row.update(compiled_report(compiled, times.total_s),
+                     trace_s=times.trace_s, lower_s=times.lower_s)
         else:   # one GPU, jitted as its caller jits it
           if w == "concept":   # build.make_feature_fn's program
             fn, params, inputs = ours.concept_program(config)
@@ -430,12 +433,11 @@ def aot_report(config, shapes: Shapes, works: Sequence[str], card: str, *,
                 ours.sr_program(config, shapes) if w == "sr512" else
                 ours.denoise_program(config, shapes, latent_side(shapes, w), abstract=True))
             fn = ours.jit_denoise(step, params, len(inputs), devices[0])
-          start = time.perf_counter()
           with lowering_for(devices[0]):
-            lowered = fn.lower(*place((params, *inputs), devices[0]))
-          lower_s = time.perf_counter() - start
-          row.update(compile_report(lowered))
-          row["compile_s"] += lower_s
+            compiled, times = xla_options.compile_timed(
+                fn, *place((params, *inputs), devices[0]))
+          row.update(compiled_report(compiled, times.total_s),
+                     trace_s=times.trace_s, lower_s=times.lower_s)
       # Counted as --count does (on this CPU, attention as XLA's matmuls): the
       # lowered GPU program holds cuDNN calls, which XLA's cost analysis does not see.
       # The whole step's FLOPs, also when sharded (each GPU does 1/gpus of them).
@@ -465,7 +467,7 @@ def aot_markdown(result: dict) -> str:
            f"{result['peak_tflops']:.0f} TFLOP/s; the elementwise / reduction / copy / Pallas "
            f"kernels' bytes at {result['bandwidth_tbs']} TB/s. A sharded row (x N GPUs): "
            f"memory, kernels, bytes and compute per GPU, FLOPs of the whole step.", "",
-           "| work | shape | compile s (here) | memory | of card | kernels | cuDNN attention "
+           "| work | shape | compile s here (tracing + lowering) | memory | of card | kernels | cuDNN attention "
            "fwd / bwd | cuDNN conv | gemm | elementwise, copies | Pallas | collectives | "
            "their bytes | FLOPs | compute ms | memory ms |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -479,7 +481,8 @@ def aot_markdown(result: dict) -> str:
       continue
     k = r["by_kind"]
     lines.append(
-        f"| {work} | {r['shape']} | {r['compile_s']:.0f} | {fmt_bytes(r['total_bytes'])} | "
+        f"| {work} | {r['shape']} | {r['compile_s']:.0f} ({r['trace_s'] + r['lower_s']:.1f}) | "
+        f"{fmt_bytes(r['total_bytes'])} | "
         f"{100 * r['total_bytes'] / result['memory_bytes']:.0f} % | {r['kernels']} | "
         f"{k.get('attention fwd (cuDNN)', 0)} / {k.get('attention bwd (cuDNN)', 0)} | "
         f"{k.get('conv (cuDNN)', 0)} | {k.get('gemm', 0)} | "

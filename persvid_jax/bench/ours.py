@@ -109,18 +109,24 @@ def ours_denoise(config, shapes: Shapes, size: int, steps: int, params=None
   and the params (reused by the next denoise row)."""
   denoise, params, inputs = denoise_program(config, shapes, size, params)
 
-  start = time.perf_counter()
-  compiled = jit_denoise(denoise, params, len(inputs), jax.local_devices()[0]).lower(
-      params, *inputs).compile()
-  compile_s = time.perf_counter() - start
+  compiled, compile_times = xla_options.compile_timed(
+      jit_denoise(denoise, params, len(inputs), jax.local_devices()[0]), params, *inputs)
   # Once per generation in a sampler: the kernels in the layouts XLA chose.
   laid_out = jax.device_put(params, compiled.input_formats[0][0])
   times = time_calls(lambda: compiled(laid_out, *inputs), steps)
   row = Row(work="", shape="", ours_ms=median_ms(times),
-            compile_s=compile_s, program_bytes=_program_bytes(compiled),
+            compile_s=compile_times.total_s, program_bytes=_program_bytes(compiled),
             peak_mem_bytes=device_peak_bytes(),
-            extra=dict(params=int(sum(x.size for x in jax.tree.leaves(params)))))
+            extra=dict(params=int(sum(x.size for x in jax.tree.leaves(params))),
+                       **compile_split(compile_times)))
   return row, params
+
+
+def compile_split(times: xla_options.CompileTimes) -> dict:
+  """A row's ``extra`` fields for where its ``compile_s`` went: ``trace_s``,
+  ``lower_s``, ``xla_s`` and ``xla_from_cache`` (the persistent cache's load)."""
+  return dict(trace_s=times.trace_s, lower_s=times.lower_s, xla_s=times.compile_s,
+              xla_from_cache=times.cache_hit)
 
 
 def train_program(config, shapes: Shapes, abstract: bool = False, *,
@@ -177,7 +183,7 @@ def ours_train(config, shapes: Shapes, steps: int) -> Row:
   # As the trainer compiles it (one device here): the state in XLA's layouts.
   mesh = sh.make_mesh(1, 1)
   single = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  compiled, compile_s = step_lib.compile_train_step(
+  compiled, compile_times = step_lib.compile_train_step(
       train_step, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state),
       jax.tree.map(lambda _: single, state), batch, mesh)
   holder = [step_lib.place_state(compiled, state)]
@@ -189,9 +195,9 @@ def ours_train(config, shapes: Shapes, steps: int) -> Row:
 
   times = time_calls(call, steps)
   row = Row(work="", shape="", ours_ms=median_ms(times),
-            compile_s=compile_s, program_bytes=_program_bytes(compiled),
+            compile_s=compile_times.total_s, program_bytes=_program_bytes(compiled),
             peak_mem_bytes=device_peak_bytes(),
-            extra=dict(loss=float(jax.device_get(call()))))
+            extra=dict(loss=float(jax.device_get(call())), **compile_split(compile_times)))
   return row
 
 

@@ -166,8 +166,14 @@ def markdown(result: dict) -> str:
                    f"(torch FlopCounterMode){agree}.")
     if r.get("peer_note"):
       notes.append(f"- {r['work']}: {r['peer_note']}.")
-    if (r.get("extra") or {}).get("error"):
-      notes.append(f"- {r['work']}: ours failed: {r['extra']['error']}")
+    extra = r.get("extra") or {}
+    if extra.get("error"):
+      notes.append(f"- {r['work']}: ours failed: {extra['error']}")
+    if "trace_s" in extra:
+      notes.append(f"- {r['work']}: compile s = tracing {extra['trace_s']:.1f} + lowering "
+                   f"{extra['lower_s']:.1f} + XLA {extra['xla_s']:.1f}"
+                   + (" (from the persistent compilation cache)" if extra["xla_from_cache"]
+                      else "") + ".")
   lines += ["", "ratio = best peer ms / ours ms (> 1: ours is faster). FLOPs: counted "
             "from our lowered program, attention as matmuls (as --count). peak mem: the device's "
             "high-water mark after the row "
