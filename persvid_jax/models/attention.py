@@ -236,7 +236,7 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
 
 def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel="xla"):
   if kernel != "xla":
-    y, mean, rstd = _per_batch_shard(functools.partial(
+    y, mean, rstd = per_batch_shard(functools.partial(
         group_norm_pallas.group_norm_silu_fwd, groups=groups, epsilon=epsilon,
         batch_dims=batch_dims, silu=silu, dtype=dtype, interpret=kernel == "interpret"),
         (x,), (scale, bias))
@@ -255,10 +255,11 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, ke
   return y.astype(dtype), (x, scale, bias, mean, rstd)
 
 
-def _per_batch_shard(fn, batched: tuple, shared: tuple):
+def per_batch_shard(fn, batched: tuple, shared: tuple):
   """``fn(*batched, *shared)``, whose ``batched`` arguments and results are all
-  ``[B, ...]`` (``shared``: the norm's scale and bias), run on each device's
-  shard of the batch under a mesh of several devices.
+  ``[B, ...]`` (``shared``: replicated, as a norm's scale and bias), run on each
+  device's shard of the batch under a mesh of several devices (the Triton
+  kernels: the GroupNorms, ``video_transformer.geglu``'s gradient).
 
   XLA's partitioner cannot split a kernel's custom call; the norm's samples are
   independent, so ``shard_map`` over the mesh axes the batch is laid out on
@@ -280,7 +281,7 @@ def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
   x, scale, bias, mean, rstd = res
   zero = jnp.zeros((), jnp.float32)
   if kernel != "xla":
-    dx, sum_dz, sum_dz_xhat = _per_batch_shard(functools.partial(
+    dx, sum_dz, sum_dz_xhat = per_batch_shard(functools.partial(
         group_norm_pallas.group_norm_silu_bwd, groups=groups, batch_dims=batch_dims,
         silu=silu, interpret=kernel == "interpret"), (x, dy, mean, rstd), (scale, bias))
     dbias, dscale = jax.lax.reduce((sum_dz, sum_dz_xhat), (zero, zero),

@@ -9,6 +9,8 @@ says how they map). Norms and softmax compute in float32.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from persvid_jax import sharding as sh
-from persvid_jax.models import attention
+from persvid_jax.models import attention, geglu_pallas
 from persvid_jax.models.attention import GroupNorm, linear
 
 Dtype = Any
@@ -123,8 +125,8 @@ class Attention(nn.Module):
     return k, v, lengths
 
 
-@jax.custom_vjp
-def geglu(y: Array, bias: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def geglu(y: Array, bias: Array, implementation: str = "xla") -> Array:
   """``h = y + bias [..., 2F] -> hidden * gelu(gate) [..., F]`` (exact GELU;
   ``hidden, gate`` the two halves of ``h``): diffusers' ``GEGLU`` after its
   projection ``y`` (without its bias ``[2F]``, added here as ``nn.Dense`` adds it).
@@ -135,8 +137,14 @@ def geglu(y: Array, bias: Array) -> Array:
   writes ``gelu(gate)`` as a second forward output, each half's gradient in a
   pass of its own and then their concatenation (for an H200, one feed-forward at
   the top level of the train step: 2.7 -> 1.3 GB moved).
+
+  ``implementation`` (static; ``attention.resolve_group_norm``'s answer): with
+  ``'pallas'`` and ``F`` a multiple of 128 the gradient is
+  ``geglu_pallas.geglu_bwd``'s one Triton kernel, which also sums the bias
+  gradient (XLA reads the ``[..., 2F]`` gradient back for it); else XLA's pass.
+  ``'interpret'``: that kernel in Pallas's interpreter (tests on a CPU).
   """
-  hidden, gate = jnp.split(y + _row(bias, y.ndim), 2, axis=-1)
+  hidden, gate = jnp.split(y + _row(bias.astype(y.dtype), y.ndim), 2, axis=-1)
   return hidden * jax.nn.gelu(gate, approximate=False)
 
 
@@ -144,11 +152,21 @@ def _row(v: Array, ndim: int) -> Array:
   return jnp.reshape(v, (1,) * (ndim - 1) + (-1,))
 
 
-def _geglu_fwd(y, bias):
-  return geglu(y, bias), (y, bias)
+def _geglu_fwd(y, bias, implementation):
+  return geglu(y, bias, implementation), (y, bias)
 
 
-def _geglu_bwd(res, dy):
+def _geglu_bwd(implementation, res, dy):
+  y, bias = res
+  if implementation != "xla" and geglu_pallas.fits(math.prod(y.shape[:-1]), y.shape[-1] // 2):
+    dh, sums = attention.per_batch_shard(functools.partial(
+        geglu_pallas.geglu_bwd, interpret=implementation == "interpret"), (y, dy), (bias,))
+    return dh, jnp.sum(sums, 0).astype(bias.dtype)
+  return _geglu_bwd_xla(res, dy)
+
+
+def _geglu_bwd_xla(res, dy):
+  """XLA's gradient of ``geglu``: ``(dh [..., 2F], dbias [2F])``."""
   # The barrier keeps XLA from sharing the forward's GELU (it would write it
   # out for here). Then each element of the gradient is computed from its own
   # pair (hidden, gate): with the halves swapped (h_swap) every element finds its
@@ -157,7 +175,7 @@ def _geglu_bwd(res, dy):
   # concatenates them in a kernel of its own.)
   y, bias, dy = jax.lax.optimization_barrier((*res, dy))
   f = y.shape[-1] // 2
-  h = (y + _row(bias, y.ndim)).astype(jnp.float32)
+  h = (y + _row(bias.astype(y.dtype), y.ndim)).astype(jnp.float32)
   h_swap = jnp.concatenate([h[..., f:], h[..., :f]], axis=-1)
   first = jax.lax.broadcasted_iota(jnp.int32, h.shape, h.ndim - 1) < f
   gate = jnp.where(first, h_swap, h)
@@ -181,25 +199,36 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 class _DenseBiasApart(nn.Dense):
-  """``nn.Dense`` (same parameters) returning ``(x @ kernel, bias)``, both in
-  ``dtype``: the bias added by its consumer (``geglu``)."""
+  """``nn.Dense`` (same parameters) returning ``(x @ kernel, bias)``: the product
+  in ``dtype``, the bias as stored (``param_dtype``), added by its consumer
+  (``geglu``, in ``dtype``). Cast here, the bias of a Triton kernel (the GEGLU
+  gradient's) made XLA cast the train state's whole packed vector buffer first
+  and slice every vector from it in a kernel of its own (~300 more launches in
+  the ModelScope train step); as stored, its slice is a float32 one like the
+  GroupNorms' scales and biases."""
 
   @nn.compact
   def __call__(self, inputs: Array) -> tuple[Array, Array]:
     kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features),
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    inputs, kernel = self.promote_dtype(inputs, kernel, dtype=self.dtype)
     y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                             precision=self.precision)
     return y, bias
 
 
 class GEGLU(nn.Module):
-  """``proj`` to ``2 * features`` then ``hidden * gelu(gate)`` (diffusers ``GEGLU``)."""
+  """``proj`` to ``2 * features`` then ``hidden * gelu(gate)`` (diffusers ``GEGLU``).
+
+  ``norm_impl``: ``'pallas'`` (or ``'auto'`` where that resolves to it, as for
+  the GroupNorms: ``attention.resolve_group_norm``) runs the gradient as one
+  Triton kernel (``geglu``); the forward is XLA's either way.
+  """
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -209,7 +238,7 @@ class GEGLU(nn.Module):
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
         name="proj")
-    return geglu(*proj(x))
+    return geglu(*proj(x), attention.resolve_group_norm(self.norm_impl))
 
 
 class GEGLUFeedForward(nn.Module):
@@ -217,12 +246,13 @@ class GEGLUFeedForward(nn.Module):
   mult: int = 4
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     width = x.shape[-1]
-    h = GEGLU(self.mult * width, name="net_0", **kw)(x)
+    h = GEGLU(self.mult * width, name="net_0", norm_impl=self.norm_impl, **kw)(x)
     return linear(width, (sh.MLP, sh.EMBED), name="net_2", **kw)(h)
 
 
@@ -243,6 +273,7 @@ class BasicTransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  norm_impl: str = "auto"   # the feed-forward's GEGLU gradient (``GEGLU``)
 
   @nn.compact
   def __call__(self, x: Array, *, frames: int = 1, context: Array | None = None,
@@ -265,7 +296,8 @@ class BasicTransformerBlock(nn.Module):
       h = Attention(name="attn2", detail_dim=self.detail_dim, **attn_kw)(
           h, context, context_mask, detail_tokens, detail_scale)
       x = x + h.reshape(n, length, width)
-    return x + GEGLUFeedForward(name="ff", **kw)(norm("norm3", x))
+    ff = GEGLUFeedForward(name="ff", norm_impl=self.norm_impl, **kw)
+    return x + ff(norm("norm3", x))
 
 
 class SpatialTransformer(nn.Module):
@@ -296,7 +328,7 @@ class SpatialTransformer(nn.Module):
                   implementation=self.norm_impl, name="norm", **kw)(x).reshape(b * t, h * w, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, detail_dim=self.detail_dim,
-                              attention_impl=self.attention_impl,
+                              attention_impl=self.attention_impl, norm_impl=self.norm_impl,
                               name="transformer_blocks_0", **kw)(
         y, frames=t, context=context, context_mask=context_mask,
         detail_tokens=detail_tokens, detail_scale=detail_scale)
@@ -332,7 +364,7 @@ class TemporalTransformer(nn.Module):
     y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, attention_impl=self.attention_impl,
-                              name="transformer_blocks_0", **kw)(y)
+                              norm_impl=self.norm_impl, name="transformer_blocks_0", **kw)(y)
     y = linear(c, (sh.HEADS, sh.EMBED), name="proj_out",
                kernel_init=nn.initializers.zeros_init(), **kw)(y)
     return x + y.reshape(b, h, w, t, c).transpose(0, 3, 1, 2, 4)

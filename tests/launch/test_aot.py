@@ -203,6 +203,28 @@ def test_group_norm_kernel_compiles_for_an_h100_and_counts_its_bytes():
 
 
 @pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
+def test_geglu_gradient_kernel_compiles_for_an_h100_and_saves_the_bias_sum():
+  """GEGLU's gradient with its bias gradient in one Triton launch (+ the small
+  sum of its programs' sums) moves the ``[..., 2F]`` gradient once, where
+  XLA's path reads it back for the bias gradient."""
+  from persvid_jax.models import video_transformer as vt
+  device, = aot.compile_only_devices(aot.CARDS["h100"])
+  s = jax.ShapeDtypeStruct
+  y, b, dy = s((8, 256, 2560), jnp.bfloat16), s((2560,), jnp.bfloat16), s((8, 256, 1280),
+                                                                          jnp.bfloat16)
+  reports = {}
+  for impl in ("pallas", "xla"):
+    f = lambda y, b, dy: jax.vjp(lambda y, b: vt.geglu(y, b, impl), y, b)[1](dy)
+    with aot.lowering_for(device):
+      reports[impl] = aot.compile_report(jax.jit(f).lower(*aot.place((y, b, dy), device)))
+  assert reports["pallas"]["by_kind"]["pallas"] == 1, reports["pallas"]["by_kind"]
+  assert "pallas" not in reports["xla"]["by_kind"]
+  grad = 8 * 256 * 2560 * 2          # the [..., 2F] gradient in bf16
+  saved = reports["xla"]["memory_bound_bytes"] - reports["pallas"]["memory_bound_bytes"]
+  assert 0.9 * grad < saved < 1.1 * grad, (saved, grad)
+
+
+@pytest.mark.skipif(not HAVE_PLUGIN, reason="needs jax's CUDA plugin (not installed in CI)")
 def test_small_program_compiles_as_recorded():
   fn, args = _small_train()
   device, = aot.compile_only_devices(aot.CARDS["h100"])
