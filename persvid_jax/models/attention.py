@@ -208,10 +208,11 @@ def _per_channel(v: jax.Array, channels: int, ndim: int) -> jax.Array:
   return v.reshape(v.shape[:-1] + (1,) * (ndim - v.ndim) + (channels,))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8, 9))
 def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
                     epsilon: float, batch_dims: int, silu: bool, dtype: Any,
-                    kernel: str = "xla") -> jax.Array:
+                    kernel: str = "xla", rate: float = 0.0,
+                    seeds: jax.Array | None = None) -> jax.Array:
   """GroupNorm (+ SiLU) of ``x [*batch, *reduced, C]`` in float32, cast to ``dtype``.
 
   The first ``batch_dims`` axes are samples; statistics run over the other axes
@@ -230,17 +231,41 @@ def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
   ``'pallas'`` (``group_norm_pallas``: one Triton kernel forward, one for the
   gradient plus a small reduction for the scale and bias gradients; CUDA GPUs)
   or ``'interpret'`` (those kernels in Pallas's interpreter, for tests on a CPU).
+
+  ``rate > 0``: dropout of the output at that rate, sample ``n``'s mask drawn
+  from ``seeds[n]`` (``[*batch]`` uint32) by ``group_norm_pallas.dropout_keep``,
+  the same on both paths; the gradient draws it again (nothing stored). In the
+  Triton kernels it costs no pass over the activation of its own.
   """
-  return _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel)[0]
+  return _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel,
+                         rate, seeds)[0]
 
 
-def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel="xla"):
+def _dropout(v: jax.Array, seeds: jax.Array, rate: float, batch_dims: int) -> jax.Array:
+  """XLA's path of the GroupNorm's dropout: ``v [*batch, ...]`` float32 masked by
+  ``dropout_keep`` of each sample's seed and each element's index in its sample,
+  scaled by ``1 / (1 - rate)``."""
+  inner = v.shape[batch_dims:]
+  index = jnp.arange(math.prod(inner), dtype=jnp.int32).reshape(inner)
+  seed = seeds.astype(jnp.uint32).reshape(seeds.shape + (1,) * len(inner))
+  keep = group_norm_pallas.dropout_keep(seed, index, rate)
+  return jnp.where(keep, v * (1.0 / (1.0 - rate)), 0.0)
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, kernel="xla",
+                    rate=0.0, seeds=None):
+  if rate and (seeds is None or seeds.shape != x.shape[:batch_dims]):
+    raise ValueError(f"GroupNorm dropout: seeds of shape {x.shape[:batch_dims]} needed, "
+                     f"got {None if seeds is None else seeds.shape}")
   if kernel != "xla":
-    y, mean, rstd = per_batch_shard(functools.partial(
-        group_norm_pallas.group_norm_silu_fwd, groups=groups, epsilon=epsilon,
-        batch_dims=batch_dims, silu=silu, dtype=dtype, interpret=kernel == "interpret"),
-        (x,), (scale, bias))
-    return y, (x, scale, bias, mean, rstd)
+    batched = (x, seeds) if rate else (x,)
+    y, mean, rstd = per_batch_shard(
+        lambda x, *rest: group_norm_pallas.group_norm_silu_fwd(
+            x, *rest[len(batched) - 1:], groups=groups, epsilon=epsilon,
+            batch_dims=batch_dims, silu=silu, dtype=dtype, rate=rate,
+            seeds=rest[0] if rate else None, interpret=kernel == "interpret"),
+        batched, (scale, bias))
+    return y, (x, scale, bias, mean, rstd, seeds)
   xf = x.astype(jnp.float32)
   c = x.shape[-1]
   axes = tuple(range(batch_dims, x.ndim - 1))
@@ -252,7 +277,9 @@ def _group_norm_fwd(x, scale, bias, groups, epsilon, batch_dims, silu, dtype, ke
   z = ((xf - _per_channel(mean, c, x.ndim)) * _per_channel(rstd, c, x.ndim)
        * scale.astype(jnp.float32) + bias.astype(jnp.float32))
   y = jax.nn.silu(z) if silu else z
-  return y.astype(dtype), (x, scale, bias, mean, rstd)
+  if rate:
+    y = _dropout(y, seeds, rate, batch_dims)
+  return y.astype(dtype), (x, scale, bias, mean, rstd, seeds)
 
 
 def per_batch_shard(fn, batched: tuple, shared: tuple):
@@ -276,18 +303,23 @@ def per_batch_shard(fn, batched: tuple, shared: tuple):
                        out_specs=spec, check_vma=False)(*batched, *shared)
 
 
-def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
+def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, rate, res, dy):
   del epsilon, dtype
-  x, scale, bias, mean, rstd = res
+  x, scale, bias, mean, rstd, seeds = res
+  # Integer seeds have no gradient (jax's float0 zeros).
+  dseeds = None if seeds is None else np.zeros(seeds.shape, jax.dtypes.float0)
   zero = jnp.zeros((), jnp.float32)
   if kernel != "xla":
-    dx, sum_dz, sum_dz_xhat = per_batch_shard(functools.partial(
-        group_norm_pallas.group_norm_silu_bwd, groups=groups, batch_dims=batch_dims,
-        silu=silu, interpret=kernel == "interpret"), (x, dy, mean, rstd), (scale, bias))
+    batched = (x, dy, mean, rstd) + ((seeds,) if rate else ())
+    dx, sum_dz, sum_dz_xhat = per_batch_shard(
+        lambda x, dy, mean, rstd, *rest: group_norm_pallas.group_norm_silu_bwd(
+            x, dy, mean, rstd, *rest[-2:], groups=groups, batch_dims=batch_dims, silu=silu,
+            rate=rate, seeds=rest[0] if rate else None, interpret=kernel == "interpret"),
+        batched, (scale, bias))
     dbias, dscale = jax.lax.reduce((sum_dz, sum_dz_xhat), (zero, zero),
                                    lambda p, q: (p[0] + q[0], p[1] + q[1]),
                                    tuple(range(batch_dims)))
-    return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+    return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype), dseeds
   c = x.shape[-1]
   axes = tuple(range(batch_dims, x.ndim - 1))
   count = math.prod(x.shape[a] for a in axes) * (c // groups)
@@ -298,6 +330,8 @@ def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
     x_hat = ((x.astype(jnp.float32) - _per_channel(mean, c, x.ndim))
              * _per_channel(rstd, c, x.ndim))
     dz = dy.astype(jnp.float32)
+    if rate:   # the forward's mask, drawn again
+      dz = _dropout(dz, seeds, rate, batch_dims)
     if silu:
       z = x_hat * scale_f + bias.astype(jnp.float32)
       s = jax.nn.sigmoid(z)
@@ -320,7 +354,7 @@ def _group_norm_bwd(groups, epsilon, batch_dims, silu, dtype, kernel, res, dy):
   # recomputed, the sums and dx each read x and dy (twice the bytes less).
   dz, x_hat = dz_and_x_hat(*jax.lax.optimization_barrier((x, dy, mean, rstd)))
   dx = _per_channel(rstd, c, x.ndim) * (dz * scale_f - mean_g - x_hat * mean_gx)
-  return dx.astype(x.dtype), dscale, dbias
+  return dx.astype(x.dtype), dscale, dbias, dseeds
 
 
 group_norm_silu.defvjp(_group_norm_fwd, _group_norm_bwd)
@@ -346,6 +380,11 @@ class GroupNorm(nn.Module):
   Triton kernels of ``group_norm_pallas`` where cuDNN's attention runs: a CUDA
   GPU of compute capability 8.0 or newer; XLA's elsewhere), ``'xla'`` or
   ``'pallas'``.
+
+  ``dropout``: a rate of dropout after the output (the temporal convolutions'),
+  applied unless ``deterministic``, each sample's mask drawn from the
+  ``'dropout'`` RNG (``group_norm_silu``): inside the Triton kernels, no pass of
+  its own.
   """
   num_groups: int
   epsilon: float = 1e-5
@@ -354,9 +393,10 @@ class GroupNorm(nn.Module):
   dtype: Dtype = jnp.float32          # output dtype
   param_dtype: Dtype = jnp.float32
   implementation: str = "auto"
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
@@ -368,9 +408,13 @@ class GroupNorm(nn.Module):
                                                              (sh.NORM,)), (c,), self.param_dtype)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                            (sh.NORM,)), (c,), self.param_dtype)
+    rate, seeds = 0.0, None
+    if self.dropout and not deterministic:
+      rate = float(self.dropout)
+      seeds = jax.random.bits(self.make_rng("dropout"), x.shape[:self.batch_dims], jnp.uint32)
     return group_norm_silu(x, scale, bias, self.num_groups, float(self.epsilon),
                            self.batch_dims, self.activation == "silu", jnp.dtype(self.dtype),
-                           resolve_group_norm(self.implementation))
+                           resolve_group_norm(self.implementation), rate, seeds)
 
 
 GROUP_NORM_IMPLS = config_lib.NORM_IMPLS   # ("auto", "xla", "pallas")

@@ -20,6 +20,13 @@ channels (10, 20 or 40 at 320/640/1280 channels and 32 groups) are loaded as
 the next power of 2 with a mask; the rows of a slab as tiles of ``rows``, the
 last one masked.
 
+With a dropout rate (the temporal convolutions' ``Dropout(0.1)`` after the
+GroupNorm and SiLU) both kernels apply it too: an element is kept where a hash
+of its sample's seed and its index in the sample says so (``dropout_keep``, the
+same function on XLA's path), so the gradient recomputes the mask instead of
+reading one, and no kernel of its own writes and reads the activation for it
+(4 passes over it a layer, 5.8 GB of the ModelScope train step).
+
 Pallas's Triton backend is deprecated from jax 0.11 (it warns once per
 compile); where a later jax drops it, ``available()`` says so and the
 GroupNorm's ``'auto'`` runs XLA's.
@@ -46,6 +53,24 @@ except ImportError:   # a jax without it: attention.resolve_group_norm answers '
 _MIN_PROGRAMS = 256
 # Elements of one loaded tile: 4,096 is 32 float32 registers a thread at 4 warps.
 _TILE = 4096
+
+
+def _mix(h: jax.Array) -> jax.Array:
+  """A 32-bit integer hash (``lowbias32``: two multiply-xorshift rounds) of uint32 ``h``."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x7FEB352D)
+  h = h ^ (h >> 15)
+  h = h * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def dropout_keep(seed: jax.Array, index: jax.Array, rate: float) -> jax.Array:
+  """Whether dropout at ``rate`` keeps the element ``index`` (int32, its place in
+  its sample) of the sample whose seed is ``seed`` (uint32, broadcastable):
+  ``P(keep) = 1 - rate`` to 2^-31. Pure integer arithmetic, so XLA's path and
+  the Triton kernels (where it runs per tile) draw the same mask."""
+  h = _mix(seed ^ _mix(index.astype(jnp.uint32)))
+  return (h >> 1).astype(jnp.int32) >= jnp.int32(round(rate * 2.0 ** 31))
 
 
 def available() -> bool:
@@ -136,12 +161,29 @@ class _Slab(NamedTuple):
     return (pl.ds(i * rows, rows), slice(None), pl.ds(0, self.padded)), mask
 
 
-def _kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, length: int, rows: int,
-            epsilon: float, silu: bool):
+def _element_index(i, rows: int, first_channel, width: int, padded: int, channels: int):
+  """Tile ``i``'s elements' indices in their sample, ``[rows, gb, P]`` int32 (row
+  ``l``, channel ``c``: ``l * channels + c``), for a program's ``[gb, P]`` channels
+  from ``first_channel`` (``[gb, 1]``: its groups' first)."""
+  row = (i * rows + jnp.arange(rows))[:, None, None]
+  return row * channels + first_channel[None] + jnp.arange(padded)[None, None, :]
+
+
+def _first_channels(scale_ref):
+  """``[gb, 1]`` int32: the first channel of each of the program's groups (at
+  the kernel's top level: the interpreter has no program id inside a loop)."""
+  gb, width = scale_ref.shape
+  return ((pl.program_id(1) * gb + jnp.arange(gb)) * width)[:, None]
+
+
+def _kernel(x_ref, scale_ref, bias_ref, *refs, length: int, rows: int, epsilon: float,
+            silu: bool, rate: float, channels: int):
   """One program: ``x_ref, y_ref [L, gb, C/G]``, ``scale_ref, bias_ref [gb, C/G]``,
-  ``mean_ref, rstd_ref [gb]``."""
+  (with dropout: ``seed_ref [gb]``, its sample's seed) ``mean_ref, rstd_ref [gb]``."""
   f32 = jnp.float32
+  seed_ref, (y_ref, mean_ref, rstd_ref) = (refs[0], refs[1:]) if rate else (None, refs)
   slab = _Slab.of(scale_ref, bias_ref)
+  first = _first_channels(scale_ref) if rate else None
 
   def load(i):
     index, mask = slab.window(i, rows, length)
@@ -163,6 +205,10 @@ def _kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, length: in
     z = (x - mean[None, :, None]) * rstd[None, :, None] * slab.scale + slab.bias
     if silu:
       z = z * jax.nn.sigmoid(z)
+    if rate:
+      element = _element_index(i, rows, first, scale_ref.shape[1], slab.padded, channels)
+      keep = dropout_keep(seed_ref[...][None, :, None], element, rate)
+      z = jnp.where(keep, z * (1.0 / (1.0 - rate)), 0.0)
     plgpu.store(y_ref.at[index], z.astype(y_ref.dtype), mask=mask)
     return 0
 
@@ -173,6 +219,7 @@ def _kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, length: in
 
 def group_norm_silu_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
                         epsilon: float, batch_dims: int, silu: bool, dtype: Any, *,
+                        seeds: jax.Array | None = None, rate: float = 0.0,
                         interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   """GroupNorm (+ SiLU) of ``x [*batch, *reduced, C]`` in one kernel.
 
@@ -182,6 +229,8 @@ def group_norm_silu_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, groups:
     scale, bias: ``[C]``.
     groups, epsilon, silu: as ``attention.group_norm_silu``.
     dtype: the output's dtype.
+    seeds, rate: dropout after the (SiLU) output at ``rate`` when ``rate > 0``,
+      each sample's mask from its seed (``seeds [*batch]`` uint32; ``dropout_keep``).
     interpret: run Pallas's interpreter (any backend; for tests on a CPU).
 
   Returns:
@@ -190,23 +239,40 @@ def group_norm_silu_fwd(x: jax.Array, scale: jax.Array, bias: jax.Array, groups:
   """
   layout = _Layout.of(x, groups, batch_dims)
   stats = jax.ShapeDtypeStruct((layout.samples, groups), jnp.float32)
+  extra, extra_specs = _dropout_inputs(layout, seeds, rate)
   y, mean, rstd = layout.call(
-      functools.partial(_kernel, epsilon=epsilon, silu=silu),
-      (layout.view(x), scale.reshape(groups, -1), bias.reshape(groups, -1)),
-      ("slab", "params", "params"), ("slab", "per_group", "per_group"),
+      functools.partial(_kernel, epsilon=epsilon, silu=silu, rate=rate,
+                        channels=x.shape[-1]),
+      (layout.view(x), scale.reshape(groups, -1), bias.reshape(groups, -1), *extra),
+      ("slab", "params", "params", *extra_specs), ("slab", "per_group", "per_group"),
       [jax.ShapeDtypeStruct(layout.view(x).shape, jnp.dtype(dtype)), stats, stats],
       "group_norm_silu", interpret)
   batch = layout.batch
   return y.reshape(x.shape), mean.reshape(batch + (groups,)), rstd.reshape(batch + (groups,))
 
 
-def _bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, dx_ref, sum_dz_ref,
-                sum_dz_xhat_ref, *, length: int, rows: int, silu: bool):
+def _dropout_inputs(layout: _Layout, seeds: jax.Array | None, rate: float):
+  """The kernels' extra input and its spec with dropout: each sample's seed on
+  its groups (``[samples, G]``, read as the group statistics are)."""
+  if not rate:
+    return (), ()
+  if seeds is None or not 0.0 < rate < 1.0:
+    raise ValueError(f"GroupNorm dropout: rate {rate} needs 0 < rate < 1 and the seeds")
+  seeds = jnp.broadcast_to(seeds.reshape(layout.samples, 1), (layout.samples, layout.groups))
+  return (seeds.astype(jnp.uint32),), ("per_group",)
+
+
+def _bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, *refs, length: int,
+                rows: int, silu: bool, rate: float, channels: int):
   """One program of the gradient: ``x_ref, dy_ref, dx_ref [L, gb, C/G]``,
-  ``mean_ref, rstd_ref [gb]``, ``scale_ref, bias_ref [gb, C/G]``, and the
-  per-channel sums of ``dz`` and ``dz * x_hat`` over the slab, ``[gb, C/G]``."""
+  ``mean_ref, rstd_ref [gb]``, ``scale_ref, bias_ref [gb, C/G]``, (with dropout:
+  ``seed_ref [gb]``), and the per-channel sums of ``dz`` and ``dz * x_hat`` over
+  the slab, ``[gb, C/G]``."""
   f32 = jnp.float32
+  seed_ref, (dx_ref, sum_dz_ref, sum_dz_xhat_ref) = (
+      (refs[0], refs[1:]) if rate else (None, refs))
   slab = _Slab.of(scale_ref, bias_ref)
+  first = _first_channels(scale_ref) if rate else None
   mean = mean_ref[...][None, :, None]
   rstd = rstd_ref[...][None, :, None]
 
@@ -215,6 +281,10 @@ def _bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, dx_ref, 
     index, mask = slab.window(i, rows, length)
     x = plgpu.load(x_ref.at[index], mask=mask, other=0.0).astype(f32)
     dz = plgpu.load(dy_ref.at[index], mask=mask, other=0.0).astype(f32)
+    if rate:   # the forward's mask, drawn again: the gradient at the SiLU's output
+      element = _element_index(i, rows, first, scale_ref.shape[1], slab.padded, channels)
+      keep = dropout_keep(seed_ref[...][None, :, None], element, rate)
+      dz = jnp.where(keep, dz * (1.0 / (1.0 - rate)), 0.0)
     x_hat = (x - mean) * rstd      # where masked, dz is 0: no term of either sum
     if silu:
       z = x_hat * slab.scale + slab.bias
@@ -247,10 +317,12 @@ def _bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, dx_ref, 
 
 def group_norm_silu_bwd(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.Array,
                         scale: jax.Array, bias: jax.Array, groups: int, batch_dims: int,
-                        silu: bool, *, interpret: bool = False
+                        silu: bool, *, seeds: jax.Array | None = None, rate: float = 0.0,
+                        interpret: bool = False
                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The gradient of ``group_norm_silu_fwd`` at ``x`` for the output gradient
-  ``dy`` (``x``'s shape), from its ``mean``, ``rstd`` (``[*batch, G]``), in one kernel.
+  ``dy`` (``x``'s shape), from its ``mean``, ``rstd`` (``[*batch, G]``), in one
+  kernel; ``seeds``, ``rate``: the forward's dropout.
 
   Returns:
     ``dx`` (``x``'s shape and dtype) and the per-sample, per-channel sums of
@@ -259,12 +331,13 @@ def group_norm_silu_bwd(x: jax.Array, dy: jax.Array, mean: jax.Array, rstd: jax.
   """
   layout = _Layout.of(x, groups, batch_dims)
   sums = jax.ShapeDtypeStruct((layout.samples, groups, layout.width), jnp.float32)
+  extra, extra_specs = _dropout_inputs(layout, seeds, rate)
   dx, sum_dz, sum_dz_xhat = layout.call(
-      functools.partial(_bwd_kernel, silu=silu),
+      functools.partial(_bwd_kernel, silu=silu, rate=rate, channels=x.shape[-1]),
       (layout.view(x), layout.view(dy), mean.reshape(layout.samples, groups),
        rstd.reshape(layout.samples, groups), scale.reshape(groups, -1),
-       bias.reshape(groups, -1)),
-      ("slab", "slab", "per_group", "per_group", "params", "params"),
+       bias.reshape(groups, -1), *extra),
+      ("slab", "slab", "per_group", "per_group", "params", "params", *extra_specs),
       ("slab", "per_channel", "per_channel"),
       [jax.ShapeDtypeStruct(layout.view(x).shape, x.dtype), sums, sums],
       "group_norm_silu_bwd", interpret)

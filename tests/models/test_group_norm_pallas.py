@@ -32,7 +32,7 @@ def test_kernel_matches_xla(shape, batch_dims, groups, silu, dtype):
   x, scale, bias = _inputs(shape)
   y, mean, rstd = group_norm_pallas.group_norm_silu_fwd(
       x, scale, bias, groups, 1e-5, batch_dims, silu, dtype, interpret=True)
-  want, (_, _, _, want_mean, want_rstd) = attention._group_norm_fwd(
+  want, (_, _, _, want_mean, want_rstd, _) = attention._group_norm_fwd(
       x, scale, bias, groups, 1e-5, batch_dims, silu, dtype)
   assert y.dtype == jnp.dtype(dtype) and y.shape == x.shape
   assert mean.shape == rstd.shape == shape[:batch_dims] + (groups,)
@@ -50,7 +50,7 @@ def test_kernel_differs_where_the_statistics_differ():
   x = x.at[:, :, :8].add(20.0)                         # the first group only
   y, mean, _ = group_norm_pallas.group_norm_silu_fwd(x, scale, bias, 8, 1e-5, 1, False,
                                                       jnp.float32, interpret=True)
-  _, (_, _, _, want_mean, _) = attention._group_norm_fwd(x, scale, bias, 8, 1e-5, 1, False,
+  _, (_, _, _, want_mean, _, _) = attention._group_norm_fwd(x, scale, bias, 8, 1e-5, 1, False,
                                                          jnp.float32)
   np.testing.assert_allclose(mean, want_mean, rtol=1e-6)
   assert float(jnp.abs(mean[:, 0]).min()) > 5 * float(jnp.abs(mean[:, 1:]).max())
@@ -81,12 +81,12 @@ def test_gradient_kernel_in_bf16():
   """bf16 activations and output gradient: ``dx`` in bf16 within its rounding."""
   x, scale, bias = _inputs((2, 3, 4, 4, 320))
   dy = jax.random.normal(jax.random.key(5), x.shape).astype(jnp.bfloat16)
-  _, (_, _, _, mean, rstd) = attention._group_norm_fwd(x, scale, bias, 32, 1e-6, 2, True,
+  _, (_, _, _, mean, rstd, _) = attention._group_norm_fwd(x, scale, bias, 32, 1e-6, 2, True,
                                                        jnp.bfloat16)
-  got = attention._group_norm_bwd(32, 1e-6, 2, True, jnp.bfloat16, "interpret",
-                                  (x, scale, bias, mean, rstd), dy)
-  want = attention._group_norm_bwd(32, 1e-6, 2, True, jnp.bfloat16, "xla",
-                                   (x, scale, bias, mean, rstd), dy)
+  got = attention._group_norm_bwd(32, 1e-6, 2, True, jnp.bfloat16, "interpret", 0.0,
+                                  (x, scale, bias, mean, rstd, None), dy)[:3]
+  want = attention._group_norm_bwd(32, 1e-6, 2, True, jnp.bfloat16, "xla", 0.0,
+                                   (x, scale, bias, mean, rstd, None), dy)[:3]
   assert got[0].dtype == jnp.bfloat16
   for a, b in zip(got, want):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -169,3 +169,74 @@ def test_kernel_runs_per_batch_shard_under_a_mesh():
     got_grad, want_grad = grad("interpret"), grad("xla")
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got_grad, want_grad, rtol=1e-4, atol=1e-4)
+
+
+# Dropout inside the norm (the temporal convolutions').
+
+def _seeds(shape, seed=7):
+  return jax.random.bits(jax.random.key(seed), shape, jnp.uint32)
+
+
+@pytest.mark.parametrize("shape, batch_dims, groups", [
+    ((2, 3, 5, 7, 64), 1, 32),      # a whole video, a masked last tile
+    ((2, 3, 4, 4, 320), 2, 32),     # per frame, 10 channels a group
+])
+def test_dropout_kernel_draws_xlas_mask_and_its_gradient(shape, batch_dims, groups):
+  """With dropout the kernels draw the same mask as XLA's path (the same hash of
+  seed and index), forward and in the gradient."""
+  x, scale, bias = _inputs(shape, jnp.float32)
+  seeds = _seeds(shape[:batch_dims])
+  w = jax.random.normal(jax.random.key(9), x.shape)
+  f = lambda kernel: lambda x, s, b: attention.group_norm_silu(
+      x, s, b, groups, 1e-6, batch_dims, True, jnp.float32, kernel, 0.25, seeds)
+  y, want = f("interpret")(x, scale, bias), f("xla")(x, scale, bias)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  dropped = np.asarray(want) == 0
+  assert 0.2 < dropped.mean() < 0.3
+  np.testing.assert_array_equal(np.asarray(y) == 0, dropped)
+  loss = lambda kernel: lambda *a: jnp.sum(f(kernel)(*a) * w)
+  got = jax.grad(loss("interpret"), (0, 1, 2))(x, scale, bias)
+  ref = jax.grad(loss("xla"), (0, 1, 2))(x, scale, bias)
+  for a, b in zip(got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_dropout_is_dropout():
+  """Kept elements are the norm's output over (1 - rate); the masks differ by
+  sample and by seed, P(keep) = 1 - rate; the gradient is 0 where dropped and
+  equals autodiff of the masked, rescaled norm elsewhere."""
+  x, scale, bias = _inputs((4, 8, 16, 16, 64), jnp.float32)
+  rate = 0.1
+  plain = attention.group_norm_silu(x, scale, bias, 32, 1e-6, 1, True, jnp.float32)
+  y = attention.group_norm_silu(x, scale, bias, 32, 1e-6, 1, True, jnp.float32, "xla", rate,
+                                _seeds((4,)))
+  kept = np.asarray(y) != 0
+  assert abs(kept.mean() - (1 - rate)) < 0.005
+  np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(plain)[kept] / (1 - rate),
+                             rtol=1e-6)
+  assert (kept[0] != kept[1]).mean() > 0.1                 # samples differ
+  other = attention.group_norm_silu(x, scale, bias, 32, 1e-6, 1, True, jnp.float32, "xla", rate,
+                                    _seeds((4,), seed=8))
+  assert (kept != (np.asarray(other) != 0)).mean() > 0.1    # seeds differ
+  mask = jnp.asarray(kept, jnp.float32) / (1 - rate)
+  w = jax.random.normal(jax.random.key(3), x.shape)
+  got = jax.grad(lambda x: jnp.sum(attention.group_norm_silu(
+      x, scale, bias, 32, 1e-6, 1, True, jnp.float32, "xla", rate, _seeds((4,))) * w))(x)
+  want = jax.grad(lambda x: jnp.sum(attention.group_norm_silu(
+      x, scale, bias, 32, 1e-6, 1, True, jnp.float32) * mask * w))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_group_norm_module_dropout_uses_the_dropout_rng():
+  from flax import linen as nn
+  x, _, _ = _inputs((2, 4, 4, 4, 32), jnp.float32)
+  norm = GroupNorm(8, batch_dims=1, activation="silu", dropout=0.5)
+  variables = nn.meta.unbox(norm.init(jax.random.key(0), x))
+  det = norm.apply(variables, x)
+  np.testing.assert_array_equal(det, norm.apply(variables, x, deterministic=True))
+  assert float((det == 0).mean()) < 0.01
+  a = norm.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  b = norm.apply(variables, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+  assert 0.4 < float((a == 0).mean()) < 0.6 and bool(jnp.any((a == 0) != (b == 0)))
+  with pytest.raises(Exception, match="dropout"):
+    norm.apply(variables, x, deterministic=False)            # no 'dropout' RNG given
