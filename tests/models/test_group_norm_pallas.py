@@ -147,19 +147,22 @@ def test_every_generator_group_norm_takes_the_configs_implementation(norm, kerne
     assert str(jaxpr).count("pallas_call") == (len(calls) if kernels else 0)
 
 
-def test_kernel_runs_per_batch_shard_under_a_mesh():
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_kernel_runs_per_batch_shard_under_a_mesh(rate):
   """Under a mesh of several devices the kernel (a custom call XLA cannot
   partition) runs on each device's samples: same values and gradient as XLA's
-  path, the output still split by batch, no gather of the input."""
+  path (with dropout: the same masks, each sample's from its own seed), the
+  output still split by batch, no gather of the input."""
   from flax import linen as nn
   from jax.sharding import NamedSharding, PartitionSpec as P
   from persvid_jax import sharding as sh
-  mesh = jax.make_mesh((2, 2), (sh.DATA, sh.FSDP))
+  mesh = sh.make_mesh(data=2, fsdp=2)   # the trainer's mesh (axes of the Auto type)
   x, scale, bias = _inputs((4, 2, 4, 4, 64), jnp.float32)
+  seeds = _seeds((4, 2)) if rate else None
 
   def f(kernel):
     return jax.jit(lambda x: attention.group_norm_silu(x, scale, bias, 8, 1e-6, 2, True,
-                                                       jnp.float32, kernel))
+                                                       jnp.float32, kernel, rate, seeds))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sh.LOGICAL_RULES):
     xs = jax.device_put(x, NamedSharding(mesh, P((sh.DATA, sh.FSDP))))
     y, want = f("interpret")(xs), f("xla")(xs)
