@@ -550,9 +550,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """Multi-head attention on flattened heads.
 
   Args:
-    q: ``[B, Lq, H*Dh]`` queries.
-    k: ``[B, Lk, H*Dh]`` keys.
-    v: ``[B, Lk, H*Dh]`` values.
+    q: ``[B, Lq, H*Dh]`` queries, or ``[B, Lq, *P, H*Dh]``: then each of the ``P``
+      positions attends on its own, as ``prod(P) * H`` heads (a video's frames
+      in its ``[B, T, H*W, C]`` layout: no transpose to ``[B*H*W, T, C]``).
+    k: ``[B, Lk, H*Dh]`` keys (``[B, Lk, *P, H*Dh]`` with such queries).
+    v: as ``k``, values.
     num_heads: ``H``.
     mask: optional boolean ``[B, Lk]`` (True = attend) key-padding mask.
     is_causal: causal masking (text encoder).
@@ -563,16 +565,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
       a cache of the text's keys; no boolean ``mask`` with it).
 
   Returns:
-    ``[B, Lq, H*Dh]`` in the dtype of ``q``.
+    ``q``'s shape, in the dtype of ``q``.
   """
-  b, lq, width = q.shape
+  shape = q.shape
+  b, lq, width = shape[0], shape[1], shape[-1]
   lk = k.shape[1]
   if width % num_heads:
     raise ValueError(f"width {width} is not divisible by {num_heads} heads")
+  if k.shape[2:-1] != shape[2:-1] or v.shape != k.shape:
+    raise ValueError(f"dot_product_attention: keys {k.shape} / values {v.shape} do not "
+                     f"match queries {shape} but for their length")
   dh = width // num_heads
-  q = q.reshape(b, lq, num_heads, dh)
-  k = k.reshape(b, lk, num_heads, dh)
-  v = v.reshape(b, lk, num_heads, dh)
+  heads = num_heads * math.prod(shape[2:-1])   # positions as more heads: BTNH still
+  q = q.reshape(b, lq, heads, dh)
+  k = k.reshape(b, lk, heads, dh)
+  v = v.reshape(b, lk, heads, dh)
   attn_mask = None
   if mask is not None:
     attn_mask = mask[:, None, None, :].astype(bool)   # [B, 1, 1, Lk]
@@ -587,7 +594,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   # BTNH is one of cuDNN's two native layouts: no transpose either way.
   out = jax.nn.dot_product_attention(q, k, v, mask=attn_mask, is_causal=is_causal,
                                      key_value_seq_lengths=kv_lengths, implementation=impl)
-  return out.reshape(b, lq, width)
+  return out.reshape(shape)
 
 
 def pad_keys(k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -33,7 +33,8 @@ LAYER_NORM_EPS = 1e-5               # BasicTransformerBlock norm1..3
 
 
 class Attention(nn.Module):
-  """Multi-head attention ``[N, Lq, D] -> [N, Lq, D]`` (diffusers ``Attention``).
+  """Multi-head attention ``[N, Lq, D] -> [N, Lq, D]`` (diffusers ``Attention``);
+  self-attention also ``[B, Lq, P, D]``: over ``Lq`` for each of ``P`` positions.
 
   ``to_q/to_k/to_v`` without bias, ``to_out_0`` with bias. Self-attention when
   ``context`` is None. With ``detail_dim > 0`` (spatial ``attn2`` only) the
@@ -257,7 +258,8 @@ class GEGLUFeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """Pre-LN block ``[N, L, D] -> [N, L, D]``: self-attn, attn2, GEGLU MLP.
+  """Pre-LN block ``[N, L, D] -> [N, L, D]``: self-attn, attn2, GEGLU MLP (without
+  ``context`` also ``[B, L, P, D]``: attention over ``L`` for each of ``P`` positions).
 
   ``attn2`` is cross-attention to ``context`` (spatial transformers) or a
   second self-attention when ``context`` is None (diffusers'
@@ -345,6 +347,11 @@ class TemporalTransformer(nn.Module):
   with two self-attentions over the ``T`` frames of each pixel, linear
   ``proj_out`` (zero-initialised: identity at init), residual. No positional
   embedding, as in diffusers.
+
+  It runs in the video's own ``[B, T, H*W, C]`` layout, the pixels as more
+  attention heads (``attention.dot_product_attention``), where diffusers
+  transposes to ``[B*H*W, T, C]`` and back: the same sums, without the two
+  transposes forward and two backward (4 passes over the activation a block).
   """
   heads: int
   head_dim: int
@@ -361,10 +368,10 @@ class TemporalTransformer(nn.Module):
     inner = self.heads * self.head_dim
     y = GroupNorm(self.norm_num_groups, epsilon=TRANSFORMER_GROUP_NORM_EPS, batch_dims=1,
                   implementation=self.norm_impl, name="norm", **kw)(x)
-    y = y.transpose(0, 2, 3, 1, 4).reshape(b * h * w, t, c)
+    y = y.reshape(b, t, h * w, c)
     y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, attention_impl=self.attention_impl,
                               norm_impl=self.norm_impl, name="transformer_blocks_0", **kw)(y)
     y = linear(c, (sh.HEADS, sh.EMBED), name="proj_out",
                kernel_init=nn.initializers.zeros_init(), **kw)(y)
-    return x + y.reshape(b, h, w, t, c).transpose(0, 3, 1, 2, 4)
+    return x + y.reshape(b, t, h, w, c)
