@@ -163,8 +163,9 @@ def base_config(name: str, *, bf16: bool = False, stage: str = "base", swap_at: 
   config.attention_impl = attention
   # The generators' GroupNorm kernels: 'auto' = one Triton kernel (Pallas) a
   # direction where cuDNN's attention runs, XLA's three or four elsewhere; 'xla', 'pallas'.
-  # The same choice runs the temporal convs' dropout inside the norm and GEGLU's
-  # gradient as one Triton kernel.
+  # The same choice runs the temporal convs' dropout inside the norm, GEGLU's
+  # gradient and (in training) each transformer block's residual add + LayerNorm
+  # as Triton kernels.
   config.norm_impl = norm
 
   # Base (low-res) video and the SR scale. [B, T, H, W, C], values in [-1, 1].

@@ -58,12 +58,15 @@ class Attention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  # Return ``(out without to_out_0's bias, that bias)``: the block adds it with
+  # the residual (``attention.add_layer_norm``).
+  bias_apart: bool = False
 
   @nn.compact
   def __call__(self, x: Array, context: Array | None = None,
                context_mask: Array | None = None,
                detail_tokens: Array | None = None,
-               detail_scale: Array | None = None) -> Array:
+               detail_scale: Array | None = None) -> Array | tuple[Array, Array]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.head_dim
     width = x.shape[-1]
@@ -97,6 +100,12 @@ class Attention(nn.Module):
         scale = jnp.asarray(1.0 if detail_scale is None else detail_scale, jnp.float32)
         scale = scale.reshape(scale.shape + (1,) * (3 - scale.ndim))   # [] or [N] -> bcast
         out = out + (scale * detail_out).astype(self.dtype)
+    if self.bias_apart:
+      return _DenseBiasApart(
+          width, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                          (sh.HEADS, sh.EMBED)),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.EMBED,)),
+          name="to_out_0", **kw)(out)
     return linear(width, (sh.HEADS, sh.EMBED), name="to_out_0", **kw)(out)
 
   def _keys_values(self, prefix: str, to_k: nn.Module, to_v: nn.Module, tokens: Array,
@@ -283,23 +292,28 @@ class BasicTransformerBlock(nn.Module):
                detail_scale: Array | None = None) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn_kw = dict(heads=self.heads, head_dim=self.head_dim,
-                   attention_impl=self.attention_impl, **kw)
+                   attention_impl=self.attention_impl, bias_apart=True, **kw)
 
-    def norm(name, y):
-      return attention.LayerNorm(epsilon=LAYER_NORM_EPS, name=name, **kw)(y)
+    def norm(name, r, r_bias=None, stream=None):
+      """``(s, y)``: the stream after ``stream + (r + r_bias)``, then its LayerNorm
+      (with ``norm_impl`` 'pallas': one Triton kernel each way, the gradient
+      summing ``r_bias``'s too; ``attention.add_layer_norm``)."""
+      return attention.AddLayerNorm(epsilon=LAYER_NORM_EPS, implementation=self.norm_impl,
+                                    name=name, **kw)(r, r_bias, stream)
 
-    x = x + Attention(name="attn1", **attn_kw)(norm("norm1", x))
-    h = norm("norm2", x)
+    x, h = norm("norm1", x)
+    x, h = norm("norm2", *Attention(name="attn1", **attn_kw)(h), x)
     if context is None:
-      x = x + Attention(name="attn2", **attn_kw)(h)
+      out, out_bias = Attention(name="attn2", **attn_kw)(h)
     else:
       n, length, width = h.shape
       h = h.reshape(n // frames, frames * length, width)
-      h = Attention(name="attn2", detail_dim=self.detail_dim, **attn_kw)(
+      out, out_bias = Attention(name="attn2", detail_dim=self.detail_dim, **attn_kw)(
           h, context, context_mask, detail_tokens, detail_scale)
-      x = x + h.reshape(n, length, width)
+      out = out.reshape(n, length, width)
+    x, h = norm("norm3", out, out_bias, x)
     ff = GEGLUFeedForward(name="ff", norm_impl=self.norm_impl, **kw)
-    return x + ff(norm("norm3", x))
+    return x + ff(h)
 
 
 class SpatialTransformer(nn.Module):
