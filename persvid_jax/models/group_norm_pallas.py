@@ -161,7 +161,7 @@ class _Slab(NamedTuple):
     return (pl.ds(i * rows, rows), slice(None), pl.ds(0, self.padded)), mask
 
 
-def _element_index(i, rows: int, first_channel, width: int, padded: int, channels: int):
+def _element_index(i, rows: int, first_channel, padded: int, channels: int):
   """Tile ``i``'s elements' indices in their sample, ``[rows, gb, P]`` int32 (row
   ``l``, channel ``c``: ``l * channels + c``), for a program's ``[gb, P]`` channels
   from ``first_channel`` (``[gb, 1]``: its groups' first)."""
@@ -206,7 +206,7 @@ def _kernel(x_ref, scale_ref, bias_ref, *refs, length: int, rows: int, epsilon: 
     if silu:
       z = z * jax.nn.sigmoid(z)
     if rate:
-      element = _element_index(i, rows, first, scale_ref.shape[1], slab.padded, channels)
+      element = _element_index(i, rows, first, slab.padded, channels)
       keep = dropout_keep(seed_ref[...][None, :, None], element, rate)
       z = jnp.where(keep, z * (1.0 / (1.0 - rate)), 0.0)
     plgpu.store(y_ref.at[index], z.astype(y_ref.dtype), mask=mask)
@@ -282,7 +282,7 @@ def _bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, *refs, l
     x = plgpu.load(x_ref.at[index], mask=mask, other=0.0).astype(f32)
     dz = plgpu.load(dy_ref.at[index], mask=mask, other=0.0).astype(f32)
     if rate:   # the forward's mask, drawn again: the gradient at the SiLU's output
-      element = _element_index(i, rows, first, scale_ref.shape[1], slab.padded, channels)
+      element = _element_index(i, rows, first, slab.padded, channels)
       keep = dropout_keep(seed_ref[...][None, :, None], element, rate)
       dz = jnp.where(keep, dz * (1.0 / (1.0 - rate)), 0.0)
     x_hat = (x - mean) * rstd      # where masked, dz is 0: no term of either sum
