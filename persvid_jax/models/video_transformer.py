@@ -210,8 +210,9 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 class _DenseBiasApart(nn.Dense):
   """``nn.Dense`` (same parameters) returning ``(x @ kernel, bias)``: the product
-  in ``dtype``, the bias as stored (``param_dtype``), added by its consumer
-  (``geglu``, in ``dtype``). Cast here, the bias of a Triton kernel (the GEGLU
+  in ``dtype``, the bias as stored (``param_dtype``), added by its consumer in
+  ``dtype`` (``geglu``; ``attention.add_layer_norm`` for an attention's
+  ``to_out_0``). Cast here, the bias of a Triton kernel (the GEGLU
   gradient's) made XLA cast the train state's whole packed vector buffer first
   and slice every vector from it in a kernel of its own (~300 more launches in
   the ModelScope train step); as stored, its slice is a float32 one like the
