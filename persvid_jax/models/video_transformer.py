@@ -101,11 +101,7 @@ class Attention(nn.Module):
         scale = scale.reshape(scale.shape + (1,) * (3 - scale.ndim))   # [] or [N] -> bcast
         out = out + (scale * detail_out).astype(self.dtype)
     if self.bias_apart:
-      return _DenseBiasApart(
-          width, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                          (sh.HEADS, sh.EMBED)),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (sh.EMBED,)),
-          name="to_out_0", **kw)(out)
+      return linear_bias_apart(width, (sh.HEADS, sh.EMBED), name="to_out_0", **kw)(out)
     return linear(width, (sh.HEADS, sh.EMBED), name="to_out_0", **kw)(out)
 
   def _keys_values(self, prefix: str, to_k: nn.Module, to_v: nn.Module, tokens: Array,
@@ -212,7 +208,7 @@ class _DenseBiasApart(nn.Dense):
   """``nn.Dense`` (same parameters) returning ``(x @ kernel, bias)``: the product
   in ``dtype``, the bias as stored (``param_dtype``), added by its consumer in
   ``dtype`` (``geglu``; ``attention.add_layer_norm`` for an attention's
-  ``to_out_0``). Cast here, the bias of a Triton kernel (the GEGLU
+  ``to_out_0`` and a transformer's ``proj_in``). Cast here, the bias of a Triton kernel (the GEGLU
   gradient's) made XLA cast the train state's whole packed vector buffer first
   and slice every vector from it in a kernel of its own (~300 more launches in
   the ModelScope train step); as stored, its slice is a float32 one like the
@@ -229,6 +225,18 @@ class _DenseBiasApart(nn.Dense):
     return y, bias
 
 
+def linear_bias_apart(features: int, axes: tuple[str, str], *, name: str,
+                      dtype: Dtype = jnp.float32,
+                      param_dtype: Dtype = jnp.float32) -> _DenseBiasApart:
+  """``attention.linear``'s layer (same parameters, names, initialisation and
+  logical axes) returning ``(x @ kernel, bias)`` for a consumer that adds the bias."""
+  return _DenseBiasApart(
+      features, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+      name=name)
+
+
 class GEGLU(nn.Module):
   """``proj`` to ``2 * features`` then ``hidden * gelu(gate)`` (diffusers ``GEGLU``).
 
@@ -243,12 +251,8 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    axes = (sh.EMBED, sh.MLP)
-    proj = _DenseBiasApart(
-        2 * self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
-        name="proj")
+    proj = linear_bias_apart(2 * self.features, (sh.EMBED, sh.MLP), name="proj",
+                             dtype=self.dtype, param_dtype=self.param_dtype)
     return geglu(*proj(x), attention.resolve_group_norm(self.norm_impl))
 
 
@@ -290,7 +294,7 @@ class BasicTransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, frames: int = 1, context: Array | None = None,
                context_mask: Array | None = None, detail_tokens: Array | None = None,
-               detail_scale: Array | None = None) -> Array:
+               detail_scale: Array | None = None, x_bias: Array | None = None) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn_kw = dict(heads=self.heads, head_dim=self.head_dim,
                    attention_impl=self.attention_impl, bias_apart=True, **kw)
@@ -302,7 +306,7 @@ class BasicTransformerBlock(nn.Module):
       return attention.AddLayerNorm(epsilon=LAYER_NORM_EPS, implementation=self.norm_impl,
                                     name=name, **kw)(r, r_bias, stream)
 
-    x, h = norm("norm1", x)
+    x, h = norm("norm1", x, x_bias)   # x_bias: proj_in's, added with the first norm
     x, h = norm("norm2", *Attention(name="attn1", **attn_kw)(h), x)
     if context is None:
       out, out_bias = Attention(name="attn2", **attn_kw)(h)
@@ -343,12 +347,13 @@ class SpatialTransformer(nn.Module):
     inner = self.heads * self.head_dim
     y = GroupNorm(self.norm_num_groups, epsilon=TRANSFORMER_GROUP_NORM_EPS, batch_dims=2,
                   implementation=self.norm_impl, name="norm", **kw)(x).reshape(b * t, h * w, c)
-    y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
+    # proj_in's bias is added with the block's first LayerNorm (one kernel in training).
+    y, y_bias = linear_bias_apart(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, detail_dim=self.detail_dim,
                               attention_impl=self.attention_impl, norm_impl=self.norm_impl,
                               name="transformer_blocks_0", **kw)(
         y, frames=t, context=context, context_mask=context_mask,
-        detail_tokens=detail_tokens, detail_scale=detail_scale)
+        detail_tokens=detail_tokens, detail_scale=detail_scale, x_bias=y_bias)
     y = linear(c, (sh.HEADS, sh.EMBED), name="proj_out", **kw)(y)
     return x + y.reshape(b, t, h, w, c)
 
@@ -384,9 +389,10 @@ class TemporalTransformer(nn.Module):
     y = GroupNorm(self.norm_num_groups, epsilon=TRANSFORMER_GROUP_NORM_EPS, batch_dims=1,
                   implementation=self.norm_impl, name="norm", **kw)(x)
     y = y.reshape(b, t, h * w, c)
-    y = linear(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
+    y, y_bias = linear_bias_apart(inner, (sh.EMBED, sh.HEADS), name="proj_in", **kw)(y)
     y = BasicTransformerBlock(self.heads, self.head_dim, attention_impl=self.attention_impl,
-                              norm_impl=self.norm_impl, name="transformer_blocks_0", **kw)(y)
+                              norm_impl=self.norm_impl, name="transformer_blocks_0", **kw)(
+        y, x_bias=y_bias)
     y = linear(c, (sh.HEADS, sh.EMBED), name="proj_out",
                kernel_init=nn.initializers.zeros_init(), **kw)(y)
     return x + y.reshape(b, t, h, w, c)
