@@ -118,6 +118,15 @@ def _layer_norm_bwd(epsilon, dtype, res, dy):
 layer_norm_f32.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+def _norm_params(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
+  """A norm's ``scale`` (ones) and ``bias`` (zeros), ``[C]`` in the module's
+  ``param_dtype`` on the ``NORM`` logical axis (nn.LayerNorm's / nn.GroupNorm's)."""
+  return tuple(module.param(name, nn.with_logical_partitioning(init, (sh.NORM,)), (channels,),
+                            module.param_dtype)
+               for name, init in (("scale", nn.initializers.ones_init()),
+                                  ("bias", nn.initializers.zeros_init())))
+
+
 class LayerNorm(nn.Module):
   """``nn.LayerNorm`` (two-pass variance, in float32) with a written-out gradient.
 
@@ -134,10 +143,7 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                             (sh.NORM,)), (c,), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           (sh.NORM,)), (c,), self.param_dtype)
+    scale, bias = _norm_params(self, c)
     return layer_norm_f32(x, scale, bias, float(self.epsilon), jnp.dtype(self.dtype))
 
 
@@ -222,10 +228,7 @@ class AddLayerNorm(nn.Module):
   def __call__(self, r: jax.Array, r_bias: jax.Array | None = None,
                x: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     c = r.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                             (sh.NORM,)), (c,), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           (sh.NORM,)), (c,), self.param_dtype)
+    scale, bias = _norm_params(self, c)
     return add_layer_norm(x, r, r_bias, scale, bias, float(self.epsilon), jnp.dtype(self.dtype),
                           resolve_group_norm(self.implementation))
 
@@ -375,7 +378,8 @@ def per_batch_shard(fn, batched: tuple, shared: tuple):
   """``fn(*batched, *shared)``, whose ``batched`` arguments and results are all
   ``[B, ...]`` (``shared``: replicated, as a norm's scale and bias), run on each
   device's shard of the batch under a mesh of several devices (the Triton
-  kernels: the GroupNorms, ``video_transformer.geglu``'s gradient).
+  kernels: the GroupNorms, ``add_layer_norm``, ``video_transformer.geglu``'s
+  gradient).
 
   XLA's partitioner cannot split a kernel's custom call; the norm's samples are
   independent, so ``shard_map`` over the mesh axes the batch is laid out on
@@ -493,10 +497,7 @@ class GroupNorm(nn.Module):
       raise ValueError(f"GroupNorm: batch_dims {self.batch_dims} for an input of rank {x.ndim}")
     if self.activation not in (None, "silu"):
       raise ValueError(f"GroupNorm: unknown activation {self.activation!r}")
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
-                                                             (sh.NORM,)), (c,), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                           (sh.NORM,)), (c,), self.param_dtype)
+    scale, bias = _norm_params(self, c)
     rate, seeds = 0.0, None
     if self.dropout and not deterministic:
       rate = float(self.dropout)

@@ -161,12 +161,16 @@ class _Slab(NamedTuple):
     return (pl.ds(i * rows, rows), slice(None), pl.ds(0, self.padded)), mask
 
 
-def _element_index(i, rows: int, first_channel, padded: int, channels: int):
-  """Tile ``i``'s elements' indices in their sample, ``[rows, gb, P]`` int32 (row
-  ``l``, channel ``c``: ``l * channels + c``), for a program's ``[gb, P]`` channels
-  from ``first_channel`` (``[gb, 1]``: its groups' first)."""
+def _dropped(v, i, rows: int, seed_ref, first_channel, padded: int, channels: int,
+             rate: float):
+  """Tile ``i``'s values ``v [rows, gb, P]`` after dropout (``dropout_keep`` of the
+  sample's seed ``seed_ref [gb]`` and each element's index in its sample, ``l *
+  channels + c``), for a program's ``[gb, P]`` channels from ``first_channel``
+  (``[gb, 1]``: its groups' first); both kernels draw the same mask so."""
   row = (i * rows + jnp.arange(rows))[:, None, None]
-  return row * channels + first_channel[None] + jnp.arange(padded)[None, None, :]
+  element = row * channels + first_channel[None] + jnp.arange(padded)[None, None, :]
+  keep = dropout_keep(seed_ref[...][None, :, None], element, rate)
+  return jnp.where(keep, v * (1.0 / (1.0 - rate)), 0.0)
 
 
 def _first_channels(scale_ref):
@@ -206,9 +210,7 @@ def _kernel(x_ref, scale_ref, bias_ref, *refs, length: int, rows: int, epsilon: 
     if silu:
       z = z * jax.nn.sigmoid(z)
     if rate:
-      element = _element_index(i, rows, first, slab.padded, channels)
-      keep = dropout_keep(seed_ref[...][None, :, None], element, rate)
-      z = jnp.where(keep, z * (1.0 / (1.0 - rate)), 0.0)
+      z = _dropped(z, i, rows, seed_ref, first, slab.padded, channels, rate)
     plgpu.store(y_ref.at[index], z.astype(y_ref.dtype), mask=mask)
     return 0
 
@@ -282,9 +284,7 @@ def _bwd_kernel(x_ref, dy_ref, mean_ref, rstd_ref, scale_ref, bias_ref, *refs, l
     x = plgpu.load(x_ref.at[index], mask=mask, other=0.0).astype(f32)
     dz = plgpu.load(dy_ref.at[index], mask=mask, other=0.0).astype(f32)
     if rate:   # the forward's mask, drawn again: the gradient at the SiLU's output
-      element = _element_index(i, rows, first, slab.padded, channels)
-      keep = dropout_keep(seed_ref[...][None, :, None], element, rate)
-      dz = jnp.where(keep, dz * (1.0 / (1.0 - rate)), 0.0)
+      dz = _dropped(dz, i, rows, seed_ref, first, slab.padded, channels, rate)
     x_hat = (x - mean) * rstd      # where masked, dz is 0: no term of either sum
     if silu:
       z = x_hat * slab.scale + slab.bias

@@ -208,11 +208,11 @@ class _DenseBiasApart(nn.Dense):
   """``nn.Dense`` (same parameters) returning ``(x @ kernel, bias)``: the product
   in ``dtype``, the bias as stored (``param_dtype``), added by its consumer in
   ``dtype`` (``geglu``; ``attention.add_layer_norm`` for an attention's
-  ``to_out_0`` and a transformer's ``proj_in``). Cast here, the bias of a Triton kernel (the GEGLU
-  gradient's) made XLA cast the train state's whole packed vector buffer first
-  and slice every vector from it in a kernel of its own (~300 more launches in
-  the ModelScope train step); as stored, its slice is a float32 one like the
-  GroupNorms' scales and biases."""
+  ``to_out_0`` and a transformer's ``proj_in``). Cast here, the bias of a
+  Triton kernel (the GEGLU gradient's) made XLA cast the train state's whole
+  packed vector buffer first and slice every vector from it in a kernel of its
+  own (~300 more launches in the ModelScope train step); as stored, its slice
+  is a float32 one like the GroupNorms' scales and biases."""
 
   @nn.compact
   def __call__(self, inputs: Array) -> tuple[Array, Array]:
@@ -289,7 +289,8 @@ class BasicTransformerBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
-  norm_impl: str = "auto"   # the feed-forward's GEGLU gradient (``GEGLU``)
+  # The LayerNorms' (``attention.AddLayerNorm``) and the GEGLU gradient's kernels.
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, *, frames: int = 1, context: Array | None = None,
